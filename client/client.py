@@ -1,0 +1,407 @@
+"""The client handle: Plasma-like create/seal/get/release/delete on the shared segment.
+
+Owns: the connection to the daemon (hello, segment fd, stats), this process's two
+mappings of the segment (read-write for objects it creates, read-only for sealed
+objects it reads), its local hold counts (a key held twice costs one index hold), and
+input validation. Index operations run in this process against the shared LMDB index
+(see kvstore/index.py), so get, contains and put make no round trip to the daemon.
+
+Views: ``get`` returns read-only memoryviews of the segment. A view stays valid until
+its key is released (or the client closes); after that the memory may be reused.
+The daemon notices a client's exit or death through its socket and releases what it
+held and reclaims what it was creating.
+Must never: copy on get, return a writable view of a sealed object, let a bad
+argument reach the index, or be used after fork (a child must open its own Client).
+"""
+
+import os
+import socket
+import threading
+import time
+import weakref
+
+import numpy as np
+
+from kvstore import protocol
+from kvstore.errors import (ClientClosed, GetTimeout, InvalidSize, KVStoreError, NotSealed,
+                            ObjectExists, ObjectNotFound, StoreUnavailable, ValueTooLarge)
+from kvstore.index import BEING_CREATED, MISS, SEALED, Index
+from kvstore.keys import encode_key
+
+from . import buffers
+
+DEFAULT_SOCKET = "/tmp/kvstore.sock"
+#: Values up to this size are written and sealed inside one index transaction.
+ONE_TXN_PUT = 256 << 10
+
+_LIVE = weakref.WeakSet()
+_FORK_ORPHANS = []  # LMDB handles inherited by fork children: never closed there
+
+
+def _after_fork_in_child():
+    for c in list(_LIVE):
+        c._orphan_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _check_size(nbytes):
+    if type(nbytes) is not int:
+        if isinstance(nbytes, (int, np.integer)) and not isinstance(nbytes, bool):
+            nbytes = int(nbytes)
+        else:
+            raise InvalidSize(f"size must be an int, not {type(nbytes).__name__}")
+    if nbytes < 0:
+        raise InvalidSize(f"size {nbytes} is negative; give the object's size in bytes")
+    return nbytes
+
+
+class Client:
+    """A handle on the local daemon's store. Thread-safe; one per process is enough."""
+
+    def __init__(self, socket_path=DEFAULT_SOCKET, namespace="", timeout=5.0):
+        self._closed_why = "the client failed to connect"
+        self._socket_path = socket_path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(socket_path)
+            sock.sendall(protocol.hello(os.getpid(), namespace))
+            mtype, body, fds = protocol.recv_message(sock, with_fds=1)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise StoreUnavailable(f"no kvstore daemon at {socket_path}; start one with "
+                                   f"kvstore-daemon --socket {socket_path}") from None
+        except (OSError, KVStoreError) as e:
+            sock.close()
+            if isinstance(e, KVStoreError):
+                raise
+            raise StoreUnavailable(f"cannot talk to the daemon at {socket_path}: {e}") from None
+        if mtype != protocol.WELCOME or len(fds) != 1:
+            sock.close()
+            for fd in fds:
+                os.close(fd)
+            raise StoreUnavailable(f"{socket_path} did not answer like a kvstore daemon")
+        self._sock = sock
+        self.cid = body["cid"]
+        self.segment_size = body["segment_size"]
+        self.backing = body["backing"]
+        fd = fds[0]
+        try:
+            from kvstore.segment import Segment
+            seg = Segment(fd, self.segment_size, self.backing, "", reused=True)
+            self._rw = seg.map(writable=True)
+            self._ro = seg.map(writable=False)
+        finally:
+            os.close(fd)
+        self._index = Index(body["index_path"], body["index_map_size"], create=False,
+                            max_readers=body["max_readers"])
+        self._rw_view = memoryview(self._rw)
+        self._ro_view = memoryview(self._ro)
+        base = np.frombuffer(self._ro, dtype=np.uint8).ctypes.data
+        self._ro_range = (base, base + self.segment_size)
+        buffers.register_readonly_range(*self._ro_range)
+        self._held = {}       # key -> [offset, size, count]
+        self._creating = {}   # key -> (offset, size)
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._closed_why = None
+        _LIVE.add(self)
+
+    # ---- life -------------------------------------------------------------------------
+    def _dead(self):
+        raise ClientClosed(f"this client is closed ({self._closed_why}); create a new Client")
+
+    def _orphan_after_fork(self):
+        if self._closed_why is None:
+            self._closed_why = f"it was created in process {self._pid} before a fork"
+            _FORK_ORPHANS.append(self._index)
+
+    def close(self):
+        """Release every hold, abort unfinished creations, disconnect. Idempotent."""
+        with self._lock:
+            if self._closed_why is not None:
+                return
+            self._closed_why = "close() was called"
+            try:
+                if self._held:
+                    self._index.release(self.cid, [(k, h[0]) for k, h in self._held.items()])
+                for k in list(self._creating):
+                    try:
+                        self._index.abort(self.cid, k)
+                    except KVStoreError:
+                        pass
+            finally:
+                self._held.clear()
+                self._creating.clear()
+                buffers.unregister_readonly_range(*self._ro_range)
+                self._sock.close()
+                self._index.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            if self._closed_why is None and self._pid == os.getpid():
+                self.close()
+        except Exception:
+            pass
+
+    # ---- writing ----------------------------------------------------------------------
+    def create(self, key, nbytes, pin=False):
+        """Reserve nbytes for key; returns a writable memoryview only this client sees
+        until seal(). Raises ObjectExists if the key is sealed or being created."""
+        k = encode_key(key)
+        nbytes = self._check_fits(_check_size(nbytes))
+        with self._lock:
+            if self._closed_why is not None:
+                self._dead()
+            off, state = self._index.create(self.cid, k, nbytes, pin)
+            if off is None:
+                raise ObjectExists(self._exists_msg(k, state, "create"))
+            self._creating[k] = (off, nbytes)
+        return self._rw_view[off:off + nbytes]
+
+    def seal(self, key):
+        """Make a created object immutable and visible to every client."""
+        k = encode_key(key)
+        with self._lock:
+            if self._closed_why is not None:
+                self._dead()
+            self._index.seal(self.cid, k)
+            self._creating.pop(k, None)
+
+    def abort(self, key):
+        """Give back an unsealed object's space."""
+        k = encode_key(key)
+        with self._lock:
+            if self._closed_why is not None:
+                self._dead()
+            self._index.abort(self.cid, k)
+            self._creating.pop(k, None)
+
+    def put(self, key, value, strict=False, pin=False):
+        """Store value under key. Returns True if written, False if the key already
+        existed (keys are content hashes: a repeat is normal and is not an error);
+        with strict=True an existing key raises ObjectExists instead."""
+        k = encode_key(key)
+        src = buffers.as_bytes_view(value)
+        n = self._check_fits(src.nbytes)
+        with self._lock:
+            if self._closed_why is not None:
+                self._dead()
+            return self._put_locked(k, src, n, strict, pin)
+
+    def put_many(self, keys, values, strict=False, pin=False):
+        """put() each pair; returns a list of bools (True = written)."""
+        if len(keys) != len(values):
+            raise InvalidSize(f"put_many got {len(keys)} keys and {len(values)} values; give one value per key")
+        ks = [encode_key(k) for k in keys]
+        srcs = [buffers.as_bytes_view(v) for v in values]
+        ns = [self._check_fits(s.nbytes) for s in srcs]
+        with self._lock:
+            if self._closed_why is not None:
+                self._dead()
+            return [self._put_locked(k, s, n, strict, pin) for k, s, n in zip(ks, srcs, ns)]
+
+    def _put_locked(self, k, src, n, strict, pin):
+        rw = self._rw_view
+        if n <= ONE_TXN_PUT:
+            def write(off):
+                rw[off:off + n] = src
+            off, state = self._index.create(self.cid, k, n, pin, sealed_data=write)
+        else:
+            # Large values are copied outside the index's write lock, then sealed.
+            off, state = self._index.create(self.cid, k, n, pin)
+            if off is not None:
+                try:
+                    rw[off:off + n] = src
+                except BaseException:
+                    self._index.abort(self.cid, k)
+                    raise
+                self._index.seal(self.cid, k)
+        if off is None:
+            if strict:
+                raise ObjectExists(self._exists_msg(k, state, "put"))
+            return False
+        return True
+
+    def _check_fits(self, n):
+        if n > self.segment_size:
+            raise ValueTooLarge(f"{n} bytes can never fit in the {self.segment_size}-byte segment; "
+                                f"split the value or start the daemon with a larger --size")
+        return n
+
+    @staticmethod
+    def _exists_msg(k, state, op):
+        what = "is sealed" if state == SEALED else "is being created by a client"
+        return f"{op} of {k!r}: the key {what}; get() it, or put(strict=False) to accept existing keys"
+
+    # ---- reading ----------------------------------------------------------------------
+    def get(self, key, timeout=None):
+        """A read-only zero-copy memoryview of the sealed object, held until release().
+
+        None if the key does not exist. If the object is being created, waits for its
+        seal: up to timeout seconds (None: as long as its creator lives), then raises
+        GetTimeout.
+        """
+        return self.get_many((key,), timeout)[0]
+
+    def get_many(self, keys, timeout=None):
+        """get() for many keys with one index transaction; a list of views or None."""
+        ks = [encode_key(k) for k in keys]
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+        out = [None] * len(ks)
+        todo = list(range(len(ks)))
+        pause = 20e-6
+        while True:
+            waiting = []
+            with self._lock:
+                if self._closed_why is not None:
+                    self._dead()
+                held, view = self._held, self._ro_view
+                fetch = []
+                for i in todo:
+                    h = held.get(ks[i])
+                    if h is not None:
+                        h[2] += 1
+                        out[i] = view[h[0]:h[0] + h[1]]
+                    else:
+                        fetch.append(i)
+                if fetch:
+                    got = self._index.acquire(self.cid, [ks[i] for i in fetch])
+                    for i, r in zip(fetch, got):
+                        if r is MISS:
+                            continue
+                        off, size = r
+                        if off == BEING_CREATED:
+                            if size == self.cid:
+                                raise NotSealed(f"get of {ks[i]!r}: this client is creating it; seal() it first")
+                            waiting.append(i)
+                            continue
+                        h = held.get(ks[i])
+                        if h is not None:      # same key twice in one call
+                            h[2] += 1
+                            self._index.release(self.cid, [(ks[i], off)])
+                        else:
+                            held[ks[i]] = [off, size, 1]
+                        out[i] = view[off:off + size]
+            if not waiting:
+                return out
+            if deadline is not None and time.monotonic() >= deadline:
+                self._release_views(ks, out)
+                raise GetTimeout(f"get of {ks[waiting[0]]!r}: still being created after {timeout} s; "
+                                 f"retry later or raise the timeout")
+            todo = waiting
+            time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 2e-3)
+
+    def _release_views(self, ks, out):
+        for k, v in zip(ks, out):
+            if v is not None:
+                self.release(k)
+
+    def get_array(self, key, dtype=np.uint8, shape=None, timeout=None):
+        """A read-only numpy array over the object (held until release), or None."""
+        v = self.get(key, timeout)
+        return None if v is None else self._convert(key, buffers.to_numpy, v, dtype, shape)
+
+    def get_tensor(self, key, dtype=None, shape=None, timeout=None):
+        """A torch tensor over the object (held until release); in-place writes raise
+        ReadOnlyView. None if the key does not exist."""
+        v = self.get(key, timeout)
+        return None if v is None else self._convert(key, buffers.to_tensor, v, dtype, shape)
+
+    def get_buffer(self, key, timeout=None):
+        """An immutable pyarrow Buffer over the object (held until release), or None."""
+        v = self.get(key, timeout)
+        return None if v is None else self._convert(key, lambda view: buffers.to_arrow(view), v)
+
+    def get_buffers(self, keys, timeout=None):
+        """get_buffer() for many keys (Plasma's get_buffers)."""
+        return [None if v is None else buffers.to_arrow(v) for v in self.get_many(keys, timeout)]
+
+    def _convert(self, key, fn, view, *args):
+        try:
+            return fn(view, *args)
+        except BaseException:
+            self.release(key)
+            raise
+
+    def release(self, key):
+        """Drop one hold taken by get(); at the last one the object may be evicted or,
+        if deleted meanwhile, freed."""
+        self.release_many((key,))
+
+    def release_many(self, keys):
+        ks = [encode_key(k) for k in keys]
+        with self._lock:
+            if self._closed_why is not None:
+                self._dead()
+            done = []
+            for k in ks:
+                h = self._held.get(k)
+                if h is None:
+                    raise ObjectNotFound(f"release of {k!r}: this client does not hold it (get() it first)")
+                h[2] -= 1
+                if h[2] == 0:
+                    del self._held[k]
+                    done.append((k, h[0]))
+            if done:
+                self._index.release(self.cid, done)
+
+    def contains(self, key):
+        """True if a sealed object exists under key (no hold is taken)."""
+        k = encode_key(key)
+        if self._closed_why is not None:
+            self._dead()
+        return self._index.contains(k)
+
+    def size_of(self, key):
+        """Size in bytes of a sealed object, or None."""
+        k = encode_key(key)
+        if self._closed_why is not None:
+            self._dead()
+        rec = self._index.lookup(k)
+        return rec[1] if rec is not None and rec[5] == SEALED else None
+
+    # ---- removing and pinning ---------------------------------------------------------
+    def delete(self, key):
+        """Delete a sealed object; if clients hold it, its space is freed at the last
+        release (it is invisible at once). Returns False if there was no sealed object."""
+        k = encode_key(key)
+        with self._lock:
+            if self._closed_why is not None:
+                self._dead()
+            return self._index.delete(k)
+
+    def pin(self, key):
+        """Exclude a sealed or unsealed object from eviction until unpin()."""
+        self._set_pinned(key, True)
+
+    def unpin(self, key):
+        self._set_pinned(key, False)
+
+    def _set_pinned(self, key, pinned):
+        k = encode_key(key)
+        with self._lock:
+            if self._closed_why is not None:
+                self._dead()
+            self._index.set_pinned(k, pinned)
+
+    # ---- daemon ------------------------------------------------------------------------
+    def stats(self):
+        """The daemon's view: size, used, objects, clients, backing... (one round trip)."""
+        with self._lock:
+            if self._closed_why is not None:
+                self._dead()
+            try:
+                return protocol.request(self._sock, protocol.encode(protocol.STATS, {}),
+                                        protocol.STATS_REPLY)
+            except OSError as e:
+                raise StoreUnavailable(f"lost the daemon at {self._socket_path}: {e}") from None

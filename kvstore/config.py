@@ -1,0 +1,193 @@
+"""The daemon's one configuration object.
+
+Owns: every setting, its default, its parsing from a TOML file, the environment
+(KVSTORE_<FIELD>) and command-line flags (in that order of precedence, flags winning),
+and validation at start-up with messages that name the bad field.
+Must never: let a bad value through to run time; start from a half-valid config.
+"""
+
+import dataclasses
+import os
+import re
+import tomllib
+
+from .errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
+          "mb": 1000 ** 2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30,
+          "t": 1 << 40, "tb": 1000 ** 4, "tib": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value, field="size"):
+    """Bytes from an int or a string such as '2GiB', '512MiB', '64k'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{field}: {value!r} is not a size; use bytes or e.g. '2GiB'")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        unit = m.group(2).lower() if m else None
+        if not m or unit not in _UNITS:
+            raise ConfigError(f"{field}: {value!r} is not a size; use bytes or e.g. '2GiB', '512MiB'")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ConfigError(f"{field}: {value!r} must be more than 0 bytes")
+    return n
+
+
+def _parse_bool(value, field):
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{field}: {value!r} is not a boolean; use true or false")
+
+
+def _parse_fraction(value, field):
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}: {value!r} is not a number; use a fraction such as 0.9") from None
+    if not 0.0 < f <= 1.0:
+        raise ConfigError(f"{field}: {value!r} must be in (0, 1], e.g. 0.9")
+    return f
+
+
+def _parse_choice(choices):
+    def parse(value, field):
+        s = str(value).strip().lower()
+        if s not in choices:
+            raise ConfigError(f"{field}: {value!r} is not one of {', '.join(choices)}")
+        return s
+    return parse
+
+
+def _parse_path(value, field):
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{field}: {value!r} is not a path; give a non-empty path")
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _parse_pos_int(value, field):
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}: {value!r} is not an integer") from None
+    if n <= 0 or isinstance(value, bool):
+        raise ConfigError(f"{field}: {value!r} must be a positive integer")
+    return n
+
+
+def _parse_level(value, field):
+    s = str(value).strip().upper()
+    if s not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{field}: {value!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    return s
+
+
+def _size_or_auto(value, field):
+    if str(value).strip().lower() == "auto":
+        return 0
+    return parse_size(value, field)
+
+
+@dataclasses.dataclass
+class Config:
+    """Daemon settings. Sizes are bytes once validated."""
+
+    socket: str = "/tmp/kvstore.sock"
+    size: int = 1 << 30
+    data_dir: str = "/tmp/kvstore-data"
+    #: auto: huge pages when they can be had, else /dev/shm; require: fail without them; off
+    hugepages: str = "auto"
+    #: as root, raise vm.nr_hugepages and mount hugetlbfs_dir when needed
+    reserve_hugepages: bool = False
+    hugetlbfs_dir: str = "/dev/hugepages"
+    #: eviction starts when used bytes exceed high_watermark * size, stops at low_watermark
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
+    #: LMDB map size; 0 = auto (size / 8, at least 64 MiB)
+    index_map_size: int = 0
+    max_clients: int = 1000
+    #: on a clean stop, remove the segment and index instead of keeping them for a restart
+    discard_on_exit: bool = False
+    socket_mode: str = "0600"
+    log_level: str = "INFO"
+
+    def index_map_bytes(self):
+        if self.index_map_size:
+            return self.index_map_size
+        return max(64 << 20, (self.size // 8 + (1 << 20) - 1) & ~((1 << 20) - 1))
+
+
+_PARSERS = {
+    "socket": _parse_path,
+    "size": parse_size,
+    "data_dir": _parse_path,
+    "hugepages": _parse_choice(("auto", "require", "off")),
+    "reserve_hugepages": _parse_bool,
+    "hugetlbfs_dir": _parse_path,
+    "high_watermark": _parse_fraction,
+    "low_watermark": _parse_fraction,
+    "index_map_size": _size_or_auto,
+    "max_clients": _parse_pos_int,
+    "discard_on_exit": _parse_bool,
+    "socket_mode": lambda v, f: _parse_mode(v, f),
+    "log_level": _parse_level,
+}
+
+
+def _parse_mode(value, field):
+    try:
+        mode = int(str(value), 8)
+    except ValueError:
+        raise ConfigError(f"{field}: {value!r} is not an octal file mode such as 0600") from None
+    if mode & ~0o777 or not mode & 0o600 == 0o600:
+        raise ConfigError(f"{field}: {value!r} must be an octal mode that includes 0600, e.g. 0660")
+    return f"{mode:04o}"
+
+
+FIELDS = tuple(_PARSERS)
+
+
+def load_config(file=None, env=None, overrides=None):
+    """Build a validated Config: defaults < file (TOML) < environment < overrides.
+
+    ``overrides`` holds flag values; None values are ignored.
+    """
+    raw = {}
+    if file:
+        try:
+            with open(file, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config: file {file} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config: {file} is not valid TOML: {e}") from None
+        data = data.get("kvstore", data)
+        for k, v in data.items():
+            if k not in _PARSERS:
+                raise ConfigError(f"{k}: unknown field in {file}; known fields: {', '.join(FIELDS)}")
+            raw[k] = v
+    env = os.environ if env is None else env
+    for k in FIELDS:
+        v = env.get("KVSTORE_" + k.upper())
+        if v is not None and v != "":
+            raw[k] = v
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            if k not in _PARSERS:
+                raise ConfigError(f"{k}: unknown field; known fields: {', '.join(FIELDS)}")
+            raw[k] = v
+    values = {k: _PARSERS[k](v, k) for k, v in raw.items()}
+    cfg = Config(**values)
+    if cfg.low_watermark >= cfg.high_watermark:
+        raise ConfigError(
+            f"low_watermark: {cfg.low_watermark} must be below high_watermark {cfg.high_watermark}")
+    if cfg.size < (1 << 20):
+        raise ConfigError(f"size: {cfg.size} bytes is too small; use at least 1MiB")
+    return cfg

@@ -1,0 +1,143 @@
+"""The one vocabulary of errors shared by the daemon, the client and the wire.
+
+Owns: every exception kvstore raises, each with a stable numeric ``code`` that the
+socket protocol carries, and a message that says what was wrong and what to do.
+Must never: define an error for an expected event. A miss (``get`` of an absent key)
+returns None and an existing key on a non-strict ``put`` is a silent no-op; neither is
+an exception nor is logged as an error.
+"""
+
+
+class KVStoreError(Exception):
+    """Base of every kvstore error; ``code`` is its number on the wire."""
+
+    code = 1
+
+
+class InvalidKey(KVStoreError, ValueError):
+    """A key that is empty or longer than the limit."""
+
+    code = 2
+
+
+class InvalidKeyType(KVStoreError, TypeError):
+    """A key that is neither str nor bytes."""
+
+    code = 3
+
+
+class InvalidSize(KVStoreError, ValueError):
+    """A size that is negative or not an integer."""
+
+    code = 4
+
+
+class ValueTooLarge(KVStoreError, ValueError):
+    """A value that can never fit: larger than the whole segment."""
+
+    code = 5
+
+
+class InvalidValue(KVStoreError, TypeError):
+    """A value of a type put() cannot store."""
+
+    code = 6
+
+
+class ObjectExists(KVStoreError):
+    """A strict create/put of a key that is already sealed or being created."""
+
+    code = 10
+
+
+class ObjectNotFound(KVStoreError, KeyError):
+    """An operation that needs the object (seal, abort, pin, release) found none."""
+
+    code = 11
+
+    def __str__(self):  # KeyError would otherwise print the repr of the message
+        return Exception.__str__(self)
+
+
+class AlreadySealed(KVStoreError):
+    """seal() or abort() of an object that is already sealed."""
+
+    code = 12
+
+
+class NotCreator(KVStoreError):
+    """seal()/abort() of an object that another client is creating."""
+
+    code = 13
+
+
+class NotSealed(KVStoreError):
+    """get() of an object the calling client is itself creating."""
+
+    code = 14
+
+
+class StoreFull(KVStoreError):
+    """No space even after evicting every evictable object; nothing was changed."""
+
+    code = 20
+
+
+class IndexFull(KVStoreError):
+    """The LMDB index reached its map size; raise index_map_size."""
+
+    code = 21
+
+
+class GetTimeout(KVStoreError, TimeoutError):
+    """get() waited its timeout for an object that is still being created."""
+
+    code = 22
+
+
+class ReadOnlyView(KVStoreError, TypeError):
+    """A write through a view of a sealed (immutable) object."""
+
+    code = 23
+
+
+class ProtocolError(KVStoreError):
+    """A frame on the daemon's socket that is not a valid kvstore message."""
+
+    code = 30
+
+
+class ClientClosed(KVStoreError):
+    """A call on a Client after close() (or in a forked child)."""
+
+    code = 31
+
+
+class StoreUnavailable(KVStoreError, ConnectionError):
+    """The daemon cannot be reached at the socket path."""
+
+    code = 32
+
+
+class ConfigError(KVStoreError, ValueError):
+    """A bad configuration field; the message names the field."""
+
+    code = 40
+
+
+class DaemonStartError(KVStoreError):
+    """The daemon refuses to start; the message says why in one line."""
+
+    code = 41
+
+
+_BY_CODE = {cls.code: cls for cls in (
+    KVStoreError, InvalidKey, InvalidKeyType, InvalidSize, ValueTooLarge, InvalidValue,
+    ObjectExists, ObjectNotFound, AlreadySealed, NotCreator, NotSealed, StoreFull, IndexFull,
+    GetTimeout, ReadOnlyView, ProtocolError, ClientClosed, StoreUnavailable, ConfigError,
+    DaemonStartError)}
+
+
+def from_code(code, message):
+    """The exception for a wire error code (unknown codes map to KVStoreError)."""
+    return _BY_CODE.get(code, KVStoreError)(message)

@@ -1,0 +1,420 @@
+"""The object index: an LMDB environment beside the segment, shared by the daemon and
+every client process.
+
+Owns: the schema and every transaction on it. Object records (key -> offset, size,
+creator, LRU stamp, checksum, state, flags), hold counts, creations in progress,
+doomed extents (deleted while held), registered clients and store-wide counters.
+Clients run these transactions themselves (LMDB's robust writer lock serialises them
+across processes, and a writer killed mid-transaction leaves no trace), so a get or a
+put needs no round trip to the daemon; the daemon runs the ones that clean up after
+dead clients and keep usage under the high watermark.
+
+Tables (byte keys; integers big-endian so LMDB order is numeric order):
+  objects      key -> record
+  lru          stamp(8) + key -> ''             sealed, unpinned objects, oldest first
+  hold_count   offset(8) -> number of clients holding that extent
+  client_holds cid(8) + offset(8) -> ''         what each client holds
+  creating     cid(8) + key -> ''               what each client is creating
+  doomed       offset(8) -> extent size         deleted while held; freed at last release
+  clients      cid(8) -> JSON {pid, start, namespace}
+  free_off / free_size                          see allocator.py
+  meta         'size', 'used', 'next_cid', 'segment_id', 'segment_path', 'schema'
+
+Must never: make an unsealed object visible to a reader, free an extent a client
+holds, or leave a half-applied change (every operation is one transaction).
+"""
+
+import json
+import os
+import struct
+import time
+from types import SimpleNamespace
+
+import lmdb
+
+from . import allocator
+from .errors import AlreadySealed, IndexFull, NotCreator, ObjectNotFound, StoreFull
+from .eviction import LRUPolicy
+
+SCHEMA = 1
+CREATING, SEALED = 1, 2
+PINNED = 1
+
+# off, size, creator cid, lru stamp, checksum, state, flags
+_REC = struct.Struct("<QQQQQBB")
+_U64 = struct.Struct(">Q")
+_LE64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_TABLES = ("meta", "objects", "lru", "hold_count", "client_holds", "creating", "doomed",
+           "clients", "free_off", "free_size")
+
+# results of acquire() for keys that are not held
+MISS = None
+BEING_CREATED = -1
+_unpack_rec = _REC.unpack
+_pack_rec = _REC.pack
+_pack64 = _U64.pack
+_ONE = b"\x01\x00\x00\x00"
+
+
+def pid_start_time(pid):
+    """The kernel's start time of a process (to tell a reused pid), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat.rsplit(b")", 1)[1].split()[19])
+
+
+class Index:
+    """One process's handle on the index. Not fork-safe: open a new one in a child."""
+
+    def __init__(self, path, map_size, create=False, max_readers=1024):
+        try:
+            self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=len(_TABLES),
+                                 max_readers=max_readers, sync=False, metasync=False,
+                                 writemap=True, map_async=False, readahead=False,
+                                 meminit=False, create=create, lock=True)
+        except lmdb.Error as e:
+            raise ObjectNotFound(f"cannot open index at {path}: {e}") from None
+        if create:
+            with self.env.begin(write=True) as txn:
+                handles = {n: self.env.open_db(n.encode(), txn=txn, create=True) for n in _TABLES}
+        else:
+            handles = {n: self.env.open_db(n.encode(), create=False) for n in _TABLES}
+        self.dbs = SimpleNamespace(**handles)
+        self.policy = LRUPolicy()
+
+    def close(self):
+        self.env.close()
+
+    # ---- store-wide state -------------------------------------------------------------
+    def meta(self, txn, name, default=None):
+        raw = txn.get(name.encode(), db=self.dbs.meta)
+        return default if raw is None else raw
+
+    def _add_used(self, txn, delta):
+        meta = self.dbs.meta
+        (used,) = _LE64.unpack(txn.get(b"used", db=meta))
+        txn.put(b"used", _LE64.pack(used + delta), db=meta)
+
+    def init_fresh(self, segment_size, segment_id, segment_path):
+        """Forget everything and describe an empty segment."""
+        with self.env.begin(write=True) as txn:
+            for name in _TABLES:
+                txn.drop(getattr(self.dbs, name), delete=False)
+            m = self.dbs.meta
+            txn.put(b"schema", str(SCHEMA).encode(), db=m)
+            txn.put(b"size", _LE64.pack(segment_size), db=m)
+            txn.put(b"used", _LE64.pack(0), db=m)
+            txn.put(b"next_cid", _LE64.pack(1), db=m)
+            txn.put(b"segment_id", segment_id.encode(), db=m)
+            txn.put(b"segment_path", segment_path.encode(), db=m)
+            allocator.init(txn, self.dbs, segment_size)
+
+    def describe(self):
+        """(schema, segment size, segment id, segment path) recorded, or None if fresh."""
+        with self.env.begin() as txn:
+            if self.meta(txn, "schema") is None:
+                return None
+            return (int(self.meta(txn, "schema")), _LE64.unpack(self.meta(txn, "size"))[0],
+                    self.meta(txn, "segment_id").decode(), self.meta(txn, "segment_path").decode())
+
+    def stats(self):
+        with self.env.begin() as txn:
+            d = self.dbs
+            size = _LE64.unpack(self.meta(txn, "size"))[0]
+            used = _LE64.unpack(self.meta(txn, "used"))[0]
+            n_free = txn.stat(d.free_off)["entries"]
+            return {"size": size, "used": used, "objects": txn.stat(d.objects)["entries"],
+                    "evictable": txn.stat(d.lru)["entries"],
+                    "creating": txn.stat(d.creating)["entries"],
+                    "held_extents": txn.stat(d.hold_count)["entries"],
+                    "doomed": txn.stat(d.doomed)["entries"],
+                    "clients": txn.stat(d.clients)["entries"], "free_extents": n_free}
+
+    def used(self):
+        with self.env.begin() as txn:
+            return _LE64.unpack(self.meta(txn, "used"))[0]
+
+    # ---- clients ----------------------------------------------------------------------
+    def register_client(self, pid, namespace=""):
+        with self.env.begin(write=True) as txn:
+            (cid,) = _LE64.unpack(txn.get(b"next_cid", db=self.dbs.meta))
+            txn.put(b"next_cid", _LE64.pack(cid + 1), db=self.dbs.meta)
+            info = {"pid": pid, "start": pid_start_time(pid), "namespace": namespace}
+            txn.put(_pack64(cid), json.dumps(info).encode(), db=self.dbs.clients)
+        return cid
+
+    def clients(self):
+        with self.env.begin() as txn:
+            return {_U64.unpack(k)[0]: json.loads(v)
+                    for k, v in txn.cursor(db=self.dbs.clients)}
+
+    def drop_client(self, cid):
+        """Undo everything a gone client left: its holds and its unsealed creations.
+
+        Returns (holds released, creations reclaimed).
+        """
+        d, prefix = self.dbs, _pack64(cid)
+        with self.env.begin(write=True) as txn:
+            held = []
+            cur = txn.cursor(db=d.client_holds)
+            if cur.set_range(prefix):
+                while cur.key()[:8] == prefix:
+                    held.append(cur.key()[8:])
+                    cur.delete()
+            for off8 in held:
+                self._unhold(txn, off8)
+            creating = []
+            cur = txn.cursor(db=d.creating)
+            if cur.set_range(prefix):
+                while cur.key()[:8] == prefix:
+                    creating.append(cur.key()[8:])
+                    cur.delete()
+            reclaimed = 0
+            for key in creating:
+                raw = txn.get(key, db=d.objects)
+                if raw is not None:
+                    rec = _unpack_rec(raw)
+                    if rec[5] == CREATING and rec[2] == cid:
+                        self._drop(txn, key, rec)
+                        reclaimed += 1
+            txn.delete(prefix, db=d.clients)
+        return len(held), reclaimed
+
+    # ---- objects: internals (inside a write txn) ----------------------------------------
+    def _drop(self, txn, key, rec, lru_done=False):
+        """Remove an object; its extent is freed now, or at the last release if held."""
+        d = self.dbs
+        off, size, _, stamp, _, state, flags = rec
+        txn.delete(key, db=d.objects)
+        if state == SEALED and not flags & PINNED and not lru_done:
+            txn.delete(_pack64(stamp) + key, db=d.lru)
+        ext = allocator.extent_size(size)
+        off8 = _pack64(off)
+        if txn.get(off8, db=d.hold_count) is not None:
+            txn.put(off8, _LE64.pack(ext), db=d.doomed)
+        else:
+            allocator.free(txn, d, off, ext)
+            self._add_used(txn, -ext)
+
+    def _unhold(self, txn, off8):
+        d = self.dbs
+        raw = txn.get(off8, db=d.hold_count)
+        if raw is None:
+            return
+        (n,) = _U32.unpack(raw)
+        if n > 1:
+            txn.put(off8, _U32.pack(n - 1), db=d.hold_count)
+            return
+        txn.delete(off8, db=d.hold_count)
+        ext = txn.get(off8, db=d.doomed)
+        if ext is not None:
+            txn.delete(off8, db=d.doomed)
+            (ext,) = _LE64.unpack(ext)
+            allocator.free(txn, d, _U64.unpack(off8)[0], ext)
+            self._add_used(txn, -ext)
+
+    def _allocate(self, txn, ext):
+        off = allocator.alloc(txn, self.dbs, ext)
+        if off is None:
+            for key, rec in self.policy.victims(txn, self.dbs, _unpack_rec):
+                self._drop(txn, key, rec, lru_done=True)
+                off = allocator.alloc(txn, self.dbs, ext)
+                if off is not None:
+                    break
+            else:
+                raise StoreFull(
+                    f"no room for {ext} bytes: everything left is held, pinned or being "
+                    f"created; release or delete objects, or start the daemon with a larger --size")
+        self._add_used(txn, ext)
+        return off
+
+    # ---- objects: operations ----------------------------------------------------------
+    def create(self, cid, key, nbytes, pinned=False, sealed_data=None):
+        """Reserve space for a new object.
+
+        Returns (offset, None) on success, or (None, state) when the key already exists
+        (state SEALED or CREATING), changing nothing. With ``sealed_data`` (a callable
+        given the offset that writes the bytes) the object is written and sealed in the
+        same transaction: it becomes visible complete or not at all.
+        """
+        d = self.dbs
+        try:
+            with self.env.begin(write=True) as txn:
+                raw = txn.get(key, db=d.objects)
+                if raw is not None:
+                    return None, _unpack_rec(raw)[5]
+                off = self._allocate(txn, allocator.extent_size(nbytes))
+                flags = PINNED if pinned else 0
+                if sealed_data is None:
+                    txn.put(key, _pack_rec(off, nbytes, cid, 0, 0, CREATING, flags), db=d.objects)
+                    txn.put(_pack64(cid) + key, b"", db=d.creating)
+                else:
+                    sealed_data(off)
+                    stamp = time.monotonic_ns()
+                    txn.put(key, _pack_rec(off, nbytes, cid, stamp, 0, SEALED, flags), db=d.objects)
+                    if not pinned:
+                        txn.put(_pack64(stamp) + key, b"", db=d.lru)
+                return off, None
+        except lmdb.MapFullError:
+            raise IndexFull("the index is full; restart the daemon with a larger index_map_size") from None
+
+    def seal(self, cid, key):
+        d = self.dbs
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(key, db=d.objects)
+            if raw is None:
+                raise ObjectNotFound(f"seal of {key!r}: no such object; create() it first")
+            off, size, creator, _, csum, state, flags = _unpack_rec(raw)
+            if state == SEALED:
+                raise AlreadySealed(f"seal of {key!r}: already sealed; seal each object once")
+            if creator != cid:
+                raise NotCreator(f"seal of {key!r}: another client is creating it; only its creator may seal it")
+            stamp = time.monotonic_ns()
+            txn.put(key, _pack_rec(off, size, creator, stamp, csum, SEALED, flags), db=d.objects)
+            txn.delete(_pack64(cid) + key, db=d.creating)
+            if not flags & PINNED:
+                txn.put(_pack64(stamp) + key, b"", db=d.lru)
+
+    def abort(self, cid, key):
+        d = self.dbs
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(key, db=d.objects)
+            if raw is None:
+                raise ObjectNotFound(f"abort of {key!r}: no such object")
+            rec = _unpack_rec(raw)
+            if rec[5] == SEALED:
+                raise AlreadySealed(f"abort of {key!r}: already sealed; use delete() instead")
+            if rec[2] != cid:
+                raise NotCreator(f"abort of {key!r}: another client is creating it")
+            txn.delete(_pack64(cid) + key, db=d.creating)
+            self._drop(txn, key, rec)
+
+    def acquire(self, cid, keys):
+        """Hold each sealed key. Per key: (offset, size), MISS, or (BEING_CREATED, creator)."""
+        d = self.dbs
+        hold_count, client_holds, objects = d.hold_count, d.client_holds, d.objects
+        cid8 = _pack64(cid)
+        out = []
+        with self.env.begin(write=True) as txn:
+            get, put = txn.get, txn.put
+            for key in keys:
+                raw = get(key, db=objects)
+                if raw is None:
+                    out.append(MISS)
+                    continue
+                off, size, creator, _, _, state, _ = _unpack_rec(raw)
+                if state != SEALED:
+                    out.append((BEING_CREATED, creator))
+                    continue
+                off8 = _pack64(off)
+                n = get(off8, db=hold_count)
+                put(off8, _ONE if n is None else _U32.pack(_U32.unpack(n)[0] + 1), db=hold_count)
+                put(cid8 + off8, b"", db=client_holds)
+                out.append((off, size))
+        return out
+
+    def release(self, cid, items):
+        """Drop this client's hold on each (key, offset) and mark the object recently used."""
+        d = self.dbs
+        cid8 = _pack64(cid)
+        with self.env.begin(write=True) as txn:
+            for key, off in items:
+                off8 = _pack64(off)
+                if not txn.delete(cid8 + off8, db=d.client_holds):
+                    continue
+                self._unhold(txn, off8)
+                raw = txn.get(key, db=d.objects)
+                if raw is None:
+                    continue
+                roff, size, creator, stamp, csum, state, flags = _unpack_rec(raw)
+                if roff == off and state == SEALED and not flags & PINNED:
+                    now = time.monotonic_ns()
+                    txn.delete(_pack64(stamp) + key, db=d.lru)
+                    txn.put(_pack64(now) + key, b"", db=d.lru)
+                    txn.put(key, _pack_rec(roff, size, creator, now, csum, state, flags), db=d.objects)
+
+    def lookup(self, key):
+        """The record of a key as a tuple, or None (read-only, no hold)."""
+        with self.env.begin(db=self.dbs.objects) as txn:
+            raw = txn.get(key)
+        return None if raw is None else _unpack_rec(raw)
+
+    def contains(self, key):
+        with self.env.begin(db=self.dbs.objects) as txn:
+            raw = txn.get(key)
+        return raw is not None and raw[-2] == SEALED
+
+    def delete(self, key):
+        """Delete a sealed object (deferred to the last release if held). False if none."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(key, db=self.dbs.objects)
+            if raw is None:
+                return False
+            rec = _unpack_rec(raw)
+            if rec[5] != SEALED:
+                return False
+            self._drop(txn, key, rec)
+            return True
+
+    def set_pinned(self, key, pinned):
+        d = self.dbs
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(key, db=d.objects)
+            if raw is None:
+                raise ObjectNotFound(f"pin of {key!r}: no such object")
+            off, size, creator, stamp, csum, state, flags = _unpack_rec(raw)
+            was = bool(flags & PINNED)
+            if was == pinned:
+                return
+            flags = flags | PINNED if pinned else flags & ~PINNED
+            txn.put(key, _pack_rec(off, size, creator, stamp, csum, state, flags), db=d.objects)
+            if state == SEALED:
+                if pinned:
+                    txn.delete(_pack64(stamp) + key, db=d.lru)
+                else:
+                    txn.put(_pack64(stamp) + key, b"", db=d.lru)
+
+    def evict_to(self, target_used, max_objects=256):
+        """Evict LRU objects until used <= target_used; returns (evicted, used after)."""
+        n = 0
+        with self.env.begin(write=True) as txn:
+            used = _LE64.unpack(self.meta(txn, "used"))[0]
+            if used > target_used:
+                for key, rec in self.policy.victims(txn, self.dbs, _unpack_rec):
+                    self._drop(txn, key, rec, lru_done=True)
+                    n += 1
+                    used = _LE64.unpack(self.meta(txn, "used"))[0]
+                    if used <= target_used or n >= max_objects:
+                        break
+        return n, used
+
+    def check(self):
+        """Consistency check: extents of objects, doomed and free tile the segment exactly
+        once. Returns a list of problems (empty when consistent). For tests and recovery."""
+        d = self.dbs
+        problems = []
+        with self.env.begin() as txn:
+            size = _LE64.unpack(self.meta(txn, "size"))[0]
+            used = _LE64.unpack(self.meta(txn, "used"))[0]
+            extents = [(o, l, "free") for o, l in allocator.free_extents(txn, d)]
+            for k, raw in txn.cursor(db=d.objects):
+                rec = _unpack_rec(raw)
+                extents.append((rec[0], allocator.extent_size(rec[1]), k))
+            for k, v in txn.cursor(db=d.doomed):
+                extents.append((_U64.unpack(k)[0], _LE64.unpack(v)[0], "doomed"))
+            extents.sort()
+            pos = 0
+            for off, ln, what in extents:
+                if off != pos:
+                    problems.append(f"extent {what!r} at {off}, expected {pos}")
+                pos = max(pos, off + ln)
+            if pos != size & ~(allocator.ALIGN - 1):
+                problems.append(f"extents end at {pos}, segment usable size {size}")
+            busy = sum(ln for _, ln, w in extents if w != "free")
+            if busy != used:
+                problems.append(f"used counter {used} != allocated {busy}")
+        return problems

@@ -1,0 +1,201 @@
+"""The shared-memory segment: where object bytes live.
+
+Owns: choosing the backing (a file on hugetlbfs when huge pages can be had, else a
+POSIX shared-memory object under /dev/shm), reserving huge pages and mounting
+hugetlbfs when the config allows it, pre-faulting every page at start-up, and
+reopening the same segment after a restart. Both backings are named files, so the
+bytes outlive the daemon process (a crash loses no sealed object).
+Must never: fail silently. Every choice and fallback is logged with its reason;
+``hugepages = "require"`` turns a fallback into a start-up error.
+"""
+
+import hashlib
+import logging
+import mmap
+import os
+import subprocess
+
+import posix_ipc
+
+from .errors import DaemonStartError
+
+log = logging.getLogger("kvstore.segment")
+
+
+def meminfo():
+    """/proc/meminfo as {field: value in bytes (or a plain count for HugePages_*)}."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, rest = line.split(":", 1)
+            parts = rest.split()
+            n = int(parts[0])
+            out[name] = n * 1024 if len(parts) > 1 and parts[1] == "kB" else n
+    return out
+
+
+def segment_name(data_dir):
+    """A stable name for a data dir's segment, the same across restarts."""
+    return "kvstore-" + hashlib.sha1(os.path.realpath(data_dir).encode()).hexdigest()[:16]
+
+
+def _is_hugetlbfs(path):
+    try:
+        with open("/proc/mounts") as f:
+            real = os.path.realpath(path)
+            return any(l.split()[1] == real and l.split()[2] == "hugetlbfs" for l in f)
+    except OSError:
+        return False
+
+
+class Segment:
+    """An open segment: ``fd``, ``size`` (bytes), ``backing`` and ``path``."""
+
+    def __init__(self, fd, size, backing, path, reused):
+        self.fd, self.size, self.backing, self.path, self.reused = fd, size, backing, path, reused
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def destroy(self):
+        """Close and remove the backing file, giving its memory back."""
+        self.close()
+        remove(self.path)
+
+    def map(self, writable):
+        """Map the whole segment, page tables populated up front (no faults on hot paths)."""
+        flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(self.fd, self.size, flags=flags, prot=prot)
+
+
+def remove(path):
+    try:
+        if path.startswith("/dev/shm/"):
+            posix_ipc.unlink_shared_memory("/" + os.path.basename(path))
+        else:
+            os.unlink(path)
+    except (OSError, posix_ipc.ExistentialError):
+        pass
+
+
+def _huge_page_size():
+    return meminfo().get("Hugepagesize", 2 << 20)
+
+
+def _reserve_huge_pages(cfg, pages_needed):
+    """Make sure pages_needed free huge pages exist; reserve more if allowed. -> reason or None."""
+    info = meminfo()
+    free = info.get("HugePages_Free", 0)
+    if free >= pages_needed:
+        return None
+    if not cfg.reserve_hugepages:
+        return (f"{free} free huge pages, {pages_needed} needed, and reserve_hugepages is off "
+                f"(set it, or echo N > /proc/sys/vm/nr_hugepages as root)")
+    if os.geteuid() != 0:
+        return "reserve_hugepages is on but the daemon is not root"
+    total = info.get("HugePages_Total", 0)
+    want = total + pages_needed - free
+    try:
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(want))
+    except OSError as e:
+        return f"cannot raise vm.nr_hugepages to {want}: {e.strerror}"
+    got = meminfo().get("HugePages_Free", 0)
+    if got < pages_needed:
+        return f"asked the kernel for {want} huge pages, only {got} free (memory fragmented?)"
+    log.info("reserved huge pages: vm.nr_hugepages %d -> %d", total, want)
+    return None
+
+
+def _ensure_hugetlbfs(cfg):
+    d = cfg.hugetlbfs_dir
+    if _is_hugetlbfs(d):
+        return None
+    if not (cfg.reserve_hugepages and os.geteuid() == 0):
+        return f"{d} is not a hugetlbfs mount (set reserve_hugepages as root to mount it)"
+    try:
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["mount", "-t", "hugetlbfs", "-o", "mode=1770", "none", d],
+                       check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot mount hugetlbfs on {d}: {e}"
+    log.info("mounted hugetlbfs on %s", d)
+    return None
+
+
+def _prefault(fd, size, what):
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        raise DaemonStartError(f"cannot pre-fault {size} bytes of {what}: {e.strerror}") from None
+
+
+def _open_huge(cfg, name, size):
+    """Create a hugetlbfs segment file; returns (Segment, None) or (None, reason)."""
+    if cfg.hugepages == "off":
+        return None, "hugepages = off"
+    hp = _huge_page_size()
+    size = (size + hp - 1) // hp * hp
+    reason = _ensure_hugetlbfs(cfg) or _reserve_huge_pages(cfg, size // hp)
+    if reason:
+        return None, reason
+    path = os.path.join(cfg.hugetlbfs_dir, name + ".seg")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        return None, f"cannot create {path}: {e.strerror}"
+    try:
+        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        os.close(fd)
+        os.unlink(path)
+        return None, f"cannot allocate {size} bytes of huge pages in {path}: {e.strerror}"
+    return Segment(fd, size, "hugetlbfs", path, reused=False), None
+
+
+def _open_shm(name, size):
+    avail = meminfo().get("MemAvailable", 0)
+    if size > avail:
+        raise DaemonStartError(
+            f"size {size} bytes exceeds available memory ({avail} bytes); start with a smaller --size")
+    try:
+        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=size)
+    except posix_ipc.Error as e:
+        raise DaemonStartError(f"cannot create shared memory /dev/shm/{name}: {e}") from None
+    fd = shm.fd
+    _prefault(fd, size, f"/dev/shm/{name}")
+    return Segment(fd, size, "shm", "/dev/shm/" + name, reused=False)
+
+
+def reopen(path, size):
+    """Reopen a segment left by an earlier daemon; None if it is gone or the wrong size."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    if os.fstat(fd).st_size != size:
+        os.close(fd)
+        return None
+    backing = "hugetlbfs" if not path.startswith("/dev/shm/") else "shm"
+    return Segment(fd, size, backing, path, reused=True)
+
+
+def create(cfg, name):
+    """A fresh, pre-faulted segment of at least cfg.size bytes, huge pages first."""
+    for stale in (os.path.join(cfg.hugetlbfs_dir, name + ".seg"), "/dev/shm/" + name):
+        if os.path.exists(stale):
+            remove(stale)
+    seg, reason = _open_huge(cfg, name, cfg.size)
+    if seg is not None:
+        log.info("segment: %d bytes of huge pages in %s (pre-faulted)", seg.size, seg.path)
+        return seg
+    if cfg.hugepages == "require":
+        raise DaemonStartError(f"huge pages are required but unavailable: {reason}")
+    seg = _open_shm(name, cfg.size)
+    log.info("segment: %d bytes of POSIX shared memory in %s (pre-faulted); no huge pages because %s",
+             seg.size, seg.path, reason)
+    return seg

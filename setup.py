@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="kvstore",
+    version="0.1.0",
+    description="Shared-memory KV-cache store for LLM inference: per-host daemon, "
+                "huge-page segment, LMDB index, zero-copy clients",
+    python_requires=">=3.10",
+    # The card's top-level folders daemon/ and client/ install inside the package, so
+    # users write `from kvstore.client import Client` (a top-level `daemon` would clash).
+    packages=["kvstore", "kvstore.daemon", "kvstore.client"],
+    package_dir={"kvstore": "kvstore", "kvstore.daemon": "daemon", "kvstore.client": "client"},
+    install_requires=[
+        "lmdb>=1.4",        # the index: multi-process, crash-safe, ~1 us reads
+        "posix_ipc>=1.1",   # the /dev/shm segment when huge pages cannot be had
+        "numpy>=1.24",      # zero-copy array views and fast copies
+    ],
+    extras_require={
+        "torch": ["torch>=2.1"],        # tensor puts/gets; the CPU build is enough
+        "arrow": ["pyarrow>=12"],       # Plasma-style get_buffers()
+        "test": ["pytest>=7", "hypothesis>=6", "pyarrow>=12"],
+    },
+    entry_points={"console_scripts": ["kvstore-daemon=kvstore.daemon.__main__:main"]},
+)
