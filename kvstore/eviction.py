@@ -31,7 +31,7 @@ class LRUPolicy:
             key = entry[8:]
             raw = txn.get(key, db=dbs.objects)
             rec = unpack_record(raw) if raw is not None else None
-            if rec is not None and txn.get(_OFF.pack(rec[0]), db=dbs.hold_count) is not None:
+            if rec is not None and txn.get(_OFF.pack(rec[0]), db=dbs.holders) is not None:
                 cur.next()                  # held: keep it, look further
                 continue
             cur.delete()                    # moves to the next entry

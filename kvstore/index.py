@@ -12,8 +12,8 @@ dead clients and keep usage under the high watermark.
 Tables (byte keys; integers big-endian so LMDB order is numeric order):
   objects      key -> record
   lru          stamp(8) + key -> ''             sealed, unpinned objects, oldest first
-  hold_count   offset(8) -> number of clients holding that extent
-  client_holds cid(8) + offset(8) -> ''         what each client holds
+  holders      offset(8) -> cid(8) * n          the clients holding that extent (each
+                                                once: clients count repeats locally)
   creating     cid(8) + key -> ''               what each client is creating
   doomed       offset(8) -> extent size         deleted while held; freed at last release
   clients      cid(8) -> JSON {pid, start, namespace}
@@ -45,7 +45,7 @@ _REC = struct.Struct("<QQQQQBB")
 _U64 = struct.Struct(">Q")
 _LE64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
-_TABLES = ("meta", "objects", "lru", "hold_count", "client_holds", "creating", "doomed",
+_TABLES = ("meta", "objects", "lru", "holders", "creating", "doomed",
            "clients", "free_off", "free_size")
 
 # results of acquire() for keys that are not held
@@ -54,7 +54,17 @@ BEING_CREATED = -1
 _unpack_rec = _REC.unpack
 _pack_rec = _REC.pack
 _pack64 = _U64.pack
-_ONE = b"\x01\x00\x00\x00"
+#: LRU stamps are refreshed at release only when older than this: eviction order is
+#: exact to this granularity, and a hot object costs no LRU writes.
+TOUCH_NS = 100_000_000
+
+
+def _without(cids, cid8):
+    """cids (concatenated 8-byte ids) with one occurrence of cid8 removed, or None if absent."""
+    for i in range(0, len(cids), 8):
+        if cids[i:i + 8] == cid8:
+            return cids[:i] + cids[i + 8:]
+    return None
 
 
 def pid_start_time(pid):
@@ -130,7 +140,7 @@ class Index:
             return {"size": size, "used": used, "objects": txn.stat(d.objects)["entries"],
                     "evictable": txn.stat(d.lru)["entries"],
                     "creating": txn.stat(d.creating)["entries"],
-                    "held_extents": txn.stat(d.hold_count)["entries"],
+                    "held_extents": txn.stat(d.holders)["entries"],
                     "doomed": txn.stat(d.doomed)["entries"],
                     "clients": txn.stat(d.clients)["entries"], "free_extents": n_free}
 
@@ -160,13 +170,11 @@ class Index:
         d, prefix = self.dbs, _pack64(cid)
         with self.env.begin(write=True) as txn:
             held = []
-            cur = txn.cursor(db=d.client_holds)
-            if cur.set_range(prefix):
-                while cur.key()[:8] == prefix:
-                    held.append(cur.key()[8:])
-                    cur.delete()
+            for off8, cids in txn.cursor(db=d.holders):
+                if _without(cids, prefix) is not None:
+                    held.append(off8)
             for off8 in held:
-                self._unhold(txn, off8)
+                self._unhold(txn, off8, prefix)
             creating = []
             cur = txn.cursor(db=d.creating)
             if cur.set_range(prefix):
@@ -194,28 +202,31 @@ class Index:
             txn.delete(_pack64(stamp) + key, db=d.lru)
         ext = allocator.extent_size(size)
         off8 = _pack64(off)
-        if txn.get(off8, db=d.hold_count) is not None:
+        if txn.get(off8, db=d.holders) is not None:
             txn.put(off8, _LE64.pack(ext), db=d.doomed)
         else:
             allocator.free(txn, d, off, ext)
             self._add_used(txn, -ext)
 
-    def _unhold(self, txn, off8):
+    def _unhold(self, txn, off8, cid8):
+        """Remove one client's hold on an extent; free it if doomed and now unheld.
+        Returns False if that client did not hold it."""
         d = self.dbs
-        raw = txn.get(off8, db=d.hold_count)
-        if raw is None:
-            return
-        (n,) = _U32.unpack(raw)
-        if n > 1:
-            txn.put(off8, _U32.pack(n - 1), db=d.hold_count)
-            return
-        txn.delete(off8, db=d.hold_count)
+        cids = txn.get(off8, db=d.holders)
+        rest = None if cids is None else _without(cids, cid8)
+        if rest is None:
+            return False
+        if rest:
+            txn.put(off8, rest, db=d.holders)
+            return True
+        txn.delete(off8, db=d.holders)
         ext = txn.get(off8, db=d.doomed)
         if ext is not None:
             txn.delete(off8, db=d.doomed)
             (ext,) = _LE64.unpack(ext)
             allocator.free(txn, d, _U64.unpack(off8)[0], ext)
             self._add_used(txn, -ext)
+        return True
 
     def _allocate(self, txn, ext):
         off = allocator.alloc(txn, self.dbs, ext)
@@ -296,43 +307,41 @@ class Index:
     def acquire(self, cid, keys):
         """Hold each sealed key. Per key: (offset, size), MISS, or (BEING_CREATED, creator)."""
         d = self.dbs
-        hold_count, client_holds, objects = d.hold_count, d.client_holds, d.objects
+        holders, objects = d.holders, d.objects
         cid8 = _pack64(cid)
         out = []
+        append = out.append
         with self.env.begin(write=True) as txn:
             get, put = txn.get, txn.put
             for key in keys:
                 raw = get(key, db=objects)
                 if raw is None:
-                    out.append(MISS)
+                    append(MISS)
                     continue
                 off, size, creator, _, _, state, _ = _unpack_rec(raw)
                 if state != SEALED:
-                    out.append((BEING_CREATED, creator))
+                    append((BEING_CREATED, creator))
                     continue
                 off8 = _pack64(off)
-                n = get(off8, db=hold_count)
-                put(off8, _ONE if n is None else _U32.pack(_U32.unpack(n)[0] + 1), db=hold_count)
-                put(cid8 + off8, b"", db=client_holds)
-                out.append((off, size))
+                cids = get(off8, db=holders)
+                put(off8, cid8 if cids is None else cids + cid8, db=holders)
+                append((off, size))
         return out
 
     def release(self, cid, items):
         """Drop this client's hold on each (key, offset) and mark the object recently used."""
         d = self.dbs
         cid8 = _pack64(cid)
+        now = time.monotonic_ns()
         with self.env.begin(write=True) as txn:
             for key, off in items:
-                off8 = _pack64(off)
-                if not txn.delete(cid8 + off8, db=d.client_holds):
+                if not self._unhold(txn, _pack64(off), cid8):
                     continue
-                self._unhold(txn, off8)
                 raw = txn.get(key, db=d.objects)
                 if raw is None:
                     continue
                 roff, size, creator, stamp, csum, state, flags = _unpack_rec(raw)
-                if roff == off and state == SEALED and not flags & PINNED:
-                    now = time.monotonic_ns()
+                if roff == off and state == SEALED and not flags & PINNED and now - stamp > TOUCH_NS:
                     txn.delete(_pack64(stamp) + key, db=d.lru)
                     txn.put(_pack64(now) + key, b"", db=d.lru)
                     txn.put(key, _pack_rec(roff, size, creator, now, csum, state, flags), db=d.objects)

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""kvstore benchmark: put / get / contains / batched get latencies and bandwidths.
+
+Starts its own daemon (a fresh data dir, discarded afterwards) unless --socket names a
+running one, measures 4 KiB, 64 KiB, 1 MiB and 16 MiB values from one client, and
+prints every figure beside this machine's memcpy bandwidth (np.copyto of 256 MiB)
+measured in the same run. Speed belongs here, never in timed test asserts.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from kvstore.client import Client  # noqa: E402
+
+SIZES = [(4 << 10, "4 KiB"), (64 << 10, "64 KiB"), (1 << 20, "1 MiB"), (16 << 20, "16 MiB")]
+
+
+def memcpy_bandwidth():
+    src = np.ones(256 << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return src.nbytes / statistics.median(times) / 1e9
+
+
+def pct(samples, q):
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def timed(fn, items):
+    out = []
+    pc = time.perf_counter
+    for it in items:
+        t0 = pc()
+        fn(it)
+        out.append(pc() - t0)
+    return out
+
+
+def start_daemon(size, hugepages):
+    tmp = tempfile.mkdtemp(prefix="kvbench-")
+    sock = os.path.join(tmp, "kv.sock")
+    args = [sys.executable, "-m", "kvstore.daemon", "--socket", sock, "--size", size,
+            "--data-dir", os.path.join(tmp, "data"), "--discard-on-exit", "--log-level", "WARNING",
+            "--high-watermark", "0.99", "--low-watermark", "0.98"]
+    if hugepages:
+        args += ["--hugepages", "require", "--reserve-hugepages"]
+    proc = subprocess.Popen(args)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit("bench: the daemon did not start")
+        time.sleep(0.05)
+    return proc, sock
+
+
+def bench_size(c, nbytes, label, count):
+    payload = np.random.default_rng(1).integers(0, 255, nbytes, dtype=np.uint8)
+    keys = [f"bench-{nbytes}-{i}".encode() for i in range(count)]
+    rows = []
+
+    t_put = timed(lambda k: c.put(k, payload), keys)
+    rows.append(("put", t_put, nbytes))
+    t_get = timed(c.get, keys)
+    rows.append(("get (zero-copy)", t_get, None))
+    t_rel = timed(c.release, keys)
+    rows.append(("release", t_rel, None))
+    dst = np.empty(nbytes, dtype=np.uint8)
+
+    def get_copy(k):
+        v = c.get(k)
+        np.copyto(dst, np.frombuffer(v, dtype=np.uint8))
+        c.release(k)
+    rows.append(("get + copy-out + release", timed(get_copy, keys), nbytes))
+    rows.append(("contains", timed(c.contains, keys), None))
+    batches = [keys[i:i + 64] for i in range(0, len(keys) - 63, 64)] or [keys[:64]]
+    batches = (batches * (1 + 20 // len(batches)))[:max(20, len(batches))]
+    t_batch, t_batch_rel = [], []
+    pc = time.perf_counter
+    for b in batches:              # each batch is released before the next: no cached holds
+        t0 = pc()
+        c.get_many(b)
+        t1 = pc()
+        c.release_many(b)
+        t_batch.append(t1 - t0)
+        t_batch_rel.append(pc() - t1)
+    rows.append(("get_many(64)", t_batch, None))
+    rows.append(("release_many(64)", t_batch_rel, None))
+    for k in keys:
+        c.delete(k)
+    puts_per_s = len(keys) / sum(t_put)
+    objs_per_s = 64 * len(batches) / sum(t_batch)
+    return rows, puts_per_s, objs_per_s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--socket", help="use a running daemon instead of starting one")
+    ap.add_argument("--size", default="3GiB", help="segment size of the daemon started here")
+    ap.add_argument("--hugepages", action="store_true", help="start the daemon on huge pages (root)")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    args = ap.parse_args()
+
+    proc = None
+    sock = args.socket
+    if sock is None:
+        proc, sock = start_daemon(args.size, args.hugepages)
+    try:
+        c = Client(sock)
+        mem = memcpy_bandwidth()
+        print(f"kvstore bench  segment: {c.backing}, {c.segment_size >> 20} MiB  "
+              f"memcpy (np.copyto 256 MiB): {mem:.1f} GB/s")
+        print(f"{'size':>7} {'operation':<26} {'median':>10} {'p99':>10} {'GB/s':>7} {'x memcpy':>8}")
+        for nbytes, label in SIZES:
+            budget = (256 << 20) if args.quick else (1 << 30)
+            count = max(64, min(5000 if not args.quick else 500, budget // nbytes))
+            rows, puts_per_s, objs_per_s = bench_size(c, nbytes, label, count)
+            for name, samples, gb_bytes in rows:
+                med = statistics.median(samples)
+                if name.endswith("(64)"):
+                    extra = f"{64 / med / 1e3:7.0f}k objects/s"
+                    print(f"{label:>7} {name:<26} {med * 1e6:8.1f}us {pct(samples, .99) * 1e6:8.1f}us  {extra}")
+                    continue
+                gbs = gb_bytes / med / 1e9 if gb_bytes else None
+                gb_col = f"{gbs:7.2f} {gbs / mem:8.2f}" if gbs else f"{'':7} {'':8}"
+                print(f"{label:>7} {name:<26} {med * 1e6:8.1f}us {pct(samples, .99) * 1e6:8.1f}us {gb_col}")
+            print(f"{label:>7} {'puts/s, one client':<26} {puts_per_s / 1e3:8.1f}k   "
+                  f"get_many objects/s: {objs_per_s / 1e3:.0f}k")
+        c.close()
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()
