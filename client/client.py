@@ -36,14 +36,50 @@ ONE_TXN_PUT = 256 << 10
 
 _LIVE = weakref.WeakSet()
 _FORK_ORPHANS = []  # LMDB handles inherited by fork children: never closed there
+# LMDB allows one handle per environment per process: clients of one daemon share it.
+_INDEXES = {}       # index path -> [Index, number of clients using it]
+_INDEXES_LOCK = threading.Lock()
+
+
+def _open_index(path, map_size, max_readers):
+    with _INDEXES_LOCK:
+        entry = _INDEXES.get(path)
+        if entry is None:
+            entry = _INDEXES[path] = [Index(path, map_size, create=False, max_readers=max_readers), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _close_index(path):
+    with _INDEXES_LOCK:
+        entry = _INDEXES.get(path)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _INDEXES[path]
+                entry[0].close()
 
 
 def _after_fork_in_child():
     for c in list(_LIVE):
         c._orphan_after_fork()
+    _FORK_ORPHANS.extend(e[0] for e in _INDEXES.values())
+    _INDEXES.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _connect(sock, path, timeout):
+    """connect(), retrying while the daemon's accept backlog is full (EAGAIN)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return sock.connect(path)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _check_size(nbytes):
@@ -66,7 +102,7 @@ class Client:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(socket_path)
+            _connect(sock, socket_path, timeout)
             sock.sendall(protocol.hello(os.getpid(), namespace))
             mtype, body, fds = protocol.recv_message(sock, with_fds=1)
         except (FileNotFoundError, ConnectionRefusedError):
@@ -95,8 +131,8 @@ class Client:
             self._ro = seg.map(writable=False)
         finally:
             os.close(fd)
-        self._index = Index(body["index_path"], body["index_map_size"], create=False,
-                            max_readers=body["max_readers"])
+        self._index_path = body["index_path"]
+        self._index = _open_index(self._index_path, body["index_map_size"], body["max_readers"])
         self._rw_view = memoryview(self._rw)
         self._ro_view = memoryview(self._ro)
         base = np.frombuffer(self._ro, dtype=np.uint8).ctypes.data
@@ -116,7 +152,7 @@ class Client:
     def _orphan_after_fork(self):
         if self._closed_why is None:
             self._closed_why = f"it was created in process {self._pid} before a fork"
-            _FORK_ORPHANS.append(self._index)
+
 
     def close(self):
         """Release every hold, abort unfinished creations, disconnect. Idempotent."""
@@ -137,7 +173,7 @@ class Client:
                 self._creating.clear()
                 buffers.unregister_readonly_range(*self._ro_range)
                 self._sock.close()
-                self._index.close()
+                _close_index(self._index_path)
 
     def __enter__(self):
         return self

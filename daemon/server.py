@@ -32,6 +32,7 @@ HANDSHAKE_TIMEOUT = 10.0      # seconds a connection may stay without a complete
 MAX_OUTBOX = 1 << 20          # bytes of unread replies before a client is dropped
 TICK = 0.01                   # seconds between eviction checks
 LIVENESS_EVERY = 1.0          # seconds between checks of registered clients' pids
+MAX_HANDSHAKING = 256         # connections beyond max_clients that may be mid-handshake
 
 
 class _Conn:
@@ -214,14 +215,18 @@ class Daemon:
                 self._check_liveness(now)
 
     def _accept(self):
-        try:
-            sock, _ = self.listener.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        conn = _Conn(sock)
-        self.conns[sock.fileno()] = conn
-        self.selector.register(sock, selectors.EVENT_READ, conn)
+        for _ in range(64):       # drain the backlog, a bounded batch per wake-up
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:       # EAGAIN: drained; EMFILE: out of fds, try next tick
+                return
+            if len(self.conns) >= self.cfg.max_clients + MAX_HANDSHAKING:
+                sock.close()      # a connection flood must not exhaust the daemon's fds
+                continue
+            sock.setblocking(False)
+            conn = _Conn(sock)
+            self.conns[sock.fileno()] = conn
+            self.selector.register(sock, selectors.EVENT_READ, conn)
 
     def _service(self, conn, events):
         if events & selectors.EVENT_WRITE:

@@ -33,7 +33,8 @@ from types import SimpleNamespace
 import lmdb
 
 from . import allocator
-from .errors import AlreadySealed, IndexFull, NotCreator, ObjectNotFound, StoreFull
+from .errors import (AlreadySealed, IndexFull, NotCreator, ObjectNotFound, StoreFull,
+                     StoreUnavailable)
 from .eviction import LRUPolicy
 
 SCHEMA = 1
@@ -87,7 +88,7 @@ class Index:
                                  writemap=True, map_async=False, readahead=False,
                                  meminit=False, create=create, lock=True)
         except lmdb.Error as e:
-            raise ObjectNotFound(f"cannot open index at {path}: {e}") from None
+            raise StoreUnavailable(f"cannot open the index at {path}: {e}") from None
         if create:
             with self.env.begin(write=True) as txn:
                 handles = {n: self.env.open_db(n.encode(), txn=txn, create=True) for n in _TABLES}

@@ -1,0 +1,240 @@
+"""Object semantics across real processes: immutability, zero-copy, holds, delete,
+waiting for a seal, and what a client's death leaves behind."""
+
+import mmap
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import run_py, wait_for, wait_line
+from kvstore.errors import GetTimeout, NotSealed, ReadOnlyView
+
+
+def test_sealed_views_are_read_only_in_another_process(daemon):
+    with daemon.client() as c:
+        c.put("imm", np.arange(256, dtype=np.uint8))
+    run_py("""
+        import sys, numpy as np
+        from kvstore.client import Client
+        from kvstore.errors import ReadOnlyView
+        c = Client(sys.argv[1])
+        v = c.get("imm")
+        try:
+            v[0] = 99
+            raise SystemExit("memoryview write went through")
+        except TypeError:
+            pass
+        a = c.get_array("imm")
+        try:
+            a[0] = 99
+            raise SystemExit("numpy write went through")
+        except ValueError:
+            pass
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is not None:
+            t = c.get_tensor("imm")
+            for write in (lambda: t.add_(1), lambda: t.__setitem__(0, 5), lambda: t.zero_(),
+                          lambda: t[1:4].fill_(7), lambda: torch.add(t, 1, out=t),
+                          lambda: t.view(16, 16).copy_(torch.zeros(16, 16, dtype=torch.uint8))):
+                try:
+                    write()
+                    raise SystemExit("torch write went through")
+                except ReadOnlyView:
+                    pass
+            assert not t.numpy().flags.writeable
+        assert bytes(c.get("imm")) == bytes(range(256))
+    """, daemon.socket)
+    with daemon.client() as c:
+        assert bytes(c.get("imm")) == bytes(range(256))
+
+
+def test_get_is_zero_copy(daemon):
+    """A get's view is the segment itself: bytes changed in the segment file (out of
+    band, by this test) show through a view another process already holds."""
+    with daemon.client() as c:
+        c.put("zc", b"A" * 4096)
+        seg_path = c.stats()["segment_path"]
+        v = c.get("zc")
+        # the view's address is inside this client's read-only mapping of the segment
+        addr = np.frombuffer(v, dtype=np.uint8).ctypes.data
+        lo, hi = c._ro_range
+        assert lo <= addr < hi
+        off = addr - lo
+        p = run_py("""
+            import sys, time
+            from kvstore.client import Client
+            c = Client(sys.argv[1]); v = c.get("zc")
+            print("holding", bytes(v[:4]).decode(), flush=True)
+            deadline = time.time() + 20
+            while bytes(v[:4]) != b"ZZZZ" and time.time() < deadline:
+                time.sleep(0.01)
+            print("saw", bytes(v[:4]).decode(), flush=True)
+        """, daemon.socket, background=True)
+        wait_line(p, "holding AAAA")
+        fd = os.open(seg_path, os.O_RDWR)
+        try:
+            m = mmap.mmap(fd, off + 4096)
+            m[off:off + 4] = b"ZZZZ"
+            m.close()
+        finally:
+            os.close(fd)
+        assert "saw ZZZZ" in wait_line(p, "saw")
+        p.wait(10)
+        assert bytes(v[:4]) == b"ZZZZ"
+
+
+def test_large_get_copies_nothing(daemon):
+    """Getting a 32 MiB object 200 times costs no memory: the views share the segment."""
+    with daemon.client() as c:
+        c.put("big", np.ones(32 << 20, dtype=np.uint8))
+        import resource
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        views = [c.get("big") for _ in range(200)]
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert (after - before) * 1024 < (32 << 20)   # 200 copies would be 6.4 GB
+        assert all(v.nbytes == 32 << 20 for v in views)
+
+
+def test_get_waits_for_seal_like_plasma(daemon):
+    with daemon.client() as c:
+        buf = c.create("slow", 3)
+        p = run_py("""
+            import sys, time
+            from kvstore.client import Client
+            c = Client(sys.argv[1])
+            t0 = time.monotonic()
+            v = c.get("slow", timeout=20)
+            print("got", bytes(v).decode(), round(time.monotonic() - t0, 2), flush=True)
+        """, daemon.socket, background=True)
+        time.sleep(0.5)
+        with pytest.raises(NotSealed):
+            c.get("slow")
+        buf[:] = b"yes"
+        c.seal("slow")
+        line = wait_line(p, "got")
+        assert line.split()[1] == "yes" and float(line.split()[2]) >= 0.3
+        p.wait(10)
+
+
+def test_get_timeout_and_creator_death(daemon):
+    with daemon.client() as c:
+        p = run_py("""
+            import sys, time
+            from kvstore.client import Client
+            c = Client(sys.argv[1]); c.create("orphan", 100)
+            print("created", flush=True); time.sleep(60)
+        """, daemon.socket, background=True)
+        wait_line(p, "created")
+        with pytest.raises(GetTimeout):
+            c.get("orphan", timeout=0.2)
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("v", c.get("orphan")))
+        t.start()
+        time.sleep(0.3)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        t.join(10)
+        assert not t.is_alive() and result["v"] is None   # reclaimed, so a miss
+
+
+def test_delete_of_held_object_waits_for_last_release(daemon):
+    with daemon.client() as c:
+        c.put("held", b"keepme" * 1000)
+        used_before = c.stats()["used"]
+        p = run_py("""
+            import sys, time
+            from kvstore.client import Client
+            c = Client(sys.argv[1]); v = c.get("held")
+            print("holding", flush=True)
+            time.sleep(60)
+        """, daemon.socket, background=True)
+        wait_line(p, "holding")
+        assert c.delete("held") is True
+        assert not c.contains("held") and c.get("held") is None
+        st = c.stats()
+        assert st["doomed"] == 1 and st["used"] == used_before
+        # the same key may be put again at once, in new space
+        assert c.put("held", b"new")
+        p.kill()
+        p.wait()
+        wait_for(lambda: c.stats()["doomed"] == 0, what="doomed extent freed after holder died")
+        assert bytes(c.get("held")) == b"new"
+        assert c._index.check() == []
+
+
+def test_delete_then_release_frees_space(daemon):
+    with daemon.client() as a, daemon.client() as b:
+        a.put("d", b"x" * 100000)
+        v = b.get("d")
+        used = a.stats()["used"]
+        a.delete("d")
+        assert bytes(v[:3]) == b"xxx"           # still readable while held
+        b.release("d")
+        assert a.stats()["used"] < used and a.stats()["doomed"] == 0
+
+
+def test_killed_client_releases_holds_and_reclaims_creations(daemon):
+    with daemon.client() as c:
+        c.put("kept", b"k" * 5000)
+        base = c.stats()
+        p = run_py("""
+            import sys, time
+            from kvstore.client import Client
+            c = Client(sys.argv[1])
+            c.get("kept")
+            buf = c.create("half", 1 << 20); buf[:10] = b"0123456789"
+            c.put("done", b"sealed by the dead")
+            print("ready", flush=True); time.sleep(60)
+        """, daemon.socket, background=True)
+        wait_line(p, "ready")
+        st = c.stats()
+        assert st["held_extents"] == 1 and st["creating"] == 1
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        wait_for(lambda: c.stats()["creating"] == 0 and c.stats()["held_extents"] == 0,
+                 what="cleanup after SIGKILL")
+        assert not c.contains("half")
+        assert bytes(c.get("done")) == b"sealed by the dead"       # sealed objects survive
+        assert c.stats()["used"] == base["used"] + 64               # only 'done' remains
+        assert "reclaimed 1 unsealed" in daemon.read_log()
+        assert c._index.check() == []
+
+
+def test_many_processes_at_once_keep_index_consistent(daemon):
+    code = """
+        import sys, random
+        from kvstore.client import Client
+        from kvstore.errors import StoreFull
+        c = Client(sys.argv[1]); r = random.Random(int(sys.argv[2]))
+        for i in range(400):
+            k = "k%d" % r.randrange(60)
+            op = r.random()
+            if op < 0.4:
+                try:
+                    c.put(k, bytes([len(k)]) * r.randrange(1, 300000))
+                except StoreFull:
+                    pass
+            elif op < 0.8:
+                v = c.get(k)
+                if v is not None:
+                    assert len(set(bytes(v[:50]))) <= 1, "torn object"
+                    c.release(k)
+            else:
+                c.delete(k)
+        print("ok")
+    """
+    procs = [run_py(code, daemon.socket, seed, background=True) for seed in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "ok" in out, err
+    with daemon.client() as c:
+        assert c._index.check() == []
+        st = c.stats()
+        assert st["held_extents"] == 0 and st["creating"] == 0
