@@ -63,6 +63,7 @@ class Daemon:
         try:
             self._check_data_dir()
             self._check_socket()
+            segment.check_memory(self.cfg, segment.segment_name(self.cfg.data_dir))
             self._open_index()
             self._open_segment()
             self._listen()
@@ -187,14 +188,17 @@ class Daemon:
     # ---- the loop ---------------------------------------------------------------------
     def run(self):
         """Start, serve until SIGTERM/SIGINT, stop cleanly."""
-        self.start()
+        # handlers first: a signal arriving once "ready" is logged must stop us cleanly
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.serve()
+            self.start()
+            try:
+                self.serve()
+            finally:
+                self.stop()
         finally:
             for sig, h in old.items():
                 signal.signal(sig, h)
-            self.stop()
 
     def _on_signal(self, signum, frame):
         log.info("received %s; stopping", signal.Signals(signum).name)

@@ -48,6 +48,8 @@ def _parse_bool(value, field):
 
 
 def _parse_fraction(value, field):
+    if isinstance(value, bool):
+        raise ConfigError(f"{field}: {value!r} is not a number; use a fraction such as 0.9")
     try:
         f = float(value)
     except (TypeError, ValueError):
@@ -73,11 +75,13 @@ def _parse_path(value, field):
 
 
 def _parse_pos_int(value, field):
+    if isinstance(value, (bool, float)):
+        raise ConfigError(f"{field}: {value!r} is not an integer; use a whole number such as 100")
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{field}: {value!r} is not an integer") from None
-    if n <= 0 or isinstance(value, bool):
+        raise ConfigError(f"{field}: {value!r} is not an integer; use a whole number such as 100") from None
+    if n <= 0:
         raise ConfigError(f"{field}: {value!r} must be a positive integer")
     return n
 
@@ -168,7 +172,11 @@ def load_config(file=None, env=None, overrides=None):
             raise ConfigError(f"config: file {file} does not exist") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config: {file} is not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config: cannot read {file}: {e.strerror}; give a readable TOML file") from None
         data = data.get("kvstore", data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"kvstore: in {file} it must be a table ([kvstore]) of fields")
         for k, v in data.items():
             if k not in _PARSERS:
                 raise ConfigError(f"{k}: unknown field in {file}; known fields: {', '.join(FIELDS)}")

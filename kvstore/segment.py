@@ -157,6 +157,21 @@ def _open_huge(cfg, name, size):
     return Segment(fd, size, "hugetlbfs", path, reused=False), None
 
 
+def check_memory(cfg, name):
+    """Refuse early (before anything is written) a size that memory cannot hold.
+
+    An existing segment file of this store is reused, so it needs no new memory."""
+    if os.path.exists("/dev/shm/" + name) or os.path.exists(os.path.join(cfg.hugetlbfs_dir, name + ".seg")):
+        return
+    info = meminfo()
+    avail = info.get("MemAvailable", 0)
+    if cfg.hugepages != "off":
+        avail += info.get("HugePages_Free", 0) * info.get("Hugepagesize", 2 << 20)
+    if cfg.size > avail:
+        raise DaemonStartError(f"size {cfg.size} bytes exceeds available memory ({avail} bytes); "
+                               f"start with a smaller --size")
+
+
 def _open_shm(name, size):
     avail = meminfo().get("MemAvailable", 0)
     if size > avail:

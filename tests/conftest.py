@@ -34,10 +34,11 @@ class DaemonProc:
 
     def start(self, wait=True):
         self.log = open(self.log_path, "ab")
+        readies = self.read_log().count("ready: serving") if os.path.exists(self.log_path) else 0
         self.proc = subprocess.Popen(self.args(), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         if wait:
             deadline = time.monotonic() + 30
-            while "ready: serving" not in self.read_log():
+            while self.read_log().count("ready: serving") <= readies:   # this start's line
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.read_log()}")
                 if time.monotonic() > deadline:
