@@ -1,11 +1,16 @@
 """Eviction policy: which sealed objects go when space is needed.
 
-Owns: the choice of victims, least recently used first, from the ``lru`` table
-((stamp, key) -> ''). Pinned objects are never in that table; held objects are in it
-but skipped. The index calls ``victims`` both when a put cannot fit (inline, in the
-putting client's transaction) and from the daemon's watermark sweep.
-Must never: yield an object that any client holds or that is pinned, or remove
-anything itself: the index drops what this policy picks.
+Owns: the choice of victims. The policy is CLOCK (second chance), the classic cheap
+approximation of least-recently-used: the ``lru`` table ((stamp, key) -> '') keeps
+sealed, unpinned objects in the order they were sealed or last given a second chance.
+A release only sets the object's REFERENCED flag (one write, none for an object already
+flagged), so hot objects cost no ordering writes. Walking from the old end, a
+referenced object has its flag cleared and moves to the young end; an unreferenced one
+that nobody holds is a victim; a held one is skipped where it stands.
+The index calls ``victims`` both when a put cannot fit (inline, in the putting client's
+transaction) and from the daemon's watermark sweep.
+Must never: yield an object that any client holds or that is pinned (pinned objects
+are not in the table), or drop anything itself: the index drops what this picks.
 """
 
 import struct
@@ -13,14 +18,12 @@ import struct
 _OFF = struct.Struct(">Q")
 
 
-class LRUPolicy:
-    """Least-recently-used first; a touch moves an object to the young end."""
-
-    def victims(self, txn, dbs, unpack_record):
-        """Yield (key, record) of evictable objects, oldest first.
+class ClockPolicy:
+    def victims(self, txn, dbs, index):
+        """Yield (key, record) of evictable objects, least recently used first.
 
         Each yielded object's lru entry is already deleted (through the cursor, so the
-        iteration stays valid); the caller must drop the object itself.
+        walk stays valid); the caller must drop the object itself.
         """
         cur = txn.cursor(db=dbs.lru)
         cur.first()
@@ -29,11 +32,15 @@ class LRUPolicy:
             if not entry:                   # empty table or past the end
                 return
             key = entry[8:]
-            raw = txn.get(key, db=dbs.objects)
-            rec = unpack_record(raw) if raw is not None else None
-            if rec is not None and txn.get(_OFF.pack(rec[0]), db=dbs.holders) is not None:
+            rec = index.record(txn, key)
+            if rec is None:                 # defensive: an entry without its object
+                cur.delete()
+                continue
+            if txn.get(_OFF.pack(rec[0]), db=dbs.holders) is not None:
                 cur.next()                  # held: keep it, look further
                 continue
             cur.delete()                    # moves to the next entry
-            if rec is not None:
-                yield key, rec
+            if index.is_referenced(rec):
+                index.second_chance(txn, key, rec)   # re-enters at the young end
+                continue
+            yield key, rec

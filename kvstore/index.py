@@ -11,7 +11,7 @@ dead clients and keep usage under the high watermark.
 
 Tables (byte keys; integers big-endian so LMDB order is numeric order):
   objects      key -> record
-  lru          stamp(8) + key -> ''             sealed, unpinned objects, oldest first
+  lru          stamp(8) + key -> ''             sealed, unpinned objects, CLOCK order
   holders      offset(8) -> cid(8) * n          the clients holding that extent (each
                                                 once: clients count repeats locally)
   creating     cid(8) + key -> ''               what each client is creating
@@ -35,11 +35,11 @@ import lmdb
 from . import allocator
 from .errors import (AlreadySealed, IndexFull, NotCreator, ObjectNotFound, StoreFull,
                      StoreUnavailable)
-from .eviction import LRUPolicy
+from .eviction import ClockPolicy
 
 SCHEMA = 1
 CREATING, SEALED = 1, 2
-PINNED = 1
+PINNED, REFERENCED = 1, 2       # record flags; REFERENCED: used since its last second chance
 
 # off, size, creator cid, lru stamp, checksum, state, flags
 _REC = struct.Struct("<QQQQQBB")
@@ -55,11 +55,6 @@ BEING_CREATED = -1
 _unpack_rec = _REC.unpack
 _pack_rec = _REC.pack
 _pack64 = _U64.pack
-#: LRU stamps are refreshed at release only when older than this: eviction order is
-#: exact to this granularity, and a hot object costs no LRU writes.
-TOUCH_NS = 100_000_000
-
-
 def _without(cids, cid8):
     """cids (concatenated 8-byte ids) with one occurrence of cid8 removed, or None if absent."""
     for i in range(0, len(cids), 8):
@@ -95,7 +90,7 @@ class Index:
         else:
             handles = {n: self.env.open_db(n.encode(), create=False) for n in _TABLES}
         self.dbs = SimpleNamespace(**handles)
-        self.policy = LRUPolicy()
+        self.policy = ClockPolicy()
 
     def close(self):
         self.env.close()
@@ -232,7 +227,7 @@ class Index:
     def _allocate(self, txn, ext):
         off = allocator.alloc(txn, self.dbs, ext)
         if off is None:
-            for key, rec in self.policy.victims(txn, self.dbs, _unpack_rec):
+            for key, rec in self.policy.victims(txn, self.dbs, self):
                 self._drop(txn, key, rec, lru_done=True)
                 off = allocator.alloc(txn, self.dbs, ext)
                 if off is not None:
@@ -333,19 +328,33 @@ class Index:
         """Drop this client's hold on each (key, offset) and mark the object recently used."""
         d = self.dbs
         cid8 = _pack64(cid)
-        now = time.monotonic_ns()
         with self.env.begin(write=True) as txn:
             for key, off in items:
                 if not self._unhold(txn, _pack64(off), cid8):
                     continue
                 raw = txn.get(key, db=d.objects)
-                if raw is None:
-                    continue
+                if raw is None or raw[-1] & REFERENCED:
+                    continue                      # gone, or already marked: no write
                 roff, size, creator, stamp, csum, state, flags = _unpack_rec(raw)
-                if roff == off and state == SEALED and not flags & PINNED and now - stamp > TOUCH_NS:
-                    txn.delete(_pack64(stamp) + key, db=d.lru)
-                    txn.put(_pack64(now) + key, b"", db=d.lru)
-                    txn.put(key, _pack_rec(roff, size, creator, now, csum, state, flags), db=d.objects)
+                if roff == off and state == SEALED:
+                    txn.put(key, _pack_rec(roff, size, creator, stamp, csum, state, flags | REFERENCED),
+                            db=d.objects)
+
+    # ---- hooks for the eviction policy --------------------------------------------------
+    def record(self, txn, key):
+        raw = txn.get(key, db=self.dbs.objects)
+        return None if raw is None else _unpack_rec(raw)
+
+    @staticmethod
+    def is_referenced(rec):
+        return bool(rec[6] & REFERENCED)
+
+    def second_chance(self, txn, key, rec):
+        """Clear REFERENCED and move the object to the young end of the lru table."""
+        off, size, creator, _, csum, state, flags = rec
+        now = time.monotonic_ns()
+        txn.put(key, _pack_rec(off, size, creator, now, csum, state, flags & ~REFERENCED), db=self.dbs.objects)
+        txn.put(_pack64(now) + key, b"", db=self.dbs.lru)
 
     def lookup(self, key):
         """The record of a key as a tuple, or None (read-only, no hold)."""
@@ -394,7 +403,7 @@ class Index:
         with self.env.begin(write=True) as txn:
             used = _LE64.unpack(self.meta(txn, "used"))[0]
             if used > target_used:
-                for key, rec in self.policy.victims(txn, self.dbs, _unpack_rec):
+                for key, rec in self.policy.victims(txn, self.dbs, self):
                     self._drop(txn, key, rec, lru_done=True)
                     n += 1
                     used = _LE64.unpack(self.meta(txn, "used"))[0]
