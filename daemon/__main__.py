@@ -20,7 +20,7 @@ def build_parser():
     p.add_argument("--config", help="TOML file with any of the fields below (flags win over it)")
     p.add_argument("--socket", help="unix socket path clients connect to (default /tmp/kvstore.sock)")
     p.add_argument("--size", help="segment size, e.g. 2GiB (default 1GiB)")
-    p.add_argument("--data-dir", dest="data_dir", help="directory of the LMDB index (default /tmp/kvstore-data)")
+    p.add_argument("--data-dir", dest="data_dir", help="directory of the LMDB index, best on tmpfs (default /dev/shm/kvstore-data)")
     p.add_argument("--hugepages", choices=("auto", "require", "off"),
                    help="segment backing: huge pages if possible (auto), only huge pages, or /dev/shm")
     p.add_argument("--reserve-hugepages", dest="reserve_hugepages", action="store_const", const=True,

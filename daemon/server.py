@@ -70,6 +70,12 @@ class Daemon:
         except BaseException:
             self._close_resources()
             raise
+        fstype = _fs_type(self.cfg.data_dir)
+        if fstype not in ("tmpfs", "ramfs"):
+            log.warning("data dir %s is on %s: the index is write-mapped, so kernel writeback adds "
+                        "millisecond stalls to gets and puts; it needs to outlive processes, not "
+                        "reboots, so a tmpfs dir (e.g. /dev/shm/kvstore-data) serves better",
+                        self.cfg.data_dir, fstype)
         log.info("ready: serving on %s (pid %d, %s segment of %d bytes, data dir %s)",
                  self.cfg.socket, os.getpid(), self.segment.backing, self.segment.size,
                  self.cfg.data_dir)
@@ -384,6 +390,21 @@ class Daemon:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _fs_type(path):
+    """File system type of the mount holding path (longest mount-point prefix)."""
+    real, best, kind = os.path.realpath(path), "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mnt = parts[1]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
 
 
 def _safe_peer_pid(sock):

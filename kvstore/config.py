@@ -105,7 +105,9 @@ class Config:
 
     socket: str = "/tmp/kvstore.sock"
     size: int = 1 << 30
-    data_dir: str = "/tmp/kvstore-data"
+    #: holds the LMDB index; tmpfs is best: the index need only outlive processes, not
+    #: reboots (the segment does not survive one either), and disk writeback stalls it
+    data_dir: str = "/dev/shm/kvstore-data"
     #: auto: huge pages when they can be had, else /dev/shm; require: fail without them; off
     hugepages: str = "auto"
     #: as root, raise vm.nr_hugepages and mount hugetlbfs_dir when needed

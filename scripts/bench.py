@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kvstore.client import Client  # noqa: E402
 
+ROUNDS = 3
 SIZES = [(4 << 10, "4 KiB"), (64 << 10, "64 KiB"), (1 << 20, "1 MiB"), (16 << 20, "16 MiB")]
 
 
@@ -51,7 +52,7 @@ def timed(fn, items):
 
 
 def start_daemon(size, hugepages):
-    tmp = tempfile.mkdtemp(prefix="kvbench-")
+    tmp = tempfile.mkdtemp(prefix="kvbench-", dir="/dev/shm")   # the index on tmpfs, as advised
     sock = os.path.join(tmp, "kv.sock")
     args = [sys.executable, "-m", "kvstore.daemon", "--socket", sock, "--size", size,
             "--data-dir", os.path.join(tmp, "data"), "--discard-on-exit", "--log-level", "WARNING",
@@ -74,35 +75,35 @@ def bench_size(c, nbytes, label, count):
 
     t_put = timed(lambda k: c.put(k, payload), keys)
     rows.append(("put", t_put, nbytes))
-    t_get = timed(c.get, keys)
-    rows.append(("get (zero-copy)", t_get, None))
-    t_rel = timed(c.release, keys)
-    rows.append(("release", t_rel, None))
     dst = np.empty(nbytes, dtype=np.uint8)
 
     def get_copy(k):
         v = c.get(k)
         np.copyto(dst, np.frombuffer(v, dtype=np.uint8))
         c.release(k)
-    rows.append(("get + copy-out + release", timed(get_copy, keys), nbytes))
-    rows.append(("contains", timed(c.contains, keys), None))
     batches = [keys[i:i + 64] for i in range(0, len(keys) - 63, 64)] or [keys[:64]]
     batches = (batches * (1 + 20 // len(batches)))[:max(20, len(batches))]
-    t_batch, t_batch_rel = [], []
+    t_get, t_rel, t_copy, t_has, t_batch, t_batch_rel = [], [], [], [], [], []
     pc = time.perf_counter
-    for b in batches:              # each batch is released before the next: no cached holds
-        t0 = pc()
-        c.get_many(b)
-        t1 = pc()
-        c.release_many(b)
-        t_batch.append(t1 - t0)
-        t_batch_rel.append(pc() - t1)
-    rows.append(("get_many(64)", t_batch, None))
-    rows.append(("release_many(64)", t_batch_rel, None))
+    for _ in range(ROUNDS):        # read-side figures: samples of several rounds pooled
+        t_get += timed(c.get, keys)
+        t_rel += timed(c.release, keys)
+        t_copy += timed(get_copy, keys)
+        t_has += timed(c.contains, keys)
+        for b in batches:          # each batch is released before the next: no cached holds
+            t0 = pc()
+            c.get_many(b)
+            t1 = pc()
+            c.release_many(b)
+            t_batch.append(t1 - t0)
+            t_batch_rel.append(pc() - t1)
+    rows += [("get (zero-copy)", t_get, None), ("release", t_rel, None),
+             ("get + copy-out + release", t_copy, nbytes), ("contains", t_has, None),
+             ("get_many(64)", t_batch, None), ("release_many(64)", t_batch_rel, None)]
     for k in keys:
         c.delete(k)
     puts_per_s = len(keys) / sum(t_put)
-    objs_per_s = 64 * len(batches) / sum(t_batch)
+    objs_per_s = 64 * len(t_batch) / sum(t_batch)
     return rows, puts_per_s, objs_per_s
 
 

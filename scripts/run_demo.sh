@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README command 1: install kvstore into .venv, start a daemon on the embedded defaults
-# (socket /tmp/kvstore.sock, 1 GiB segment, data dir /tmp/kvstore-data), run the demo
+# (socket /tmp/kvstore.sock, 1 GiB segment, data dir /dev/shm/kvstore-data), run the demo
 # put/get round against it, and stop the daemon. Extra args go to kvstore-daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
