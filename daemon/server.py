@@ -365,6 +365,8 @@ class Daemon:
         self._close_resources()
         if self.cfg.discard_on_exit and self.segment is not None:
             destroy_store(self.cfg.data_dir, self.segment.path)
+            if self.segment.reserved_pages:
+                segment.unreserve_huge_pages(self.segment.reserved_pages)
             log.info("stopped; segment and index discarded (discard_on_exit)")
         else:
             log.info("stopped; %s and the index in %s are kept for the next start",

@@ -51,8 +51,10 @@ def _is_hugetlbfs(path):
 class Segment:
     """An open segment: ``fd``, ``size`` (bytes), ``backing`` and ``path``."""
 
-    def __init__(self, fd, size, backing, path, reused):
+    def __init__(self, fd, size, backing, path, reused, reserved_pages=0):
         self.fd, self.size, self.backing, self.path, self.reused = fd, size, backing, path, reused
+        #: huge pages this process added to vm.nr_hugepages for the segment
+        self.reserved_pages = reserved_pages
 
     def close(self):
         if self.fd >= 0:
@@ -60,9 +62,13 @@ class Segment:
             self.fd = -1
 
     def destroy(self):
-        """Close and remove the backing file, giving its memory back."""
+        """Close and remove the backing file, giving its memory back (and the huge
+        pages this process reserved for it back to the kernel)."""
         self.close()
         remove(self.path)
+        if self.reserved_pages:
+            unreserve_huge_pages(self.reserved_pages)
+            self.reserved_pages = 0
 
     def map(self, writable):
         """Map the whole segment, page tables populated up front (no faults on hot paths)."""
@@ -85,29 +91,44 @@ def _huge_page_size():
     return meminfo().get("Hugepagesize", 2 << 20)
 
 
+def unreserve_huge_pages(pages):
+    try:
+        total = meminfo().get("HugePages_Total", 0)
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(max(0, total - pages)))
+        log.info("gave back %d huge pages: vm.nr_hugepages %d -> %d", pages, total, max(0, total - pages))
+    except OSError as e:
+        log.warning("could not give back %d huge pages: %s", pages, e.strerror)
+
+
 def _reserve_huge_pages(cfg, pages_needed):
-    """Make sure pages_needed free huge pages exist; reserve more if allowed. -> reason or None."""
+    """Make sure pages_needed free huge pages exist; reserve more if allowed.
+    -> (reason or None, pages added to vm.nr_hugepages)"""
     info = meminfo()
     free = info.get("HugePages_Free", 0)
     if free >= pages_needed:
-        return None
+        return None, 0
     if not cfg.reserve_hugepages:
         return (f"{free} free huge pages, {pages_needed} needed, and reserve_hugepages is off "
-                f"(set it, or echo N > /proc/sys/vm/nr_hugepages as root)")
+                f"(set it, or echo N > /proc/sys/vm/nr_hugepages as root)"), 0
     if os.geteuid() != 0:
-        return "reserve_hugepages is on but the daemon is not root"
+        return "reserve_hugepages is on but the daemon is not root", 0
     total = info.get("HugePages_Total", 0)
     want = total + pages_needed - free
     try:
         with open("/proc/sys/vm/nr_hugepages", "w") as f:
             f.write(str(want))
     except OSError as e:
-        return f"cannot raise vm.nr_hugepages to {want}: {e.strerror}"
-    got = meminfo().get("HugePages_Free", 0)
+        return f"cannot raise vm.nr_hugepages to {want}: {e.strerror}", 0
+    after = meminfo()
+    added = max(0, after.get("HugePages_Total", 0) - total)
+    got = after.get("HugePages_Free", 0)
     if got < pages_needed:
-        return f"asked the kernel for {want} huge pages, only {got} free (memory fragmented?)"
+        if added:
+            unreserve_huge_pages(added)
+        return f"asked the kernel for {want} huge pages, only {got} free (memory fragmented?)", 0
     log.info("reserved huge pages: vm.nr_hugepages %d -> %d", total, want)
-    return None
+    return None, added
 
 
 def _ensure_hugetlbfs(cfg):
@@ -139,7 +160,10 @@ def _open_huge(cfg, name, size):
         return None, "hugepages = off"
     hp = _huge_page_size()
     size = (size + hp - 1) // hp * hp
-    reason = _ensure_hugetlbfs(cfg) or _reserve_huge_pages(cfg, size // hp)
+    reason = _ensure_hugetlbfs(cfg)
+    if reason:
+        return None, reason
+    reason, added = _reserve_huge_pages(cfg, size // hp)
     if reason:
         return None, reason
     path = os.path.join(cfg.hugetlbfs_dir, name + ".seg")
@@ -153,8 +177,10 @@ def _open_huge(cfg, name, size):
     except OSError as e:
         os.close(fd)
         os.unlink(path)
+        if added:
+            unreserve_huge_pages(added)
         return None, f"cannot allocate {size} bytes of huge pages in {path}: {e.strerror}"
-    return Segment(fd, size, "hugetlbfs", path, reused=False), None
+    return Segment(fd, size, "hugetlbfs", path, reused=False, reserved_pages=added), None
 
 
 def check_memory(cfg, name):

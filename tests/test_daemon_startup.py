@@ -458,3 +458,34 @@ def test_hugepages_require_without_huge_pages_refuses(run_refused, tmp_path):
     assert_one_line_refusal(r, 1, "huge pages", str(plain))
     assert not os.path.exists(tmp_path / "s.sock")
     assert os.listdir(plain) == []
+
+
+def test_huge_pages_reserved_by_the_daemon_are_given_back_on_discard(make_daemon, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("reserving huge pages and mounting hugetlbfs needs root")
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        nr_before = int(f.read())
+    free_before = meminfo()["HugePages_Free"]
+    mnt = tmp_path / "hugetlbfs"
+    d = make_daemon(extra=["--hugepages", "require", "--reserve-hugepages", "--hugetlbfs-dir", str(mnt),
+                           "--discard-on-exit"], start=False)
+    try:
+        try:
+            d.start()
+        except RuntimeError:
+            pytest.skip(f"the kernel refused huge pages: {d.read_log()[-300:]}")
+        if free_before < 32:      # the daemon had to reserve them itself
+            assert "reserved huge pages" in d.read_log()
+            with open("/proc/sys/vm/nr_hugepages") as f:
+                assert int(f.read()) > nr_before
+        assert stats(d)["backing"] == "hugetlbfs"
+        assert d.stop() == 0
+        with open("/proc/sys/vm/nr_hugepages") as f:
+            assert int(f.read()) == nr_before
+        assert "gave back" in d.read_log()
+    finally:
+        d.destroy()
+        if is_mounted(mnt):
+            subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(nr_before))
