@@ -33,8 +33,8 @@ from types import SimpleNamespace
 import lmdb
 
 from . import allocator
-from .errors import (AlreadySealed, IndexFull, NotCreator, ObjectNotFound, StoreFull,
-                     StoreUnavailable)
+from .errors import (AlreadySealed, IndexFull, KVStoreError, NotCreator, ObjectNotFound,
+                     StoreFull, StoreUnavailable)
 from .eviction import ClockPolicy
 
 SCHEMA = 1
@@ -73,6 +73,39 @@ def pid_start_time(pid):
     return int(stat.rsplit(b")", 1)[1].split()[19])
 
 
+_INDEX_FULL = "the index is full; restart the daemon with a larger index_map_size"
+
+
+class _Write:
+    """A write transaction whose LMDB failures come out as kvstore's typed errors
+    (a class, not contextlib: this is on every hot path)."""
+
+    __slots__ = ("env", "txn")
+
+    def __init__(self, env):
+        self.env = env
+
+    def __enter__(self):
+        self.txn = self.env.begin(write=True)
+        return self.txn
+
+    def __exit__(self, etype, exc, tb):
+        try:
+            if etype is None:
+                self.txn.commit()
+                return False
+            self.txn.abort()
+        except lmdb.MapFullError:
+            raise IndexFull(_INDEX_FULL) from None
+        except lmdb.Error as e:
+            raise KVStoreError(f"index error: {e}; restart the daemon if it persists") from None
+        if issubclass(etype, lmdb.MapFullError):
+            raise IndexFull(_INDEX_FULL) from None
+        if issubclass(etype, lmdb.Error):
+            raise KVStoreError(f"index error: {exc}; restart the daemon if it persists") from None
+        return False
+
+
 class Index:
     """One process's handle on the index. Not fork-safe: open a new one in a child."""
 
@@ -85,7 +118,7 @@ class Index:
         except lmdb.Error as e:
             raise StoreUnavailable(f"cannot open the index at {path}: {e}") from None
         if create:
-            with self.env.begin(write=True) as txn:
+            with _Write(self.env) as txn:
                 handles = {n: self.env.open_db(n.encode(), txn=txn, create=True) for n in _TABLES}
         else:
             handles = {n: self.env.open_db(n.encode(), create=False) for n in _TABLES}
@@ -107,7 +140,7 @@ class Index:
 
     def init_fresh(self, segment_size, segment_id, segment_path):
         """Forget everything and describe an empty segment."""
-        with self.env.begin(write=True) as txn:
+        with _Write(self.env) as txn:
             for name in _TABLES:
                 txn.drop(getattr(self.dbs, name), delete=False)
             m = self.dbs.meta
@@ -146,7 +179,7 @@ class Index:
 
     # ---- clients ----------------------------------------------------------------------
     def register_client(self, pid, namespace=""):
-        with self.env.begin(write=True) as txn:
+        with _Write(self.env) as txn:
             (cid,) = _LE64.unpack(txn.get(b"next_cid", db=self.dbs.meta))
             txn.put(b"next_cid", _LE64.pack(cid + 1), db=self.dbs.meta)
             info = {"pid": pid, "start": pid_start_time(pid), "namespace": namespace}
@@ -164,7 +197,7 @@ class Index:
         Returns (holds released, creations reclaimed).
         """
         d, prefix = self.dbs, _pack64(cid)
-        with self.env.begin(write=True) as txn:
+        with _Write(self.env) as txn:
             held = []
             for off8, cids in txn.cursor(db=d.holders):
                 if _without(cids, prefix) is not None:
@@ -249,37 +282,40 @@ class Index:
         same transaction: it becomes visible complete or not at all.
         """
         d = self.dbs
-        try:
-            with self.env.begin(write=True) as txn:
-                raw = txn.get(key, db=d.objects)
-                if raw is not None:
-                    return None, _unpack_rec(raw)[5]
-                off = self._allocate(txn, allocator.extent_size(nbytes))
-                flags = PINNED if pinned else 0
-                if sealed_data is None:
-                    txn.put(key, _pack_rec(off, nbytes, cid, 0, 0, CREATING, flags), db=d.objects)
-                    txn.put(_pack64(cid) + key, b"", db=d.creating)
-                else:
-                    sealed_data(off)
-                    stamp = time.monotonic_ns()
-                    txn.put(key, _pack_rec(off, nbytes, cid, stamp, 0, SEALED, flags), db=d.objects)
-                    if not pinned:
-                        txn.put(_pack64(stamp) + key, b"", db=d.lru)
-                return off, None
-        except lmdb.MapFullError:
-            raise IndexFull("the index is full; restart the daemon with a larger index_map_size") from None
+        with _Write(self.env) as txn:
+            raw = txn.get(key, db=d.objects)
+            if raw is not None:
+                return None, _unpack_rec(raw)[5]
+            off = self._allocate(txn, allocator.extent_size(nbytes))
+            flags = PINNED if pinned else 0
+            if sealed_data is None:
+                txn.put(key, _pack_rec(off, nbytes, cid, 0, 0, CREATING, flags), db=d.objects)
+                txn.put(_pack64(cid) + key, b"", db=d.creating)
+            else:
+                sealed_data(off)
+                stamp = time.monotonic_ns()
+                txn.put(key, _pack_rec(off, nbytes, cid, stamp, 0, SEALED, flags), db=d.objects)
+                if not pinned:
+                    txn.put(_pack64(stamp) + key, b"", db=d.lru)
+            return off, None
+
+    def _own_creation(self, txn, cid, key, op):
+        """The record of an object this client is creating, or the error saying why not."""
+        raw = txn.get(key, db=self.dbs.objects)
+        if raw is None:
+            raise ObjectNotFound(f"{op} of {key!r}: no such object; create() it first")
+        rec = _unpack_rec(raw)
+        if rec[5] == SEALED:
+            hint = "seal each object once" if op == "seal" else "use delete() instead"
+            raise AlreadySealed(f"{op} of {key!r}: already sealed; {hint}")
+        if rec[2] != cid:
+            raise NotCreator(f"{op} of {key!r}: another client is creating it; only its creator may {op} it")
+        return rec
 
     def seal(self, cid, key):
         d = self.dbs
-        with self.env.begin(write=True) as txn:
-            raw = txn.get(key, db=d.objects)
-            if raw is None:
-                raise ObjectNotFound(f"seal of {key!r}: no such object; create() it first")
-            off, size, creator, _, csum, state, flags = _unpack_rec(raw)
-            if state == SEALED:
-                raise AlreadySealed(f"seal of {key!r}: already sealed; seal each object once")
-            if creator != cid:
-                raise NotCreator(f"seal of {key!r}: another client is creating it; only its creator may seal it")
+        with _Write(self.env) as txn:
+            off, size, creator, _, csum, _, flags = self._own_creation(txn, cid, key, "seal")
             stamp = time.monotonic_ns()
             txn.put(key, _pack_rec(off, size, creator, stamp, csum, SEALED, flags), db=d.objects)
             txn.delete(_pack64(cid) + key, db=d.creating)
@@ -287,17 +323,9 @@ class Index:
                 txn.put(_pack64(stamp) + key, b"", db=d.lru)
 
     def abort(self, cid, key):
-        d = self.dbs
-        with self.env.begin(write=True) as txn:
-            raw = txn.get(key, db=d.objects)
-            if raw is None:
-                raise ObjectNotFound(f"abort of {key!r}: no such object")
-            rec = _unpack_rec(raw)
-            if rec[5] == SEALED:
-                raise AlreadySealed(f"abort of {key!r}: already sealed; use delete() instead")
-            if rec[2] != cid:
-                raise NotCreator(f"abort of {key!r}: another client is creating it")
-            txn.delete(_pack64(cid) + key, db=d.creating)
+        with _Write(self.env) as txn:
+            rec = self._own_creation(txn, cid, key, "abort")
+            txn.delete(_pack64(cid) + key, db=self.dbs.creating)
             self._drop(txn, key, rec)
 
     def acquire(self, cid, keys):
@@ -307,7 +335,7 @@ class Index:
         cid8 = _pack64(cid)
         out = []
         append = out.append
-        with self.env.begin(write=True) as txn:
+        with _Write(self.env) as txn:
             get, put = txn.get, txn.put
             for key in keys:
                 raw = get(key, db=objects)
@@ -328,7 +356,7 @@ class Index:
         """Drop this client's hold on each (key, offset) and mark the object recently used."""
         d = self.dbs
         cid8 = _pack64(cid)
-        with self.env.begin(write=True) as txn:
+        with _Write(self.env) as txn:
             for key, off in items:
                 if not self._unhold(txn, _pack64(off), cid8):
                     continue
@@ -369,7 +397,7 @@ class Index:
 
     def delete(self, key):
         """Delete a sealed object (deferred to the last release if held). False if none."""
-        with self.env.begin(write=True) as txn:
+        with _Write(self.env) as txn:
             raw = txn.get(key, db=self.dbs.objects)
             if raw is None:
                 return False
@@ -381,7 +409,7 @@ class Index:
 
     def set_pinned(self, key, pinned):
         d = self.dbs
-        with self.env.begin(write=True) as txn:
+        with _Write(self.env) as txn:
             raw = txn.get(key, db=d.objects)
             if raw is None:
                 raise ObjectNotFound(f"pin of {key!r}: no such object")
@@ -400,7 +428,7 @@ class Index:
     def evict_to(self, target_used, max_objects=256):
         """Evict LRU objects until used <= target_used; returns (evicted, used after)."""
         n = 0
-        with self.env.begin(write=True) as txn:
+        with _Write(self.env) as txn:
             used = _LE64.unpack(self.meta(txn, "used"))[0]
             if used > target_used:
                 for key, rec in self.policy.victims(txn, self.dbs, self):

@@ -93,3 +93,17 @@ def test_daemon_sweeps_between_watermarks(make_daemon):
         wait_for(lambda: c.stats()["used"] <= 4 * MiB, what="sweep to the low watermark")
         assert c.stats()["used"] > 2 * MiB       # it stopped at the low watermark
         assert not c.contains("w0") and c.contains("w9")   # oldest went first
+
+
+def test_full_index_is_a_typed_error_and_changes_nothing(make_daemon):
+    from kvstore.errors import IndexFull
+    d = make_daemon(size="64MiB", extra=("--index-map-size", "1MiB"))
+    with d.client() as c:
+        n = 0
+        with pytest.raises(IndexFull, match="index_map_size"):
+            for n in range(100000):
+                c.put(b"%0250d" % n, b"v")
+        assert n > 100
+        assert c.contains(b"%0250d" % (n - 1)) and not c.contains(b"%0250d" % n)
+        assert bytes(c.get(b"%0250d" % 0)) == b"v"
+        assert c._index.check() == []
