@@ -37,33 +37,49 @@ ONE_TXN_PUT = 256 << 10
 _LIVE = weakref.WeakSet()
 _FORK_ORPHANS = []  # LMDB handles inherited by fork children: never closed there
 # LMDB allows one handle per environment per process: clients of one daemon share it.
-_INDEXES = {}       # index path -> [Index, number of clients using it]
+# An entry is tied to the store (segment id) it was opened for: when a daemon starts a
+# fresh store on the same data dir, the old entry's clients are closed, not reused.
+_INDEXES = {}       # index path -> _IndexEntry
 _INDEXES_LOCK = threading.Lock()
 
 
-def _open_index(path, map_size, max_readers):
+class _IndexEntry:
+    def __init__(self, index, segment_id):
+        self.index, self.segment_id, self.users = index, segment_id, weakref.WeakSet()
+
+
+def _open_index(client, path, map_size, max_readers, segment_id):
     with _INDEXES_LOCK:
         entry = _INDEXES.get(path)
+        if entry is not None and entry.segment_id != segment_id:
+            for c in list(entry.users):      # clients of a store that no longer exists
+                c._closed_why = "its daemon started a fresh store"
+            del _INDEXES[path]
+            entry.index.close()
+            entry = None
         if entry is None:
-            entry = _INDEXES[path] = [Index(path, map_size, create=False, max_readers=max_readers), 0]
-        entry[1] += 1
-        return entry[0]
+            index = Index(path, map_size, create=False, max_readers=max_readers)
+            if index.segment_id() != segment_id:
+                index.close()
+                raise StoreUnavailable(f"the index at {path} does not describe the daemon's segment; "
+                                       f"is a second daemon using that data dir?")
+            entry = _INDEXES[path] = _IndexEntry(index, segment_id)
+        entry.users.add(client)
+        return entry
 
 
-def _close_index(path):
+def _close_index(client, entry):
     with _INDEXES_LOCK:
-        entry = _INDEXES.get(path)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del _INDEXES[path]
-                entry[0].close()
+        entry.users.discard(client)
+        if not entry.users and _INDEXES.get(entry.index.env.path()) is entry:
+            del _INDEXES[entry.index.env.path()]
+            entry.index.close()
 
 
 def _after_fork_in_child():
     for c in list(_LIVE):
         c._orphan_after_fork()
-    _FORK_ORPHANS.extend(e[0] for e in _INDEXES.values())
+    _FORK_ORPHANS.extend(e.index for e in _INDEXES.values())
     _INDEXES.clear()
 
 
@@ -131,8 +147,15 @@ class Client:
             self._ro = seg.map(writable=False)
         finally:
             os.close(fd)
-        self._index_path = body["index_path"]
-        self._index = _open_index(self._index_path, body["index_map_size"], body["max_readers"])
+        try:
+            self._entry = _open_index(self, body["index_path"], body["index_map_size"],
+                                      body["max_readers"], body["segment_id"])
+        except BaseException:
+            self._rw.close()
+            self._ro.close()
+            sock.close()
+            raise
+        self._index = self._entry.index
         self._rw_view = memoryview(self._rw)
         self._ro_view = memoryview(self._ro)
         base = np.frombuffer(self._ro, dtype=np.uint8).ctypes.data
@@ -152,6 +175,10 @@ class Client:
     def _orphan_after_fork(self):
         if self._closed_why is None:
             self._closed_why = f"it was created in process {self._pid} before a fork"
+            try:
+                self._sock.close()       # only the child's copy: the daemon must see the parent's EOF
+            except OSError:
+                pass
 
 
     def close(self):
@@ -171,9 +198,8 @@ class Client:
             finally:
                 self._held.clear()
                 self._creating.clear()
-                buffers.unregister_readonly_range(*self._ro_range)
                 self._sock.close()
-                _close_index(self._index_path)
+                _close_index(self, self._entry)
 
     def __enter__(self):
         return self

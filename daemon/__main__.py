@@ -10,7 +10,7 @@ import logging
 import sys
 
 from kvstore.config import FIELDS, load_config
-from kvstore.errors import ConfigError, DaemonStartError
+from kvstore.errors import ConfigError, DaemonStartError, KVStoreError
 
 
 def build_parser():
@@ -56,7 +56,7 @@ def main(argv=None):
             print(f"kvstore-daemon: removed the store in {cfg.data_dir}", file=sys.stderr)
             return 0
         Daemon(cfg).run()
-    except DaemonStartError as e:
+    except (DaemonStartError, KVStoreError, OSError) as e:
         print(f"kvstore-daemon: cannot start: {e}", file=sys.stderr)
         return 1
     return 0

@@ -52,14 +52,19 @@ class Daemon:
     def __init__(self, cfg):
         self.cfg = cfg
         self.index_path = os.path.join(cfg.data_dir, "index")
+        #: index and segment files admit whoever the socket admits (0600 -> 0600, 0660 -> 0660)
+        self.file_mode = int(cfg.socket_mode, 8) & 0o666
         self.segment = self.index = self.listener = self._lock_fd = None
         self.selector = selectors.DefaultSelector()
         self.conns = {}
         self.stopping = False
         self.started = time.monotonic()
+        self._paused_accept = 0.0
+        self._last_duty_error = 0.0
 
     # ---- start-up ---------------------------------------------------------------------
     def start(self):
+        _raise_fd_limit(self.cfg.max_clients + MAX_HANDSHAKING + 64)
         try:
             self._check_data_dir()
             self._check_socket()
@@ -114,19 +119,27 @@ class Daemon:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
-        except OSError:
+        except ConnectionRefusedError:
             os.unlink(path)
             log.info("removed stale socket %s left by a dead daemon", path)
             return
+        except OSError as e:
+            raise DaemonStartError(f"socket {path} exists and does not answer like a dead one "
+                                   f"({e.strerror or e}); is a daemon still using it?") from None
         finally:
             probe.close()
         raise DaemonStartError(f"socket {path} belongs to a live daemon; stop it or choose another --socket")
 
     def _open_index(self):
         map_size = self.cfg.index_map_bytes()
-        os.makedirs(self.index_path, exist_ok=True)
-        self.index = Index(self.index_path, map_size, create=True,
-                           max_readers=self.cfg.max_clients + 64)
+        try:
+            os.makedirs(self.index_path, exist_ok=True)
+            self.index = Index(self.index_path, map_size, create=True,
+                               max_readers=self.cfg.max_clients + 64, mode=self.file_mode)
+        except (OSError, KVStoreError) as e:
+            raise DaemonStartError(f"cannot open the index in {self.index_path} ({e}); "
+                                   f"move it away or run kvstore-daemon --destroy --data-dir "
+                                   f"{self.cfg.data_dir}") from None
         map_size = self.index.env.info()["map_size"]
         # Reserve the index's disk space now: with LMDB's writemap a full disk would
         # otherwise surface as SIGBUS at run time instead of a clear error here.
@@ -153,10 +166,15 @@ class Daemon:
                 seg.destroy()
             else:
                 self.segment = seg
+                self.segment_id = seg_id
                 self._recover(seg_id)
                 return
-        self.segment = segment.create(self.cfg, name)
-        self.index.init_fresh(self.segment.size, uuid.uuid4().hex, self.segment.path)
+        self._fresh(segment.create(self.cfg, name, self.file_mode))
+
+    def _fresh(self, seg):
+        self.segment = seg
+        self.segment_id = uuid.uuid4().hex
+        self.index.init_fresh(seg.size, self.segment_id, seg.path)
 
     def _recover(self, seg_id):
         t0 = time.monotonic()
@@ -169,7 +187,7 @@ class Daemon:
         problems = self.index.check()
         if problems:
             log.error("index of segment %s is inconsistent (%s); starting empty", seg_id, problems[0])
-            self.index.init_fresh(self.segment.size, uuid.uuid4().hex, self.segment.path)
+            self._fresh(self.segment)
             return
         log.info("recovered %d objects (%d bytes) from %s in %.3f s; cleaned up after %d dead clients",
                  st["objects"], st["used"], self.segment.path, time.monotonic() - t0, dropped)
@@ -218,17 +236,36 @@ class Daemon:
                     self._accept()
                 else:
                     self._service(key.data, events)
-            self._sweep_watermark()
             now = time.monotonic()
+            if self._paused_accept and now >= self._paused_accept:
+                self._paused_accept = 0.0
+                self.selector.register(self.listener, selectors.EVENT_READ, None)
+            self._duty(self._sweep_watermark)
             if now >= next_liveness:
                 next_liveness = now + LIVENESS_EVERY
-                self._check_liveness(now)
+                self._duty(self._check_liveness, now)
+
+    def _duty(self, fn, *args):
+        """Run a background duty; a failure is logged (once a minute), never fatal."""
+        try:
+            fn(*args)
+        except Exception as e:
+            now = time.monotonic()
+            if now - self._last_duty_error > 60:
+                self._last_duty_error = now
+                log.error("%s failed: %s (the daemon keeps serving)", fn.__name__.strip("_"), e)
 
     def _accept(self):
         for _ in range(64):       # drain the backlog, a bounded batch per wake-up
             try:
                 sock, _ = self.listener.accept()
-            except OSError:       # EAGAIN: drained; EMFILE: out of fds, try next tick
+            except BlockingIOError:
+                return
+            except OSError as e:  # EMFILE/ENFILE: out of fds; stop accepting for a moment
+                if e.errno in (errno.EMFILE, errno.ENFILE) and not self._paused_accept:
+                    log.warning("out of file descriptors; pausing accept for 0.1 s")
+                    self.selector.unregister(self.listener)
+                    self._paused_accept = time.monotonic() + 0.1
                 return
             if len(self.conns) >= self.cfg.max_clients + MAX_HANDSHAKING:
                 sock.close()      # a connection flood must not exhaust the daemon's fds
@@ -261,6 +298,11 @@ class Daemon:
             self._close(conn, "protocol error")
         except KVStoreError as e:
             self._send(conn, protocol.error(e))
+        except OSError as e:            # the peer went away mid-reply (e.g. during send_fds)
+            self._close(conn, f"gone mid-reply ({e.strerror or e})")
+        except Exception:               # a bug of ours: drop this peer, keep serving the rest
+            log.exception("internal error serving pid %s; dropping that connection", conn.pid)
+            self._close(conn, "internal error")
 
     def _handle(self, conn, mtype, body):
         if mtype == protocol.HELLO:
@@ -272,7 +314,7 @@ class Daemon:
             conn.pid = _peer_pid(conn.sock)
             conn.cid = self.index.register_client(conn.pid, namespace)
             frame = protocol.welcome(conn.cid, self.segment.size, self.segment.backing, self.index_path,
-                                     self.index_map_size, self.cfg.max_clients + 64)
+                                     self.index_map_size, self.cfg.max_clients + 64, self.segment_id)
             socket.send_fds(conn.sock, [frame], [self.segment.fd])
             log.debug("client %d (pid %d) connected", conn.cid, conn.pid)
         elif conn.cid is None:
@@ -345,12 +387,17 @@ class Daemon:
         for conn in list(self.conns.values()):
             if conn.cid is None and now - conn.opened > HANDSHAKE_TIMEOUT:
                 self._close(conn, "no HELLO in time")
-        connected = {c.cid for c in self.conns.values()}
+        by_cid = {c.cid: c for c in self.conns.values() if c.cid is not None}
         for cid, info in self.index.clients().items():
-            if cid not in connected and pid_start_time(info["pid"]) != info["start"]:
-                holds, creations = self.index.drop_client(cid)
-                log.info("client %d (pid %d) is gone: released %d holds, reclaimed %d unsealed objects",
-                         cid, info["pid"], holds, creations)
+            if pid_start_time(info["pid"]) == info["start"]:
+                continue
+            conn = by_cid.get(cid)
+            if conn is not None:        # its process died but a child inherited the socket
+                self._close(conn, "died (its socket lives on in a child)")
+                continue
+            holds, creations = self.index.drop_client(cid)
+            log.info("client %d (pid %d) is gone: released %d holds, reclaimed %d unsealed objects",
+                     cid, info["pid"], holds, creations)
         try:
             self.index.env.reader_check()
         except Exception:  # reader_check is advisory; never let it stop the daemon
@@ -394,6 +441,19 @@ class Daemon:
             self._lock_fd = None
 
 
+def _raise_fd_limit(want):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError):
+            pass
+        if new < want:
+            log.warning("file descriptor limit %d is below the %d that max_clients needs", new, want)
+
+
 def _fs_type(path):
     """File system type of the mount holding path (longest mount-point prefix)."""
     real, best, kind = os.path.realpath(path), "", "unknown"
@@ -430,12 +490,19 @@ def destroy_store(data_dir, segment_path=None):
             os.close(fd)
     index_path = os.path.join(data_dir, "index")
     if segment_path is None and os.path.exists(os.path.join(index_path, "data.mdb")):
-        idx = Index(index_path, 1 << 20)
-        desc = idx.describe()
-        idx.close()
-        segment_path = desc[3] if desc else None
+        try:
+            idx = Index(index_path, 1 << 20)
+            desc = idx.describe()
+            idx.close()
+            segment_path = desc[3] if desc else None
+        except (KVStoreError, OSError):
+            segment_path = None           # an unreadable index: fall back to the default names
     if segment_path:
         segment.remove(segment_path)
+    else:
+        name = segment.segment_name(data_dir)
+        segment.remove("/dev/shm/" + name)
+        segment.remove(os.path.join("/dev/hugepages", name + ".seg"))
     shutil.rmtree(index_path, ignore_errors=True)
     try:
         os.unlink(lock)

@@ -109,9 +109,9 @@ class _Write:
 class Index:
     """One process's handle on the index. Not fork-safe: open a new one in a child."""
 
-    def __init__(self, path, map_size, create=False, max_readers=1024):
+    def __init__(self, path, map_size, create=False, max_readers=1024, mode=0o600):
         try:
-            self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=len(_TABLES),
+            self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=len(_TABLES), mode=mode,
                                  max_readers=max_readers, sync=False, metasync=False,
                                  writemap=True, map_async=False, readahead=False,
                                  meminit=False, create=create, lock=True)
@@ -151,6 +151,11 @@ class Index:
             txn.put(b"segment_id", segment_id.encode(), db=m)
             txn.put(b"segment_path", segment_path.encode(), db=m)
             allocator.init(txn, self.dbs, segment_size)
+
+    def segment_id(self):
+        with self.env.begin() as txn:
+            raw = self.meta(txn, "segment_id")
+        return None if raw is None else raw.decode()
 
     def describe(self):
         """(schema, segment size, segment id, segment path) recorded, or None if fresh."""

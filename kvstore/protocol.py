@@ -40,7 +40,7 @@ def decode_payload(mtype, payload):
         raise ProtocolError(f"unknown message type {mtype}; is this a kvstore client?")
     try:
         body = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("payload is not UTF-8 JSON; is this a kvstore client?") from None
     if not isinstance(body, dict):
         raise ProtocolError("payload is not a JSON object; is this a kvstore client?")
@@ -95,10 +95,10 @@ def read_hello(body):
     return pid, ns
 
 
-def welcome(cid, segment_size, backing, index_path, index_map_size, max_readers):
+def welcome(cid, segment_size, backing, index_path, index_map_size, max_readers, segment_id):
     return encode(WELCOME, {"cid": cid, "segment_size": segment_size, "backing": backing,
                             "index_path": index_path, "index_map_size": index_map_size,
-                            "max_readers": max_readers})
+                            "max_readers": max_readers, "segment_id": segment_id})
 
 
 def error(exc):

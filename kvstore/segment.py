@@ -154,7 +154,7 @@ def _prefault(fd, size, what):
         raise DaemonStartError(f"cannot pre-fault {size} bytes of {what}: {e.strerror}") from None
 
 
-def _open_huge(cfg, name, size):
+def _open_huge(cfg, name, size, mode):
     """Create a hugetlbfs segment file; returns (Segment, None) or (None, reason)."""
     if cfg.hugepages == "off":
         return None, "hugepages = off"
@@ -168,7 +168,8 @@ def _open_huge(cfg, name, size):
         return None, reason
     path = os.path.join(cfg.hugetlbfs_dir, name + ".seg")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+        os.fchmod(fd, mode)
     except OSError as e:
         return None, f"cannot create {path}: {e.strerror}"
     try:
@@ -198,13 +199,14 @@ def check_memory(cfg, name):
                                f"start with a smaller --size")
 
 
-def _open_shm(name, size):
+def _open_shm(name, size, mode):
     avail = meminfo().get("MemAvailable", 0)
     if size > avail:
         raise DaemonStartError(
             f"size {size} bytes exceeds available memory ({avail} bytes); start with a smaller --size")
     try:
-        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=size)
+        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=mode, size=size)
+        os.fchmod(shm.fd, mode)
     except posix_ipc.Error as e:
         raise DaemonStartError(f"cannot create shared memory /dev/shm/{name}: {e}") from None
     fd = shm.fd
@@ -225,18 +227,18 @@ def reopen(path, size):
     return Segment(fd, size, backing, path, reused=True)
 
 
-def create(cfg, name):
+def create(cfg, name, mode=0o600):
     """A fresh, pre-faulted segment of at least cfg.size bytes, huge pages first."""
     for stale in (os.path.join(cfg.hugetlbfs_dir, name + ".seg"), "/dev/shm/" + name):
         if os.path.exists(stale):
             remove(stale)
-    seg, reason = _open_huge(cfg, name, cfg.size)
+    seg, reason = _open_huge(cfg, name, cfg.size, mode)
     if seg is not None:
         log.info("segment: %d bytes of huge pages in %s (pre-faulted)", seg.size, seg.path)
         return seg
     if cfg.hugepages == "require":
         raise DaemonStartError(f"huge pages are required but unavailable: {reason}")
-    seg = _open_shm(name, cfg.size)
+    seg = _open_shm(name, cfg.size, mode)
     log.info("segment: %d bytes of POSIX shared memory in %s (pre-faulted); no huge pages because %s",
              seg.size, seg.path, reason)
     return seg
