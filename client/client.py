@@ -14,6 +14,7 @@ Must never: copy on get, return a writable view of a sealed object, let a bad
 argument reach the index, or be used after fork (a child must open its own Client).
 """
 
+import mmap
 import os
 import socket
 import threading
@@ -98,6 +99,14 @@ def _connect(sock, path, timeout):
             time.sleep(0.005)
 
 
+def _entry_at(entries, off):
+    """The local hold entry [offset, size, count] at off, or None."""
+    for e in entries:
+        if e[0] == off:
+            return e
+    return None
+
+
 def _check_size(nbytes):
     if type(nbytes) is not int:
         if isinstance(nbytes, (int, np.integer)) and not isinstance(nbytes, bool):
@@ -145,6 +154,7 @@ class Client:
             seg = Segment(fd, self.segment_size, self.backing, "", reused=True)
             self._rw = seg.map(writable=True)
             self._ro = seg.map(writable=False)
+            self._cow_fd = os.dup(fd) if self.backing == "shm" else -1   # see _tensor_view
         finally:
             os.close(fd)
         try:
@@ -153,6 +163,8 @@ class Client:
         except BaseException:
             self._rw.close()
             self._ro.close()
+            if self._cow_fd >= 0:
+                os.close(self._cow_fd)
             sock.close()
             raise
         self._index = self._entry.index
@@ -160,8 +172,9 @@ class Client:
         self._ro_view = memoryview(self._ro)
         base = np.frombuffer(self._ro, dtype=np.uint8).ctypes.data
         self._ro_range = (base, base + self.segment_size)
-        buffers.register_readonly_range(*self._ro_range)
-        self._held = {}       # key -> [offset, size, count]
+        buffers.register_readonly_range(*self._ro_range)   # kept after close: views may outlive us
+        self._cow_view = None
+        self._held = {}       # key -> [[offset, size, count], ...] (2+ only if replaced meanwhile)
         self._creating = {}   # key -> (offset, size)
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -189,7 +202,7 @@ class Client:
             self._closed_why = "close() was called"
             try:
                 if self._held:
-                    self._index.release(self.cid, [(k, h[0]) for k, h in self._held.items()])
+                    self._index.release(self.cid, [(k, e[0]) for k, es in self._held.items() for e in es])
                 for k in list(self._creating):
                     try:
                         self._index.abort(self.cid, k)
@@ -199,6 +212,9 @@ class Client:
                 self._held.clear()
                 self._creating.clear()
                 self._sock.close()
+                if self._cow_fd >= 0:
+                    os.close(self._cow_fd)
+                    self._cow_fd = -1
                 _close_index(self, self._entry)
 
     def __enter__(self):
@@ -223,7 +239,7 @@ class Client:
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
-            off, state = self._index.create(self.cid, k, nbytes, pin)
+            off, state, _ = self._index.create(self.cid, k, nbytes, pin)
             if off is None:
                 raise ObjectExists(self._exists_msg(k, state, "create"))
             self._creating[k] = (off, nbytes)
@@ -276,21 +292,27 @@ class Client:
         if n <= ONE_TXN_PUT:
             def write(off):
                 rw[off:off + n] = src
-            off, state = self._index.create(self.cid, k, n, pin, sealed_data=write)
+            off, state, sealed = self._index.create(self.cid, k, n, pin, sealed_data=write)
         else:
             # Large values are copied outside the index's write lock, then sealed.
-            off, state = self._index.create(self.cid, k, n, pin)
-            if off is not None:
-                try:
-                    rw[off:off + n] = src
-                except BaseException:
-                    self._index.abort(self.cid, k)
-                    raise
-                self._index.seal(self.cid, k)
+            off, state, sealed = self._index.create(self.cid, k, n, pin)
         if off is None:
             if strict:
                 raise ObjectExists(self._exists_msg(k, state, "put"))
             return False
+        if not sealed:
+            self._creating[k] = (off, n)      # close() aborts it if even the abort below fails
+            try:
+                rw[off:off + n] = src
+                self._index.seal(self.cid, k)
+            except BaseException:
+                try:
+                    self._index.abort(self.cid, k)
+                    self._creating.pop(k, None)
+                except KVStoreError:
+                    pass
+                raise
+            self._creating.pop(k, None)
         return True
 
     def _check_fits(self, n):
@@ -326,33 +348,44 @@ class Client:
             with self._lock:
                 if self._closed_why is not None:
                     self._dead()
-                held, view = self._held, self._ro_view
-                fetch = []
-                for i in todo:
-                    h = held.get(ks[i])
-                    if h is not None:
-                        h[2] += 1
-                        out[i] = view[h[0]:h[0] + h[1]]
-                    else:
-                        fetch.append(i)
+                held, view, index = self._held, self._ro_view, self._index
+                fetch = [i for i in todo if ks[i] not in held]
+                local = [i for i in todo if ks[i] in held]
+                if local:
+                    # Held already: reuse the hold, but only if the key still names the
+                    # same sealed extent (it may have been deleted or replaced since).
+                    for i, rec in zip(local, index.lookup_many([ks[i] for i in local])):
+                        e = _entry_at(held[ks[i]], rec[0]) if rec is not None and rec[5] == SEALED else None
+                        if e is None:
+                            fetch.append(i)
+                        else:
+                            e[2] += 1
+                            out[i] = view[e[0]:e[0] + e[1]]
                 if fetch:
-                    got = self._index.acquire(self.cid, [ks[i] for i in fetch])
+                    got = index.acquire(self.cid, [ks[i] for i in fetch])
+                    extra = []
                     for i, r in zip(fetch, got):
                         if r is MISS:
                             continue
                         off, size = r
                         if off == BEING_CREATED:
                             if size == self.cid:
+                                if extra:
+                                    index.release(self.cid, extra)
+                                self._release_views(ks, out)
                                 raise NotSealed(f"get of {ks[i]!r}: this client is creating it; seal() it first")
                             waiting.append(i)
                             continue
-                        h = held.get(ks[i])
-                        if h is not None:      # same key twice in one call
-                            h[2] += 1
-                            self._index.release(self.cid, [(ks[i], off)])
+                        entries = held.setdefault(ks[i], [])
+                        e = _entry_at(entries, off)
+                        if e is not None:      # the same key twice in one call
+                            e[2] += 1
+                            extra.append((ks[i], off))
                         else:
-                            held[ks[i]] = [off, size, 1]
+                            entries.append([off, size, 1])
                         out[i] = view[off:off + size]
+                    if extra:
+                        index.release(self.cid, extra)
             if not waiting:
                 return out
             if deadline is not None and time.monotonic() >= deadline:
@@ -364,9 +397,25 @@ class Client:
             pause = min(pause * 2, 2e-3)
 
     def _release_views(self, ks, out):
+        """Undo the holds a failed get_many took (the client lock is held by the caller)."""
+        done = []
         for k, v in zip(ks, out):
             if v is not None:
-                self.release(k)
+                done += self._unhold_local(k)
+        if done:
+            self._index.release(self.cid, done)
+
+    def _unhold_local(self, k):
+        """Drop one local hold on k; returns [(k, offset)] when an index hold must go."""
+        entries = self._held[k]
+        e = entries[-1]
+        e[2] -= 1
+        if e[2]:
+            return []
+        entries.pop()
+        if not entries:
+            del self._held[k]
+        return [(k, e[0])]
 
     def get_array(self, key, dtype=np.uint8, shape=None, timeout=None):
         """A read-only numpy array over the object (held until release), or None."""
@@ -377,7 +426,28 @@ class Client:
         """A torch tensor over the object (held until release); in-place writes raise
         ReadOnlyView. None if the key does not exist."""
         v = self.get(key, timeout)
-        return None if v is None else self._convert(key, buffers.to_tensor, v, dtype, shape)
+        if v is None:
+            return None
+        return self._convert(key, buffers.to_tensor, self._tensor_view(v), dtype, shape)
+
+    def _tensor_view(self, v):
+        """The memory a tensor of view v should use. torch has no read-only tensors and
+        ReadOnlyTensor cannot see every write (in-place ops nested in others, DLPack), so
+        on /dev/shm segments tensors view a private copy-on-write mapping: a stray write
+        changes only this process's copy of that page and never faults. (A private
+        mapping of hugetlbfs would need a spare huge page per written page, so there
+        tensors view the read-only mapping behind the ReadOnlyTensor guard.)"""
+        if self._cow_fd < 0 or v.nbytes == 0:
+            return v
+        with self._lock:
+            if self._cow_view is None:
+                cow = mmap.mmap(self._cow_fd, self.segment_size, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                base = np.frombuffer(cow, dtype=np.uint8).ctypes.data
+                buffers.register_readonly_range(base, base + self.segment_size)
+                self._cow_view = memoryview(cow)
+        off = np.frombuffer(v, dtype=np.uint8).ctypes.data - self._ro_range[0]
+        return self._cow_view[off:off + v.nbytes]
 
     def get_buffer(self, key, timeout=None):
         """An immutable pyarrow Buffer over the object (held until release), or None."""
@@ -401,19 +471,23 @@ class Client:
         self.release_many((key,))
 
     def release_many(self, keys):
+        """release() each key; raises ObjectNotFound, changing nothing, if any key is
+        not held (as many times as it is named)."""
         ks = [encode_key(k) for k in keys]
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
+            need = {}
+            for k in ks:
+                need[k] = need.get(k, 0) + 1
+            for k, n in need.items():
+                have = sum(e[2] for e in self._held.get(k, ()))
+                if have < n:
+                    what = f"holds it {have} times, not {n}" if have else "does not hold it"
+                    raise ObjectNotFound(f"release of {k!r}: this client {what} (get() it first)")
             done = []
             for k in ks:
-                h = self._held.get(k)
-                if h is None:
-                    raise ObjectNotFound(f"release of {k!r}: this client does not hold it (get() it first)")
-                h[2] -= 1
-                if h[2] == 0:
-                    del self._held[k]
-                    done.append((k, h[0]))
+                done += self._unhold_local(k)
             if done:
                 self._index.release(self.cid, done)
 

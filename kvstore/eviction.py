@@ -27,10 +27,18 @@ class ClockPolicy:
         """
         cur = txn.cursor(db=dbs.lru)
         cur.first()
+        rewalk = False
         while True:
             entry = cur.key()
             if not entry:                   # empty table or past the end
-                return
+                # Entries given a second chance went to the young end; if the cursor
+                # fell off the end while deleting, it never reached them: walk once more
+                # (their flags are clear now, so this pass ends).
+                if not rewalk:
+                    return
+                rewalk = False
+                cur.first()
+                continue
             key = entry[8:]
             rec = index.record(txn, key)
             if rec is None:                 # defensive: an entry without its object
@@ -42,5 +50,6 @@ class ClockPolicy:
             cur.delete()                    # moves to the next entry
             if index.is_referenced(rec):
                 index.second_chance(txn, key, rec)   # re-enters at the young end
+                rewalk = True
                 continue
             yield key, rec

@@ -263,7 +263,9 @@ class Index:
         return True
 
     def _allocate(self, txn, ext):
+        """An extent of ext bytes, evicting if needed. -> (offset, whether it evicted)"""
         off = allocator.alloc(txn, self.dbs, ext)
+        evicted = off is None
         if off is None:
             for key, rec in self.policy.victims(txn, self.dbs, self):
                 self._drop(txn, key, rec, lru_done=True)
@@ -275,34 +277,38 @@ class Index:
                     f"no room for {ext} bytes: everything left is held, pinned or being "
                     f"created; release or delete objects, or start the daemon with a larger --size")
         self._add_used(txn, ext)
-        return off
+        return off, evicted
 
     # ---- objects: operations ----------------------------------------------------------
     def create(self, cid, key, nbytes, pinned=False, sealed_data=None):
         """Reserve space for a new object.
 
-        Returns (offset, None) on success, or (None, state) when the key already exists
-        (state SEALED or CREATING), changing nothing. With ``sealed_data`` (a callable
-        given the offset that writes the bytes) the object is written and sealed in the
-        same transaction: it becomes visible complete or not at all.
+        Returns (offset, None, sealed) on success, or (None, state, False) when the key
+        already exists (state SEALED or CREATING), changing nothing. With ``sealed_data``
+        (a callable given the offset that writes the bytes) the object is written and
+        sealed in the same transaction, visible complete or not at all (sealed=True), but
+        only into space that was free: if room had to be made by evicting, the bytes
+        must not land in a victim's extent before the eviction commits (an abort would
+        bring the victim back over them), so the object is left CREATING (sealed=False)
+        and the caller writes and seals it.
         """
         d = self.dbs
         with _Write(self.env) as txn:
             raw = txn.get(key, db=d.objects)
             if raw is not None:
-                return None, _unpack_rec(raw)[5]
-            off = self._allocate(txn, allocator.extent_size(nbytes))
+                return None, _unpack_rec(raw)[5], False
+            off, evicted = self._allocate(txn, allocator.extent_size(nbytes))
             flags = PINNED if pinned else 0
-            if sealed_data is None:
+            if sealed_data is None or evicted:
                 txn.put(key, _pack_rec(off, nbytes, cid, 0, 0, CREATING, flags), db=d.objects)
                 txn.put(_pack64(cid) + key, b"", db=d.creating)
-            else:
-                sealed_data(off)
-                stamp = time.monotonic_ns()
-                txn.put(key, _pack_rec(off, nbytes, cid, stamp, 0, SEALED, flags), db=d.objects)
-                if not pinned:
-                    txn.put(_pack64(stamp) + key, b"", db=d.lru)
-            return off, None
+                return off, None, False
+            sealed_data(off)
+            stamp = time.monotonic_ns()
+            txn.put(key, _pack_rec(off, nbytes, cid, stamp, 0, SEALED, flags), db=d.objects)
+            if not pinned:
+                txn.put(_pack64(stamp) + key, b"", db=d.lru)
+            return off, None, True
 
     def _own_creation(self, txn, cid, key, op):
         """The record of an object this client is creating, or the error saying why not."""
@@ -394,6 +400,11 @@ class Index:
         with self.env.begin(db=self.dbs.objects) as txn:
             raw = txn.get(key)
         return None if raw is None else _unpack_rec(raw)
+
+    def lookup_many(self, keys):
+        with self.env.begin(db=self.dbs.objects) as txn:
+            get = txn.get
+            return [None if raw is None else _unpack_rec(raw) for raw in map(get, keys)]
 
     def contains(self, key):
         with self.env.begin(db=self.dbs.objects) as txn:

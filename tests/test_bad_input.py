@@ -221,3 +221,24 @@ def test_socket_fuzz_bounded(daemon):
     with daemon.client() as c:
         assert c.put("alive", b"1") and c.stats()["connected"] == 1
     assert daemon.proc.poll() is None and "Traceback" not in daemon.read_log()
+
+
+def test_peers_that_vanish_or_nest_deeply_do_not_stop_the_daemon(daemon):
+    s = _raw(daemon.socket)                       # deeply nested JSON
+    payload = b"[" * 100000 + b"]" * 100000
+    s.sendall(struct.pack("<IB", min(len(payload), protocol.MAX_PAYLOAD), protocol.HELLO)
+              + payload[:protocol.MAX_PAYLOAD])
+    s.close()
+    nested = b"[" * 30000 + b"]" * 30000
+    s = _raw(daemon.socket)
+    s.sendall(struct.pack("<IB", len(nested), protocol.STATS) + nested)
+    s.close()
+    for _ in range(20):                           # HELLO, then gone before the reply
+        s = _raw(daemon.socket)
+        s.sendall(protocol.hello(1))
+        s.close()
+    time.sleep(0.2)
+    assert daemon.proc.poll() is None
+    with daemon.client() as c:
+        assert c.put("alive", b"1")
+    assert "Traceback" not in daemon.read_log()

@@ -489,3 +489,49 @@ def test_huge_pages_reserved_by_the_daemon_are_given_back_on_discard(make_daemon
             subprocess.run(["umount", str(mnt)], check=True, timeout=30)
         with open("/proc/sys/vm/nr_hugepages", "w") as f:
             f.write(str(nr_before))
+
+
+def test_busy_live_daemon_socket_is_not_taken_for_stale(make_daemon, tmp_path):
+    """A live daemon whose accept backlog is full answers EAGAIN, not ECONNREFUSED: a
+    second daemon must refuse, not unlink the socket."""
+    import signal as _signal
+    import socket as _socket
+    d = make_daemon()
+    d.proc.send_signal(_signal.SIGSTOP)
+    conns = []
+    try:
+        while True:
+            s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(d.socket)
+            except BlockingIOError:
+                s.close()
+                break
+            conns.append(s)
+            if len(conns) > 5000:
+                pytest.skip("could not fill the accept backlog")
+        r = subprocess.run([sys.executable, "-m", "kvstore.daemon", "--socket", d.socket,
+                            "--data-dir", str(tmp_path / "other"), "--size", "16MiB"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert os.path.exists(d.socket)
+    finally:
+        d.proc.send_signal(_signal.SIGCONT)
+        for s in conns:
+            s.close()
+    assert stats(d)["size"] == 64 * MiB
+
+
+def test_garbage_index_is_a_one_line_refusal_and_destroy_clears_it(make_daemon, tmp_path):
+    d = make_daemon(start=False)
+    os.makedirs(os.path.join(d.data_dir, "index"))
+    with open(os.path.join(d.data_dir, "index", "data.mdb"), "wb") as f:
+        f.write(os.urandom(64 << 10))
+    r = subprocess.run(d.args(), capture_output=True, text=True, timeout=30)
+    assert_one_line_refusal(r, 1, "cannot open the index", "--destroy")
+    r = subprocess.run([sys.executable, "-m", "kvstore.daemon", "--data-dir", d.data_dir, "--destroy"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    d.start()
+    assert stats(d)["objects"] == 0

@@ -107,3 +107,32 @@ def test_full_index_is_a_typed_error_and_changes_nothing(make_daemon):
         assert c.contains(b"%0250d" % (n - 1)) and not c.contains(b"%0250d" % n)
         assert bytes(c.get(b"%0250d" % 0)) == b"v"
         assert c._index.check() == []
+
+
+def test_recently_used_last_object_is_still_evictable(make_daemon):
+    """CLOCK: an object given a second chance at the end of the walk is reached again."""
+    d = make_daemon(size="64MiB", extra=NO_SWEEP)
+    with d.client() as c:
+        c.put("a", b"a" * (40 * MiB))
+        c.get("a")
+        c.release("a")                          # referenced, and the only lru entry
+        assert c.put("b", b"b" * (40 * MiB))
+        assert not c.contains("a") and c.contains("b")
+
+
+def test_put_that_must_evict_never_writes_into_a_victim_before_commit(make_daemon):
+    """One-transaction puts write bytes before commit; into a victim's extent that would
+    clobber the victim if the transaction then aborted. So they take the two-step path."""
+    d = make_daemon(size="8MiB", extra=NO_SWEEP)
+    with d.client() as c:
+        for i in range(128):
+            c.put(f"s{i}", bytes([i]) * (64 << 10))
+        called = []
+        off, state, sealed = c._index.create(c.cid, b"new", 4096, sealed_data=called.append)
+        assert off is not None and not sealed and called == []   # left CREATING, nothing written
+        c._index.abort(c.cid, b"new")
+        # with free space the one-transaction path is taken
+        c.delete("s5")
+        off, state, sealed = c._index.create(c.cid, b"new2", 4096, sealed_data=called.append)
+        assert sealed and called == [off]
+        assert c._index.check() == []

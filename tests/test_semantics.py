@@ -276,3 +276,75 @@ def test_client_killed_mid_transaction_leaves_no_lock_and_no_damage(daemon):
                      what="cleanup of the killed client")
             assert c._index.check() == []
         assert all(bytes(c.get(f"after{r}")) == b"ok" for r in range(8))
+
+
+def test_a_holder_never_gets_a_deleted_or_replaced_object(daemon):
+    with daemon.client() as x, daemon.client() as y:
+        y.put("k", b"OLD-VALUE")
+        old = x.get("k")
+        y.delete("k")
+        assert x.get("k") is None                 # the hold does not resurrect it
+        y.put("k", b"NEW-VALUE")
+        assert bytes(x.get("k")) == b"NEW-VALUE"
+        assert bytes(old) == b"OLD-VALUE"         # the old view stays valid while held
+        x.release("k")
+        x.release("k")                            # one release per successful get
+        wait_for(lambda: y.stats()["doomed"] == 0 and y.stats()["held_extents"] == 0, what="holds gone")
+        assert y._index.check() == []
+
+
+def test_release_many_with_an_unheld_key_changes_nothing(daemon):
+    from kvstore.errors import ObjectNotFound
+    with daemon.client() as c:
+        c.put("a", b"1")
+        c.get("a")
+        with pytest.raises(ObjectNotFound, match="does not hold"):
+            c.release_many(["a", "never"])
+        with pytest.raises(ObjectNotFound, match="1 times, not 2"):
+            c.release_many(["a", "a"])
+        assert c.stats()["held_extents"] == 1
+        c.release("a")                            # the hold was still there to release
+        assert c.stats()["held_extents"] == 0
+
+
+def test_parent_killed_after_fork_is_cleaned_up_though_child_lives(daemon):
+    p = run_py("""
+        import os, signal, sys, time
+        from kvstore.client import Client
+        c = Client(sys.argv[1])
+        c.put("f", b"v"); c.get("f"); c.create("unsealed", 10)
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30); os._exit(0)
+        print("child", pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """, daemon.socket, background=True)
+    child = int(wait_line(p, "child").split()[1])
+    try:
+        with daemon.client() as c:
+            wait_for(lambda: c.stats()["held_extents"] == 0 and c.stats()["creating"] == 0,
+                     timeout=10, what="cleanup of the dead parent while its child lives")
+    finally:
+        os.kill(child, signal.SIGKILL)
+        p.wait()
+
+
+def test_tensor_writes_that_slip_past_the_guard_never_crash_or_corrupt(daemon):
+    pytest.importorskip("torch", reason="torch extra not installed")
+    run_py("""
+        import sys, torch, torch.nn.functional as F
+        from kvstore.client import Client
+        c = Client(sys.argv[1])
+        c.put("t", torch.arange(16, dtype=torch.float32) - 8)
+        t = c.get_tensor("t", torch.float32)
+        assert c.backing == "shm"
+        F.relu(t, inplace=True)               # nested in-place: not seen by the guard
+        torch.from_dlpack(t).add_(1)          # DLPack bypasses the subclass
+        c.close()
+        try:
+            t[0:4].add_(1)
+        except Exception:
+            pass
+        c2 = Client(sys.argv[1])
+        assert c2.get_array("t", "float32")[:4].tolist() == [-8.0, -7.0, -6.0, -5.0]
+    """, daemon.socket)
