@@ -1,8 +1,10 @@
 """The client handle: Plasma-like create/seal/get/release/delete on the shared segment.
 
-Owns: the connection to the daemon (hello, segment fd, stats), this process's two
+Owns: the connection to the daemon (hello, segment fd, stats), this process's
 mappings of the segment (read-write for objects it creates, read-only for sealed
-objects it reads), its local hold counts (a key held twice costs one index hold), and
+objects it reads, and on /dev/shm a private copy-on-write one for tensor views), its
+local hold counts (a key held twice costs one index hold; a repeated get still checks
+the index, so a deleted or replaced object is never served from a stale hold), and
 input validation. Index operations run in this process against the shared LMDB index
 (see kvstore/index.py), so get, contains and put make no round trip to the daemon.
 
