@@ -9,6 +9,7 @@ measured in the same run. Speed belongs here, never in timed test asserts.
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def start_daemon(size, hugepages):
         if proc.poll() is not None or time.monotonic() > deadline:
             sys.exit("bench: the daemon did not start")
         time.sleep(0.05)
-    return proc, sock
+    return proc, sock, tmp
 
 
 def bench_size(c, nbytes, label, count):
@@ -115,10 +116,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     args = ap.parse_args()
 
-    proc = None
+    proc = tmp = None
     sock = args.socket
     if sock is None:
-        proc, sock = start_daemon(args.size, args.hugepages)
+        proc, sock, tmp = start_daemon(args.size, args.hugepages)
     try:
         c = Client(sock)
         mem = memcpy_bandwidth()
@@ -145,6 +146,7 @@ def main():
         if proc is not None:
             proc.terminate()
             proc.wait(30)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
