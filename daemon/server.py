@@ -177,20 +177,23 @@ class Daemon:
         self.index.init_fresh(seg.size, self.segment_id, seg.path)
 
     def _recover(self, seg_id):
+        """Adopt the segment and index a previous daemon left (clean stop or crash)."""
         t0 = time.monotonic()
         dropped = 0
         for cid, info in self.index.clients().items():
             if pid_start_time(info["pid"]) != info["start"]:
                 self.index.drop_client(cid)
                 dropped += 1
-        st = self.index.stats()
         problems = self.index.check()
         if problems:
             log.error("index of segment %s is inconsistent (%s); starting empty", seg_id, problems[0])
             self._fresh(self.segment)
             return
-        log.info("recovered %d objects (%d bytes) from %s in %.3f s; cleaned up after %d dead clients",
-                 st["objects"], st["used"], self.segment.path, time.monotonic() - t0, dropped)
+        st = self.index.stats()
+        log.info("recovered %d objects (%d bytes) from %s in %.3f s; %d still being created by "
+                 "live clients; cleaned up after %d dead clients",
+                 st["objects"] - st["creating"], st["used"], self.segment.path,
+                 time.monotonic() - t0, st["creating"], dropped)
 
     def _listen(self):
         path = self.cfg.socket
