@@ -16,8 +16,10 @@ Must never: copy on get, return a writable view of a sealed object, let a bad
 argument reach the index, or be used after fork (a child must open its own Client).
 """
 
+import logging
 import mmap
 import os
+import select
 import socket
 import threading
 import time
@@ -33,40 +35,44 @@ from kvstore.keys import encode_key
 
 from . import buffers
 
+log = logging.getLogger("kvstore.client")
+
 DEFAULT_SOCKET = "/tmp/kvstore.sock"
 #: Values up to this size are written and sealed inside one index transaction.
 ONE_TXN_PUT = 256 << 10
 
 _LIVE = weakref.WeakSet()
 _FORK_ORPHANS = []  # LMDB handles inherited by fork children: never closed there
-# LMDB allows one handle per environment per process: clients of one daemon share it.
-# An entry is tied to the store (segment id) it was opened for: when a daemon starts a
-# fresh store on the same data dir, the old entry's clients are closed, not reused.
-_INDEXES = {}       # index path -> _IndexEntry
+# LMDB allows one handle per environment (file) per process: clients of one store
+# share it. Entries are keyed by (index path, segment id): after a daemon restarts with
+# a fresh store, clients move to a new entry as they reconnect, each in its own time.
+_INDEXES = {}       # (index path, segment id) -> _IndexEntry
 _INDEXES_LOCK = threading.Lock()
 
 
 class _IndexEntry:
-    def __init__(self, index, segment_id):
-        self.index, self.segment_id, self.users = index, segment_id, weakref.WeakSet()
+    def __init__(self, index, path, segment_id):
+        self.index, self.path, self.segment_id = index, path, segment_id
+        self.users = weakref.WeakSet()
 
 
 def _open_index(client, path, map_size, max_readers, segment_id):
     with _INDEXES_LOCK:
-        entry = _INDEXES.get(path)
-        if entry is not None and entry.segment_id != segment_id:
-            for c in list(entry.users):      # clients of a store that no longer exists
-                c._closed_why = "its daemon started a fresh store"
-            del _INDEXES[path]
-            entry.index.close()
-            entry = None
+        entry = _INDEXES.get((path, segment_id))
         if entry is None:
-            index = Index(path, map_size, create=False, max_readers=max_readers)
+            same_files = [e for e in _INDEXES.values() if e.path == path]
+            try:
+                index = Index(path, map_size, create=False, max_readers=max_readers)
+            except StoreUnavailable:
+                if not same_files:     # "already open": the same files, re-initialised
+                    raise
+                index = same_files[0].index
             if index.segment_id() != segment_id:
-                index.close()
+                if not any(e.index is index for e in same_files):
+                    index.close()
                 raise StoreUnavailable(f"the index at {path} does not describe the daemon's segment; "
                                        f"is a second daemon using that data dir?")
-            entry = _INDEXES[path] = _IndexEntry(index, segment_id)
+            entry = _INDEXES[(path, segment_id)] = _IndexEntry(index, path, segment_id)
         entry.users.add(client)
         return entry
 
@@ -74,15 +80,45 @@ def _open_index(client, path, map_size, max_readers, segment_id):
 def _close_index(client, entry):
     with _INDEXES_LOCK:
         entry.users.discard(client)
-        if not entry.users and _INDEXES.get(entry.index.env.path()) is entry:
-            del _INDEXES[entry.index.env.path()]
+        if entry.users:
+            return
+        if _INDEXES.get((entry.path, entry.segment_id)) is entry:
+            del _INDEXES[(entry.path, entry.segment_id)]
+        if not any(e.index is entry.index for e in _INDEXES.values()):
             entry.index.close()
+
+
+def _watch(ref):
+    """Watchdog thread of one client: sleeps in poll() on its control socket and, when
+    the daemon hangs up, reconnects. Holds only a weak reference between polls, so an
+    unreferenced client is still collected (and closed)."""
+    watched = poller = None
+    while True:
+        c = ref()
+        if c is None or c._closed_why is not None:
+            return
+        sock = c._sock
+        del c
+        if sock is not watched:
+            poller = select.poll()
+            poller.register(sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            watched = sock
+        try:
+            events = poller.poll(500)
+        except (OSError, ValueError):
+            events = []
+        c = ref()
+        if c is None:
+            return
+        if events and c._closed_why is None and c._sock is sock:
+            c._reconnect()
+        del c
 
 
 def _after_fork_in_child():
     for c in list(_LIVE):
         c._orphan_after_fork()
-    _FORK_ORPHANS.extend(e.index for e in _INDEXES.values())
+    _FORK_ORPHANS.extend({id(e.index): e.index for e in _INDEXES.values()}.values())
     _INDEXES.clear()
 
 
@@ -123,65 +159,137 @@ def _check_size(nbytes):
 class Client:
     """A handle on the local daemon's store. Thread-safe; one per process is enough."""
 
-    def __init__(self, socket_path=DEFAULT_SOCKET, namespace="", timeout=5.0):
+    def __init__(self, socket_path=DEFAULT_SOCKET, namespace="", timeout=5.0, reconnect_timeout=10.0):
+        """Connect to the daemon at socket_path. ``timeout``: seconds for one exchange with
+        the daemon. ``reconnect_timeout``: how long a call waits for a daemon that went
+        away to come back before raising StoreUnavailable (the client reconnects by
+        itself, in the background)."""
         self._closed_why = "the client failed to connect"
-        self._socket_path = socket_path
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            _connect(sock, socket_path, timeout)
-            sock.sendall(protocol.hello(os.getpid(), namespace))
-            mtype, body, fds = protocol.recv_message(sock, with_fds=1)
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            raise StoreUnavailable(f"no kvstore daemon at {socket_path}; start one with "
-                                   f"kvstore-daemon --socket {socket_path}") from None
-        except (OSError, KVStoreError) as e:
-            sock.close()
-            if isinstance(e, KVStoreError):
-                raise
-            raise StoreUnavailable(f"cannot talk to the daemon at {socket_path}: {e}") from None
-        if mtype != protocol.WELCOME or len(fds) != 1:
-            sock.close()
-            for fd in fds:
-                os.close(fd)
-            raise StoreUnavailable(f"{socket_path} did not answer like a kvstore daemon")
-        self._sock = sock
-        self.cid = body["cid"]
-        self.segment_size = body["segment_size"]
-        self.backing = body["backing"]
-        fd = fds[0]
-        try:
-            from kvstore.segment import Segment
-            seg = Segment(fd, self.segment_size, self.backing, "", reused=True)
-            self._rw = seg.map(writable=True)
-            self._ro = seg.map(writable=False)
-            self._cow_fd = os.dup(fd) if self.backing == "shm" else -1   # see _tensor_view
-        finally:
-            os.close(fd)
-        try:
-            self._entry = _open_index(self, body["index_path"], body["index_map_size"],
-                                      body["max_readers"], body["segment_id"])
-        except BaseException:
-            self._rw.close()
-            self._ro.close()
-            if self._cow_fd >= 0:
-                os.close(self._cow_fd)
-            sock.close()
-            raise
-        self._index = self._entry.index
-        self._rw_view = memoryview(self._rw)
-        self._ro_view = memoryview(self._ro)
-        base = np.frombuffer(self._ro, dtype=np.uint8).ctypes.data
-        self._ro_range = (base, base + self.segment_size)
-        buffers.register_readonly_range(*self._ro_range)   # kept after close: views may outlive us
-        self._cow_view = None
+        self._socket_path, self._namespace, self._timeout = socket_path, namespace, timeout
+        self.reconnect_timeout = float(reconnect_timeout)
         self._held = {}       # key -> [[offset, size, count], ...] (2+ only if replaced meanwhile)
         self._creating = {}   # key -> (offset, size)
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._down = False    # the daemon hung up and the watchdog is reconnecting
+        self._up = threading.Event()
+        self._entry, self._cow_fd = None, -1
+        sock, body, fd = self._handshake(None)
+        try:
+            self._attach(body, fd)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.close(fd)
+        self._sock = sock
         self._closed_why = None
+        self._up.set()
         _LIVE.add(self)
+        threading.Thread(target=_watch, args=(weakref.ref(self),), daemon=True,
+                         name=f"kvstore-watchdog-{self.cid}").start()
+
+    def _handshake(self, resume):
+        """Connect and say HELLO; returns (socket, WELCOME body, segment fd)."""
+        path = self._socket_path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self._timeout)
+        try:
+            _connect(sock, path, self._timeout)
+            sock.sendall(protocol.hello(os.getpid(), self._namespace, resume))
+            mtype, body, fds = protocol.recv_message(sock, with_fds=1)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise StoreUnavailable(f"no kvstore daemon at {path}; start one with "
+                                   f"kvstore-daemon --socket {path}") from None
+        except (OSError, KVStoreError) as e:
+            sock.close()
+            if isinstance(e, KVStoreError):
+                raise
+            raise StoreUnavailable(f"cannot talk to the daemon at {path}: {e}") from None
+        if mtype != protocol.WELCOME or len(fds) != 1:
+            sock.close()
+            for fd in fds:
+                os.close(fd)
+            raise StoreUnavailable(f"{path} did not answer like a kvstore daemon")
+        return sock, body, fds[0]
+
+    def _attach(self, body, fd):
+        """Map the segment and open the index a WELCOME describes: at start, and again
+        when the daemon came back with a fresh store. Older mappings stay alive for as
+        long as views of them exist."""
+        from kvstore.segment import Segment
+        size, backing = body["segment_size"], body["backing"]
+        seg = Segment(fd, size, backing, "", reused=True)
+        rw = seg.map(writable=True)
+        ro = seg.map(writable=False)
+        cow_fd = os.dup(fd) if backing == "shm" else -1   # see _tensor_view
+        try:
+            entry = _open_index(self, body["index_path"], body["index_map_size"],
+                                body["max_readers"], body["segment_id"])
+        except BaseException:
+            rw.close()
+            ro.close()
+            if cow_fd >= 0:
+                os.close(cow_fd)
+            raise
+        old_entry, old_cow = self._entry, self._cow_fd
+        self.cid, self.segment_size, self.backing = body["cid"], size, backing
+        self.segment_id = body["segment_id"]
+        self._rw, self._ro, self._entry, self._index = rw, ro, entry, entry.index
+        self._rw_view, self._ro_view = memoryview(rw), memoryview(ro)
+        base = np.frombuffer(ro, dtype=np.uint8).ctypes.data
+        self._ro_range = (base, base + size)
+        buffers.register_readonly_range(*self._ro_range)   # kept after close: views may outlive us
+        self._cow_fd, self._cow_view = cow_fd, None
+        if old_entry is not None and old_entry is not entry:
+            _close_index(self, old_entry)
+        if old_cow >= 0:
+            os.close(old_cow)
+
+    def _reconnect(self):
+        """Called by the watchdog when the daemon hung up: retry until it is back (or
+        this client closes). Same store: the client keeps its id, holds and creations.
+        A fresh store: what this client held or was creating went with the old one."""
+        self._up.clear()
+        self._down = True
+        t0, pause = time.monotonic(), 0.02
+        log.warning("kvstore daemon at %s went away; reconnecting", self._socket_path)
+        while self._closed_why is None:
+            try:
+                sock, body, fd = self._handshake({"cid": self.cid, "segment_id": self.segment_id})
+            except KVStoreError:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+                continue
+            try:
+                with self._lock:
+                    if self._closed_why is not None:
+                        sock.close()
+                        return
+                    if body["cid"] != self.cid or body["segment_id"] != self.segment_id:
+                        self._held.clear()
+                        self._creating.clear()
+                        self._attach(body, fd)
+                        log.warning("the daemon came back with a fresh store (or without this "
+                                    "client's registration): earlier holds and creations are gone")
+                    old, self._sock = self._sock, sock
+                    old.close()
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                os.close(fd)
+            self._down = False
+            self._up.set()
+            log.info("reconnected to %s after %.2f s", self._socket_path, time.monotonic() - t0)
+            return
+
+    def _await_daemon(self):
+        if not self._up.wait(self.reconnect_timeout) and self._closed_why is None:
+            raise StoreUnavailable(f"the daemon at {self._socket_path} has been unreachable for "
+                                   f"{self.reconnect_timeout} s; start it, or give the Client a "
+                                   f"longer reconnect_timeout")
 
     # ---- life -------------------------------------------------------------------------
     def _dead(self):
@@ -236,6 +344,8 @@ class Client:
     def create(self, key, nbytes, pin=False):
         """Reserve nbytes for key; returns a writable memoryview only this client sees
         until seal(). Raises ObjectExists if the key is sealed or being created."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         k = encode_key(key)
         nbytes = self._check_fits(_check_size(nbytes))
         with self._lock:
@@ -249,6 +359,8 @@ class Client:
 
     def seal(self, key):
         """Make a created object immutable and visible to every client."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         k = encode_key(key)
         with self._lock:
             if self._closed_why is not None:
@@ -258,6 +370,8 @@ class Client:
 
     def abort(self, key):
         """Give back an unsealed object's space."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         k = encode_key(key)
         with self._lock:
             if self._closed_why is not None:
@@ -269,6 +383,8 @@ class Client:
         """Store value under key. Returns True if written, False if the key already
         existed (keys are content hashes: a repeat is normal and is not an error);
         with strict=True an existing key raises ObjectExists instead."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         k = encode_key(key)
         src = buffers.as_bytes_view(value)
         n = self._check_fits(src.nbytes)
@@ -279,6 +395,8 @@ class Client:
 
     def put_many(self, keys, values, strict=False, pin=False):
         """put() each pair; returns a list of bools (True = written)."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         if len(keys) != len(values):
             raise InvalidSize(f"put_many got {len(keys)} keys and {len(values)} values; give one value per key")
         ks = [encode_key(k) for k in keys]
@@ -340,6 +458,8 @@ class Client:
 
     def get_many(self, keys, timeout=None):
         """get() for many keys with one index transaction; a list of views or None."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         ks = [encode_key(k) for k in keys]
         deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         out = [None] * len(ks)
@@ -475,6 +595,8 @@ class Client:
     def release_many(self, keys):
         """release() each key; raises ObjectNotFound, changing nothing, if any key is
         not held (as many times as it is named)."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         ks = [encode_key(k) for k in keys]
         with self._lock:
             if self._closed_why is not None:
@@ -495,6 +617,8 @@ class Client:
 
     def contains(self, key):
         """True if a sealed object exists under key (no hold is taken)."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         k = encode_key(key)
         if self._closed_why is not None:
             self._dead()
@@ -502,6 +626,8 @@ class Client:
 
     def size_of(self, key):
         """Size in bytes of a sealed object, or None."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         k = encode_key(key)
         if self._closed_why is not None:
             self._dead()
@@ -512,6 +638,8 @@ class Client:
     def delete(self, key):
         """Delete a sealed object; if clients hold it, its space is freed at the last
         release (it is invisible at once). Returns False if there was no sealed object."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         k = encode_key(key)
         with self._lock:
             if self._closed_why is not None:
@@ -526,6 +654,8 @@ class Client:
         self._set_pinned(key, False)
 
     def _set_pinned(self, key, pinned):
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         k = encode_key(key)
         with self._lock:
             if self._closed_why is not None:
@@ -535,6 +665,8 @@ class Client:
     # ---- daemon ------------------------------------------------------------------------
     def stats(self):
         """The daemon's view: size, used, objects, clients, backing... (one round trip)."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
         with self._lock:
             if self._closed_why is not None:
                 self._dead()

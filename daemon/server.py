@@ -311,11 +311,15 @@ class Daemon:
         if mtype == protocol.HELLO:
             if conn.cid is not None:
                 raise ProtocolError("second HELLO on one connection")
-            _, namespace = protocol.read_hello(body)
+            _, namespace, resume = protocol.read_hello(body)
             if sum(1 for c in self.conns.values() if c.cid is not None) >= self.cfg.max_clients:
                 raise ProtocolError(f"the daemon already serves max_clients={self.cfg.max_clients} clients")
             conn.pid = _peer_pid(conn.sock)
-            conn.cid = self.index.register_client(conn.pid, namespace)
+            conn.cid = self._resumable(resume, conn.pid)
+            if conn.cid is None:
+                conn.cid = self.index.register_client(conn.pid, namespace)
+            else:
+                log.info("client %d (pid %d) reconnected", conn.cid, conn.pid)
             frame = protocol.welcome(conn.cid, self.segment.size, self.segment.backing, self.index_path,
                                      self.index_map_size, self.cfg.max_clients + 64, self.segment_id)
             socket.send_fds(conn.sock, [frame], [self.segment.fd])
@@ -332,6 +336,17 @@ class Daemon:
             self._send(conn, protocol.encode(protocol.STATS_REPLY, st))
         else:
             raise ProtocolError(f"unexpected message type {mtype} from a client")
+
+    def _resumable(self, resume, pid):
+        """The cid a reconnecting client may keep: same store, same live process, and
+        not connected already. None: it must register anew."""
+        if resume is None or resume[1] != self.segment_id:
+            return None
+        cid = resume[0]
+        info = self.index.clients().get(cid)
+        if info is None or info["pid"] != pid or any(c.cid == cid for c in self.conns.values()):
+            return None
+        return cid
 
     def _send(self, conn, frame):
         if conn.sock.fileno() < 0:

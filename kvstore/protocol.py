@@ -76,8 +76,12 @@ class FrameReader:
 
 
 # ---- message pairs ---------------------------------------------------------------------
-def hello(pid, namespace=""):
-    return encode(HELLO, {"magic": MAGIC, "version": VERSION, "pid": pid, "namespace": namespace})
+def hello(pid, namespace="", resume=None):
+    """resume: {"cid", "segment_id"} of a client reconnecting after a daemon restart."""
+    body = {"magic": MAGIC, "version": VERSION, "pid": pid, "namespace": namespace}
+    if resume is not None:
+        body["resume"] = resume
+    return encode(HELLO, body)
 
 
 def read_hello(body):
@@ -92,7 +96,13 @@ def read_hello(body):
     ns = body.get("namespace", "")
     if not isinstance(ns, str) or len(ns) > 64:
         raise ProtocolError("HELLO namespace must be a string of at most 64 characters")
-    return pid, ns
+    resume = body.get("resume")
+    if resume is not None:
+        if not (isinstance(resume, dict) and isinstance(resume.get("cid"), int)
+                and isinstance(resume.get("segment_id"), str)):
+            raise ProtocolError("HELLO resume must be {cid: int, segment_id: str}")
+        resume = (resume["cid"], resume["segment_id"])
+    return pid, ns, resume
 
 
 def welcome(cid, segment_size, backing, index_path, index_map_size, max_readers, segment_id):

@@ -82,3 +82,71 @@ def test_repeated_daemon_kills_lose_nothing(make_daemon):
             for k, h in digests.items():
                 assert hashlib.sha256(fresh.get(k)).digest() == h, k
             assert fresh._index.check() == []
+
+
+def test_client_reconnects_by_itself_and_keeps_its_holds(make_daemon):
+    import threading
+    import time
+    d = make_daemon(size="64MiB")
+    c = d.client(reconnect_timeout=20)
+    try:
+        c.put("before", b"x" * 5000)
+        view = c.get("before")                       # held across the crash
+        cid = c.cid
+        d.stop(signal.SIGKILL)
+        wait_for(lambda: c._down, what="the watchdog noticing the daemon is gone")
+        result = {}
+
+        def late_put():
+            t0 = time.monotonic()
+            result["ok"] = c.put("during", b"made while the daemon was down")
+            result["waited"] = time.monotonic() - t0
+        t = threading.Thread(target=late_put)
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive(), "a call while the daemon is down waits for it"
+        d.start()
+        t.join(20)
+        assert result.get("ok") is True and result["waited"] >= 0.4
+        assert c.cid == cid                          # resumed, not re-registered
+        assert bytes(view[:3]) == b"xxx"             # a view from before the crash
+        st = c.stats()                               # the control socket works again
+        assert st["held_extents"] == 1 and st["connected"] == 1
+        c.release("before")
+        assert c.stats()["held_extents"] == 0
+        assert "reconnected" in d.read_log()
+    finally:
+        c.close()
+
+
+def test_calls_give_up_with_store_unavailable_when_the_daemon_stays_down(make_daemon):
+    import time
+    import pytest
+    from kvstore.errors import StoreUnavailable
+    d = make_daemon(size="64MiB")
+    with d.client(reconnect_timeout=0.5) as c:
+        c.put("k", b"v")
+        d.stop(signal.SIGKILL)
+        wait_for(lambda: c._down, what="the watchdog noticing the daemon is gone")
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            c.get("k")
+        assert 0.4 <= time.monotonic() - t0 < 5     # bounded: never hangs
+        d.start()
+        wait_for(lambda: not c._down, timeout=15, what="reconnection")
+        assert bytes(c.get("k")) == b"v"
+
+
+def test_client_follows_a_daemon_that_came_back_with_a_fresh_store(make_daemon):
+    d = make_daemon(size="64MiB")
+    with d.client() as c:
+        c.put("old", b"old store")
+        old_view = c.get("old")
+        d.destroy()                                  # the store is gone, not just the process
+        d.start()
+        wait_for(lambda: not c._down and c.contains("old") is False, timeout=15,
+                 what="the client moving to the fresh store")
+        assert c.put("new", b"new store")
+        with d.client() as other:
+            assert bytes(other.get("new")) == b"new store"
+        assert bytes(old_view) == b"old store"       # old views stay readable
