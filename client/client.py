@@ -31,7 +31,7 @@ from kvstore import protocol
 from kvstore.errors import (ClientClosed, GetTimeout, InvalidSize, KVStoreError, NotSealed,
                             ObjectExists, ObjectNotFound, StoreUnavailable, ValueTooLarge)
 from kvstore.index import BEING_CREATED, MISS, SEALED, Index
-from kvstore.keys import encode_key
+from kvstore.keys import encode_key, namespace_prefix, user_key
 
 from . import buffers
 
@@ -166,6 +166,7 @@ class Client:
         itself, in the background)."""
         self._closed_why = "the client failed to connect"
         self._socket_path, self._namespace, self._timeout = socket_path, namespace, timeout
+        self._ns = namespace_prefix(namespace)     # keys are scoped by namespace in the index
         self.reconnect_timeout = float(reconnect_timeout)
         self._held = {}       # key -> [[offset, size, count], ...] (2+ only if replaced meanwhile)
         self._creating = {}   # key -> (offset, size)
@@ -346,7 +347,7 @@ class Client:
         until seal(). Raises ObjectExists if the key is sealed or being created."""
         if self._down:               # the watchdog is reconnecting
             self._await_daemon()
-        k = encode_key(key)
+        k = self._ns + encode_key(key)
         nbytes = self._check_fits(_check_size(nbytes))
         with self._lock:
             if self._closed_why is not None:
@@ -361,7 +362,7 @@ class Client:
         """Make a created object immutable and visible to every client."""
         if self._down:               # the watchdog is reconnecting
             self._await_daemon()
-        k = encode_key(key)
+        k = self._ns + encode_key(key)
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
@@ -372,7 +373,7 @@ class Client:
         """Give back an unsealed object's space."""
         if self._down:               # the watchdog is reconnecting
             self._await_daemon()
-        k = encode_key(key)
+        k = self._ns + encode_key(key)
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
@@ -385,7 +386,7 @@ class Client:
         with strict=True an existing key raises ObjectExists instead."""
         if self._down:               # the watchdog is reconnecting
             self._await_daemon()
-        k = encode_key(key)
+        k = self._ns + encode_key(key)
         src = buffers.as_bytes_view(value)
         n = self._check_fits(src.nbytes)
         with self._lock:
@@ -399,7 +400,7 @@ class Client:
             self._await_daemon()
         if len(keys) != len(values):
             raise InvalidSize(f"put_many got {len(keys)} keys and {len(values)} values; give one value per key")
-        ks = [encode_key(k) for k in keys]
+        ks = [self._ns + encode_key(k) for k in keys]
         srcs = [buffers.as_bytes_view(v) for v in values]
         ns = [self._check_fits(s.nbytes) for s in srcs]
         with self._lock:
@@ -444,7 +445,7 @@ class Client:
     @staticmethod
     def _exists_msg(k, state, op):
         what = "is sealed" if state == SEALED else "is being created by a client"
-        return f"{op} of {k!r}: the key {what}; get() it, or put(strict=False) to accept existing keys"
+        return f"{op} of {user_key(k)!r}: the key {what}; get() it, or put(strict=False) to accept existing keys"
 
     # ---- reading ----------------------------------------------------------------------
     def get(self, key, timeout=None):
@@ -460,7 +461,7 @@ class Client:
         """get() for many keys with one index transaction; a list of views or None."""
         if self._down:               # the watchdog is reconnecting
             self._await_daemon()
-        ks = [encode_key(k) for k in keys]
+        ks = [self._ns + encode_key(k) for k in keys]
         deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         out = [None] * len(ks)
         todo = list(range(len(ks)))
@@ -495,7 +496,7 @@ class Client:
                                 if extra:
                                     index.release(self.cid, extra)
                                 self._release_views(ks, out)
-                                raise NotSealed(f"get of {ks[i]!r}: this client is creating it; seal() it first")
+                                raise NotSealed(f"get of {user_key(ks[i])!r}: this client is creating it; seal() it first")
                             waiting.append(i)
                             continue
                         entries = held.setdefault(ks[i], [])
@@ -512,7 +513,7 @@ class Client:
                 return out
             if deadline is not None and time.monotonic() >= deadline:
                 self._release_views(ks, out)
-                raise GetTimeout(f"get of {ks[waiting[0]]!r}: still being created after {timeout} s; "
+                raise GetTimeout(f"get of {user_key(ks[waiting[0]])!r}: still being created after {timeout} s; "
                                  f"retry later or raise the timeout")
             todo = waiting
             time.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
@@ -597,7 +598,7 @@ class Client:
         not held (as many times as it is named)."""
         if self._down:               # the watchdog is reconnecting
             self._await_daemon()
-        ks = [encode_key(k) for k in keys]
+        ks = [self._ns + encode_key(k) for k in keys]
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
@@ -608,7 +609,7 @@ class Client:
                 have = sum(e[2] for e in self._held.get(k, ()))
                 if have < n:
                     what = f"holds it {have} times, not {n}" if have else "does not hold it"
-                    raise ObjectNotFound(f"release of {k!r}: this client {what} (get() it first)")
+                    raise ObjectNotFound(f"release of {user_key(k)!r}: this client {what} (get() it first)")
             done = []
             for k in ks:
                 done += self._unhold_local(k)
@@ -619,7 +620,7 @@ class Client:
         """True if a sealed object exists under key (no hold is taken)."""
         if self._down:               # the watchdog is reconnecting
             self._await_daemon()
-        k = encode_key(key)
+        k = self._ns + encode_key(key)
         if self._closed_why is not None:
             self._dead()
         return self._index.contains(k)
@@ -628,7 +629,7 @@ class Client:
         """Size in bytes of a sealed object, or None."""
         if self._down:               # the watchdog is reconnecting
             self._await_daemon()
-        k = encode_key(key)
+        k = self._ns + encode_key(key)
         if self._closed_why is not None:
             self._dead()
         rec = self._index.lookup(k)
@@ -640,7 +641,7 @@ class Client:
         release (it is invisible at once). Returns False if there was no sealed object."""
         if self._down:               # the watchdog is reconnecting
             self._await_daemon()
-        k = encode_key(key)
+        k = self._ns + encode_key(key)
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
@@ -656,7 +657,7 @@ class Client:
     def _set_pinned(self, key, pinned):
         if self._down:               # the watchdog is reconnecting
             self._await_daemon()
-        k = encode_key(key)
+        k = self._ns + encode_key(key)
         with self._lock:
             if self._closed_why is not None:
                 self._dead()

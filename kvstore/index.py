@@ -36,6 +36,7 @@ from . import allocator
 from .errors import (AlreadySealed, IndexFull, KVStoreError, NotCreator, ObjectNotFound,
                      StoreFull, StoreUnavailable)
 from .eviction import ClockPolicy
+from .keys import user_key
 
 SCHEMA = 1
 CREATING, SEALED = 1, 2
@@ -314,13 +315,13 @@ class Index:
         """The record of an object this client is creating, or the error saying why not."""
         raw = txn.get(key, db=self.dbs.objects)
         if raw is None:
-            raise ObjectNotFound(f"{op} of {key!r}: no such object; create() it first")
+            raise ObjectNotFound(f"{op} of {user_key(key)!r}: no such object; create() it first")
         rec = _unpack_rec(raw)
         if rec[5] == SEALED:
             hint = "seal each object once" if op == "seal" else "use delete() instead"
-            raise AlreadySealed(f"{op} of {key!r}: already sealed; {hint}")
+            raise AlreadySealed(f"{op} of {user_key(key)!r}: already sealed; {hint}")
         if rec[2] != cid:
-            raise NotCreator(f"{op} of {key!r}: another client is creating it; only its creator may {op} it")
+            raise NotCreator(f"{op} of {user_key(key)!r}: another client is creating it; only its creator may {op} it")
         return rec
 
     def seal(self, cid, key):
@@ -428,7 +429,7 @@ class Index:
         with _Write(self.env) as txn:
             raw = txn.get(key, db=d.objects)
             if raw is None:
-                raise ObjectNotFound(f"pin of {key!r}: no such object")
+                raise ObjectNotFound(f"pin of {user_key(key)!r}: no such object")
             off, size, creator, stamp, csum, state, flags = _unpack_rec(raw)
             was = bool(flags & PINNED)
             if was == pinned:

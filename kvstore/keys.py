@@ -1,11 +1,16 @@
 """Key validation and encoding.
 
 Owns: what a key may be and its byte form in the index. Keys are str (UTF-8 encoded)
-or bytes (KV block hashes), 1 to MAX_KEY_BYTES bytes once encoded.
+or bytes (KV block hashes), 1 to MAX_KEY_BYTES bytes once encoded. In the index every
+key is scoped by its client's namespace: one length byte, the namespace, the key. So
+clients of different namespaces (a model, a tenant) never see each other's objects.
 Must never: accept a key silently changed (truncated, coerced from another type).
 """
 
 from .errors import InvalidKey, InvalidKeyType
+
+#: Longest namespace in bytes (UTF-8).
+MAX_NAMESPACE_BYTES = 64
 
 #: Longest key in bytes (str keys count their UTF-8 bytes). LMDB keys are limited to
 #: 511 bytes and the index prefixes keys with up to 16 bytes of its own.
@@ -33,3 +38,18 @@ def encode_key(key):
             f"key is {len(raw)} bytes, the limit is {MAX_KEY_BYTES}; "
             f"hash long keys (e.g. hashlib.sha256(key).digest())")
     return raw
+
+
+def namespace_prefix(namespace):
+    """The index prefix of a namespace (str): its length byte and its UTF-8 bytes."""
+    if not isinstance(namespace, str):
+        raise InvalidKeyType(f"namespace must be a str, not {type(namespace).__name__}")
+    raw = namespace.encode("utf-8")
+    if len(raw) > MAX_NAMESPACE_BYTES:
+        raise InvalidKey(f"namespace is {len(raw)} bytes, the limit is {MAX_NAMESPACE_BYTES}")
+    return bytes([len(raw)]) + raw
+
+
+def user_key(index_key):
+    """The caller's key inside an index key (for messages)."""
+    return index_key[1 + index_key[0]:] if index_key else index_key
