@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Fault-injection soak: writers and readers against a daemon that keeps getting killed.
+
+Runs N writer and M reader processes for a given time with random value sizes, and at
+random moments SIGKILLs the daemon (restarting it on the same data dir) or a random
+client (respawning it). Every value is derived from its key, so any reader can verify
+it. Writers log each key once put() has returned; at the end every logged key must
+read back intact. Reports operations, daemon restarts, objects verified, lost (must be
+0), corrupted (must be 0), bytes leaked once every client is gone (must be 0) and the
+longest time one client call waited (for the daemon to come back). Exit status 1 if
+anything was lost, corrupted or leaked.
+"""
+
+import argparse
+import hashlib
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+SIZES = (1, 512, 4096, 65536, 262144)
+
+
+def payload(key, size):
+    seed = hashlib.blake2b(key.encode(), digest_size=64).digest()
+    return (seed * (size // 64 + 1))[:size]
+
+
+def size_of(key):
+    return SIZES[int(hashlib.md5(key.encode()).hexdigest(), 16) % len(SIZES)]
+
+
+def writer(wid, gen, sock, logdir, budget, ops, max_wait, stop_at):
+    from kvstore.client import Client
+    from kvstore.errors import StoreFull, StoreUnavailable
+    c = Client(sock, reconnect_timeout=60)
+    log = open(os.path.join(logdir, f"w{wid}-{gen}.keys"), "a", buffering=1)
+    n = 0
+    while time.time() < stop_at:
+        key = f"w{wid}-{gen}-{n}"
+        n += 1
+        size = size_of(key)
+        with budget.get_lock():
+            if budget.value < size:
+                break
+            budget.value -= size
+        t0 = time.monotonic()
+        try:
+            c.put(key, payload(key, size))
+        except (StoreFull, StoreUnavailable):
+            continue
+        _note_wait(max_wait, time.monotonic() - t0)
+        log.write(key + "\n")
+        with ops.get_lock():
+            ops.value += 1
+    while time.time() < stop_at:
+        time.sleep(0.1)
+
+
+def _note_wait(max_wait, dt):
+    if dt > max_wait.value:
+        with max_wait.get_lock():
+            max_wait.value = max(max_wait.value, dt)
+
+
+def _logged_keys(logdir):
+    keys = []
+    for name in os.listdir(logdir):
+        with open(os.path.join(logdir, name)) as f:
+            keys += [line.strip() for line in f if line.endswith("\n")]
+    return keys
+
+
+def reader(rid, sock, logdir, ops, verified, corrupted, max_wait, stop_at):
+    from kvstore.client import Client
+    from kvstore.errors import StoreUnavailable
+    c = Client(sock, reconnect_timeout=60)
+    rng = random.Random(rid)
+    keys, refreshed = [], 0.0
+    while time.time() < stop_at:
+        if time.monotonic() - refreshed > 1.0:
+            keys, refreshed = _logged_keys(logdir), time.monotonic()
+        if not keys:
+            time.sleep(0.05)
+            continue
+        key = rng.choice(keys)
+        t0 = time.monotonic()
+        try:
+            v = c.get(key)
+        except StoreUnavailable:
+            continue
+        _note_wait(max_wait, time.monotonic() - t0)
+        if v is not None:
+            good = bytes(v) == payload(key, size_of(key))
+            c.release(key)
+            with (verified if good else corrupted).get_lock():
+                (verified if good else corrupted).value += 1
+        with ops.get_lock():
+            ops.value += 1
+
+
+def start_daemon(sock, data_dir, size, log):
+    p = subprocess.Popen([sys.executable, "-m", "kvstore.daemon", "--socket", sock, "--size", size,
+                          "--data-dir", data_dir, "--high-watermark", "1.0", "--low-watermark", "0.99",
+                          "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock) and time.monotonic() < deadline:
+        if p.poll() is not None:
+            sys.exit(f"soak: the daemon exited with {p.returncode}")
+        time.sleep(0.02)
+    return p
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--writers", type=int, default=2)
+    ap.add_argument("--readers", type=int, default=2)
+    ap.add_argument("--size", default="512MiB", help="segment size")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+    tmp = tempfile.mkdtemp(prefix="kvsoak-", dir="/dev/shm")
+    sock, data_dir, logdir = os.path.join(tmp, "kv.sock"), os.path.join(tmp, "data"), os.path.join(tmp, "keys")
+    os.makedirs(logdir)
+    dlog = open(os.path.join(tmp, "daemon.log"), "ab")
+    ctx = mp.get_context("spawn")
+    from kvstore.config import parse_size
+    budget = ctx.Value("q", int(parse_size(args.size) * 0.6))   # never needs eviction: all must survive
+    ops, verified, corrupted = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("q", 0)
+    max_wait = ctx.Value("d", 0.0)
+    stop_at = time.time() + args.seconds
+    daemon = start_daemon(sock, data_dir, args.size, dlog)
+    restarts = client_kills = 0
+    gens = {}
+
+    def spawn(kind, i):
+        if kind == "w":
+            gens[i] = gens.get(i, -1) + 1
+            return ctx.Process(target=writer, args=(i, gens[i], sock, logdir, budget, ops, max_wait, stop_at))
+        return ctx.Process(target=reader, args=(i, sock, logdir, ops, verified, corrupted, max_wait, stop_at))
+    workers = {("w", i): spawn("w", i) for i in range(args.writers)}
+    workers.update({("r", i): spawn("r", i) for i in range(args.readers)})
+    for p in workers.values():
+        p.start()
+    try:
+        while time.time() < stop_at - 2:
+            time.sleep(rng.uniform(1.0, 4.0))
+            if time.time() >= stop_at - 2:
+                break
+            if rng.random() < 0.5:
+                daemon.send_signal(signal.SIGKILL)
+                daemon.wait()
+                time.sleep(rng.uniform(0.1, 1.0))
+                daemon = start_daemon(sock, data_dir, args.size, dlog)
+                restarts += 1
+            else:
+                who = rng.choice(list(workers))
+                workers[who].kill()
+                workers[who].join()
+                workers[who] = spawn(*who)
+                workers[who].start()
+                client_kills += 1
+        for p in workers.values():
+            p.join(max(1.0, stop_at - time.time() + 30))
+            if p.is_alive():
+                p.kill()
+                p.join()
+        # Final account, with every soak client gone.
+        from kvstore.allocator import extent_size
+        from kvstore.client import Client
+        keys = _logged_keys(logdir)
+        lost = bad = 0
+        with Client(sock) as c:
+            for k in keys:
+                v = c.get(k)
+                if v is None:
+                    lost += 1
+                    continue
+                bad += bytes(v) != payload(k, size_of(k))
+                c.release(k)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:          # the daemon cleans up dead clients
+                st = c.stats()
+                if st["clients"] == 1 and st["creating"] == 0 and st["held_extents"] == 0 and not st["doomed"]:
+                    break
+                time.sleep(0.1)
+            sealed = 0
+            with c._index.env.begin(db=c._index.dbs.objects) as txn:
+                for _, raw in txn.cursor():
+                    sealed += extent_size(int.from_bytes(raw[8:16], "little"))
+            leaked = st["used"] - sealed
+            problems = c._index.check()
+        print(f"soak: {args.seconds:.0f} s, {args.writers} writers, {args.readers} readers, segment {args.size}")
+        print(f"  operations done        {ops.value}")
+        print(f"  daemon restarts        {restarts} (SIGKILL)")
+        print(f"  clients killed         {client_kills} (SIGKILL, respawned)")
+        print(f"  objects verified       {verified.value} reads during the run, {len(keys) - lost - bad} of {len(keys)} logged keys at the end")
+        print(f"  objects lost           {lost}")
+        print(f"  objects corrupted      {bad + corrupted.value}")
+        print(f"  bytes leaked           {leaked} (creating {st['creating']}, held {st['held_extents']}, doomed {st['doomed']})")
+        print(f"  index consistent       {'yes' if not problems else problems[0]}")
+        print(f"  longest client wait    {max_wait.value:.2f} s")
+        ok = lost == 0 and bad + corrupted.value == 0 and leaked == 0 and not problems \
+            and st["creating"] == 0 and st["held_extents"] == 0
+        return 0 if ok else 1
+    finally:
+        for p in workers.values():
+            if p.is_alive():
+                p.kill()
+        daemon.terminate()
+        daemon.wait(30)
+        subprocess.run([sys.executable, "-m", "kvstore.daemon", "--data-dir", data_dir, "--destroy"],
+                       capture_output=True, cwd=ROOT)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
