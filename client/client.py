@@ -26,9 +26,10 @@ import time
 import weakref
 
 import numpy as np
+import xxhash
 
 from kvstore import protocol
-from kvstore.errors import (ClientClosed, GetTimeout, InvalidSize, KVStoreError, NotSealed,
+from kvstore.errors import (ChecksumMismatch, ClientClosed, GetTimeout, InvalidSize, KVStoreError, NotSealed,
                             ObjectExists, ObjectNotFound, StoreUnavailable, ValueTooLarge)
 from kvstore.index import BEING_CREATED, MISS, SEALED, Index
 from kvstore.keys import encode_key, namespace_prefix, user_key
@@ -135,6 +136,10 @@ def _connect(sock, path, timeout):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.005)
+
+
+#: The checksum recorded at seal and verified by every copy and by recovery.
+_checksum = xxhash.xxh3_64_intdigest
 
 
 def _entry_at(entries, off):
@@ -366,7 +371,7 @@ class Client:
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
-            self._index.seal(self.cid, k)
+            self._index.seal(self.cid, k, self._segment_checksum)
             self._creating.pop(k, None)
 
     def abort(self, key):
@@ -412,7 +417,9 @@ class Client:
         rw = self._rw_view
         if n <= ONE_TXN_PUT:
             def write(off):
-                rw[off:off + n] = src
+                dst = rw[off:off + n]
+                dst[:] = src
+                return _checksum(dst)          # of the bytes as they lie in the segment
             off, state, sealed = self._index.create(self.cid, k, n, pin, sealed_data=write)
         else:
             # Large values are copied outside the index's write lock, then sealed.
@@ -425,7 +432,7 @@ class Client:
             self._creating[k] = (off, n)      # close() aborts it if even the abort below fails
             try:
                 rw[off:off + n] = src
-                self._index.seal(self.cid, k)
+                self._index.seal(self.cid, k, self._segment_checksum)
             except BaseException:
                 try:
                     self._index.abort(self.cid, k)
@@ -435,6 +442,9 @@ class Client:
                 raise
             self._creating.pop(k, None)
         return True
+
+    def _segment_checksum(self, off, size):
+        return _checksum(self._ro_view[off:off + size])
 
     def _check_fits(self, n):
         if n > self.segment_size:
@@ -539,6 +549,36 @@ class Client:
         if not entries:
             del self._held[k]
         return [(k, e[0])]
+
+    def read(self, key, out=None, timeout=None):
+        """A verified copy of the object: into ``out`` (any writable buffer of at least
+        its size; returns the number of bytes) or, without ``out``, as new bytes. None
+        on a miss. If the bytes no longer match the checksum recorded at seal, the
+        object is dropped (never served again) and ChecksumMismatch is raised."""
+        v = self.get(key, timeout)
+        if v is None:
+            return None
+        k = self._ns + encode_key(key)
+        try:
+            n = v.nbytes
+            if out is None:
+                data = bytes(v)
+                copy = memoryview(data)
+            else:
+                dst = memoryview(out).cast("B")
+                if dst.readonly or dst.nbytes < n:
+                    raise InvalidSize(f"read of {key!r}: out must be a writable buffer of at least {n} bytes")
+                dst[:n] = v
+                copy = dst[:n]
+            off = np.frombuffer(v, dtype=np.uint8).ctypes.data - self._ro_range[0] if n else None
+            rec = self._index.lookup(k)
+            if n and rec is not None and rec[0] == off and _checksum(copy) != rec[4]:
+                self._index.drop_if_at(k, off)
+                raise ChecksumMismatch(f"read of {key!r}: its bytes no longer match the checksum "
+                                       f"recorded at seal; it was dropped, put it again")
+            return data if out is None else n
+        finally:
+            self.release(key)
 
     def get_array(self, key, dtype=np.uint8, shape=None, timeout=None):
         """A read-only numpy array over the object (held until release), or None."""

@@ -25,6 +25,7 @@ import uuid
 from kvstore import protocol, segment
 from kvstore.errors import DaemonStartError, KVStoreError, ProtocolError
 from kvstore.index import Index, pid_start_time
+from kvstore.keys import user_key
 
 log = logging.getLogger("kvstore.daemon")
 
@@ -189,11 +190,29 @@ class Daemon:
             log.error("index of segment %s is inconsistent (%s); starting empty", seg_id, problems[0])
             self._fresh(self.segment)
             return
+        corrupt = self._verify_checksums()
         st = self.index.stats()
-        log.info("recovered %d objects (%d bytes) from %s in %.3f s; %d still being created by "
-                 "live clients; cleaned up after %d dead clients",
+        log.info("recovered %d objects (%d bytes) from %s in %.3f s, checksums verified; %d still "
+                 "being created by live clients; cleaned up after %d dead clients",
                  st["objects"] - st["creating"], st["used"], self.segment.path,
                  time.monotonic() - t0, st["creating"], dropped)
+        if corrupt:
+            log.warning("dropped %d objects whose bytes no longer matched their checksum: %s",
+                        len(corrupt), ", ".join(repr(user_key(k)) for k in corrupt[:5]))
+
+    def _verify_checksums(self):
+        """Check every sealed object against the checksum recorded at seal; drop those
+        that differ, so they are never served. Returns the keys dropped."""
+        import xxhash
+        m = self.segment.map(writable=False)
+        try:
+            view = memoryview(m)
+            bad = [(k, off) for k, off, size, csum in self.index.sealed_records()
+                   if xxhash.xxh3_64_intdigest(view[off:off + size]) != csum]
+            view.release()
+        finally:
+            m.close()
+        return [k for k, off in bad if self.index.drop_if_at(k, off)]
 
     def _listen(self):
         path = self.cfg.socket

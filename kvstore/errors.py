@@ -101,6 +101,12 @@ class ReadOnlyView(KVStoreError, TypeError):
     code = 23
 
 
+class ChecksumMismatch(KVStoreError):
+    """An object's bytes no longer match the checksum recorded at seal; it was dropped."""
+
+    code = 24
+
+
 class ProtocolError(KVStoreError):
     """A frame on the daemon's socket that is not a valid kvstore message."""
 
@@ -134,7 +140,7 @@ class DaemonStartError(KVStoreError):
 _BY_CODE = {cls.code: cls for cls in (
     KVStoreError, InvalidKey, InvalidKeyType, InvalidSize, ValueTooLarge, InvalidValue,
     ObjectExists, ObjectNotFound, AlreadySealed, NotCreator, NotSealed, StoreFull, IndexFull,
-    GetTimeout, ReadOnlyView, ProtocolError, ClientClosed, StoreUnavailable, ConfigError,
+    GetTimeout, ReadOnlyView, ChecksumMismatch, ProtocolError, ClientClosed, StoreUnavailable, ConfigError,
     DaemonStartError)}
 
 

@@ -286,7 +286,8 @@ class Index:
 
         Returns (offset, None, sealed) on success, or (None, state, False) when the key
         already exists (state SEALED or CREATING), changing nothing. With ``sealed_data``
-        (a callable given the offset that writes the bytes) the object is written and
+        (a callable given the offset that writes the bytes and returns their checksum)
+        the object is written and
         sealed in the same transaction, visible complete or not at all (sealed=True), but
         only into space that was free: if room had to be made by evicting, the bytes
         must not land in a victim's extent before the eviction commits (an abort would
@@ -304,9 +305,9 @@ class Index:
                 txn.put(key, _pack_rec(off, nbytes, cid, 0, 0, CREATING, flags), db=d.objects)
                 txn.put(_pack64(cid) + key, b"", db=d.creating)
                 return off, None, False
-            sealed_data(off)
+            csum = sealed_data(off)
             stamp = time.monotonic_ns()
-            txn.put(key, _pack_rec(off, nbytes, cid, stamp, 0, SEALED, flags), db=d.objects)
+            txn.put(key, _pack_rec(off, nbytes, cid, stamp, csum, SEALED, flags), db=d.objects)
             if not pinned:
                 txn.put(_pack64(stamp) + key, b"", db=d.lru)
             return off, None, True
@@ -324,10 +325,12 @@ class Index:
             raise NotCreator(f"{op} of {user_key(key)!r}: another client is creating it; only its creator may {op} it")
         return rec
 
-    def seal(self, cid, key):
+    def seal(self, cid, key, checksum_of):
+        """Seal an object this client created; checksum_of(offset, size) -> its checksum."""
         d = self.dbs
         with _Write(self.env) as txn:
-            off, size, creator, _, csum, _, flags = self._own_creation(txn, cid, key, "seal")
+            off, size, creator, _, _, _, flags = self._own_creation(txn, cid, key, "seal")
+            csum = checksum_of(off, size)
             stamp = time.monotonic_ns()
             txn.put(key, _pack_rec(off, size, creator, stamp, csum, SEALED, flags), db=d.objects)
             txn.delete(_pack64(cid) + key, db=d.creating)
@@ -401,6 +404,25 @@ class Index:
         with self.env.begin(db=self.dbs.objects) as txn:
             raw = txn.get(key)
         return None if raw is None else _unpack_rec(raw)
+
+    def drop_if_at(self, key, off):
+        """Drop the object under key if it still lives at off (a corrupt object found by
+        a reader or by recovery). Returns True if dropped."""
+        with _Write(self.env) as txn:
+            raw = txn.get(key, db=self.dbs.objects)
+            if raw is None:
+                return False
+            rec = _unpack_rec(raw)
+            if rec[0] != off or rec[5] != SEALED:
+                return False
+            self._drop(txn, key, rec)
+            return True
+
+    def sealed_records(self):
+        """[(key, offset, size, checksum)] of every sealed object (for recovery)."""
+        with self.env.begin(db=self.dbs.objects) as txn:
+            return [(k, r[0], r[1], r[4]) for k, r in
+                    ((k, _unpack_rec(v)) for k, v in txn.cursor()) if r[5] == SEALED]
 
     def lookup_many(self, keys):
         with self.env.begin(db=self.dbs.objects) as txn:
