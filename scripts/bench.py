@@ -108,14 +108,49 @@ def bench_size(c, nbytes, label, count):
     return rows, puts_per_s, objs_per_s
 
 
+def bench_recovery(size):
+    """Recovery time (index check + checksum verification of every object) after a
+    daemon SIGKILL, for growing numbers of 4 KiB objects: should grow about linearly."""
+    import re
+    import signal
+    print(f"{'objects':>8} {'recovery':>10} {'per object':>11}")
+    for n in (1000, 10000, 50000, 100000):
+        proc, sock, tmp = start_daemon(size, False)
+        try:
+            c = Client(sock)
+            payload = b"r" * 4096
+            c.put_many([b"rec-%d" % i for i in range(n)], [payload] * n)
+            c.close()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            log = os.path.join(tmp, "restart.log")
+            with open(log, "w") as f:
+                args = [sys.executable, "-m", "kvstore.daemon", "--socket", sock, "--size", size,
+                        "--data-dir", os.path.join(tmp, "data"), "--discard-on-exit"]
+                proc = subprocess.Popen(args, stderr=f)
+            while "ready" not in open(log).read():
+                time.sleep(0.05)
+            m = re.search(r"recovered (\d+) objects .* in ([\d.]+) s", open(log).read())
+            secs = float(m.group(2))
+            print(f"{int(m.group(1)):>8} {secs:>9.3f}s {secs / n * 1e6:>9.1f}us")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--socket", help="use a running daemon instead of starting one")
     ap.add_argument("--size", default="3GiB", help="segment size of the daemon started here")
     ap.add_argument("--hugepages", action="store_true", help="start the daemon on huge pages (root)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    ap.add_argument("--recovery", action="store_true",
+                    help="measure restart recovery after a daemon SIGKILL for growing object counts")
     args = ap.parse_args()
 
+    if args.recovery:
+        return bench_recovery(args.size)
     proc = tmp = None
     sock = args.socket
     if sock is None:

@@ -194,3 +194,18 @@ def test_checksums_catch_corruption_on_copy_and_on_recovery(make_daemon):
     with d.client() as fresh:
         assert not fresh.contains("b") and fresh.read("c") == b"c" * 100000
         assert fresh._index.check() == []
+
+
+def test_segment_removed_while_daemon_down_gives_a_clean_start(make_daemon):
+    import os
+    d = make_daemon(size="64MiB")
+    with d.client() as c:
+        c.put("x", b"1")
+        seg = c.stats()["segment_path"]
+    d.stop(signal.SIGKILL)
+    os.unlink(seg)                                    # e.g. an operator cleaned /dev/shm
+    d.start()
+    assert "of the previous daemon is gone (reboot?); starting empty" in d.read_log()
+    with d.client() as c:
+        assert not c.contains("x") and c.stats()["objects"] == 0
+        assert c.put("x", b"2") and c._index.check() == []
