@@ -2,7 +2,7 @@
 every client process.
 
 Owns: the schema and every transaction on it. Object records (key -> offset, size,
-creator, LRU stamp, checksum, state, flags), hold counts, creations in progress,
+creator, CLOCK stamp, xxh3-64 checksum computed by the sealing client, state, flags), hold counts, creations in progress,
 doomed extents (deleted while held), registered clients and store-wide counters.
 Clients run these transactions themselves (LMDB's robust writer lock serialises them
 across processes, and a writer killed mid-transaction leaves no trace), so a get or a
