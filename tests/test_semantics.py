@@ -348,3 +348,21 @@ def test_tensor_writes_that_slip_past_the_guard_never_crash_or_corrupt(daemon):
         c2 = Client(sys.argv[1])
         assert c2.get_array("t", "float32")[:4].tolist() == [-8.0, -7.0, -6.0, -5.0]
     """, daemon.socket)
+
+
+def test_reader_slot_of_a_client_killed_inside_a_read_txn_is_cleared(daemon):
+    p = run_py("""
+        import sys, time
+        from kvstore.client import Client
+        c = Client(sys.argv[1]); c.put("r", b"1")
+        txn = c._index.env.begin()          # killed while inside a read transaction
+        txn.get(b"anything")
+        print("reading", flush=True); time.sleep(60)
+    """, daemon.socket, background=True)
+    wait_line(p, "reading")
+    with daemon.client() as c:
+        assert str(p.pid) in c._index.env.readers()
+        p.kill()
+        p.wait()
+        wait_for(lambda: str(p.pid) not in c._index.env.readers(), timeout=10,
+                 what="the daemon's reader_check clearing the stale slot")
