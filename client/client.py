@@ -291,6 +291,18 @@ class Client:
             log.info("reconnected to %s after %.2f s", self._socket_path, time.monotonic() - t0)
             return
 
+    def _key(self, key):
+        """The index key for a caller's key; waits first if the daemon is being reconnected."""
+        if self._down:               # the watchdog is reconnecting
+            self._await_daemon()
+        return self._ns + encode_key(key)
+
+    def _keys(self, keys):
+        if self._down:
+            self._await_daemon()
+        ns = self._ns
+        return [ns + encode_key(k) for k in keys]
+
     def _await_daemon(self):
         if not self._up.wait(self.reconnect_timeout) and self._closed_why is None:
             raise StoreUnavailable(f"the daemon at {self._socket_path} has been unreachable for "
@@ -350,9 +362,7 @@ class Client:
     def create(self, key, nbytes, pin=False):
         """Reserve nbytes for key; returns a writable memoryview only this client sees
         until seal(). Raises ObjectExists if the key is sealed or being created."""
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
-        k = self._ns + encode_key(key)
+        k = self._key(key)
         nbytes = self._check_fits(_check_size(nbytes))
         with self._lock:
             if self._closed_why is not None:
@@ -365,9 +375,7 @@ class Client:
 
     def seal(self, key):
         """Make a created object immutable and visible to every client."""
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
-        k = self._ns + encode_key(key)
+        k = self._key(key)
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
@@ -376,9 +384,7 @@ class Client:
 
     def abort(self, key):
         """Give back an unsealed object's space."""
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
-        k = self._ns + encode_key(key)
+        k = self._key(key)
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
@@ -389,9 +395,7 @@ class Client:
         """Store value under key. Returns True if written, False if the key already
         existed (keys are content hashes: a repeat is normal and is not an error);
         with strict=True an existing key raises ObjectExists instead."""
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
-        k = self._ns + encode_key(key)
+        k = self._key(key)
         src = buffers.as_bytes_view(value)
         n = self._check_fits(src.nbytes)
         with self._lock:
@@ -401,11 +405,9 @@ class Client:
 
     def put_many(self, keys, values, strict=False, pin=False):
         """put() each pair; returns a list of bools (True = written)."""
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
         if len(keys) != len(values):
             raise InvalidSize(f"put_many got {len(keys)} keys and {len(values)} values; give one value per key")
-        ks = [self._ns + encode_key(k) for k in keys]
+        ks = self._keys(keys)
         srcs = [buffers.as_bytes_view(v) for v in values]
         ns = [self._check_fits(s.nbytes) for s in srcs]
         with self._lock:
@@ -469,9 +471,7 @@ class Client:
 
     def get_many(self, keys, timeout=None):
         """get() for many keys with one index transaction; a list of views or None."""
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
-        ks = [self._ns + encode_key(k) for k in keys]
+        ks = self._keys(keys)
         deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         out = [None] * len(ks)
         todo = list(range(len(ks)))
@@ -558,7 +558,7 @@ class Client:
         v = self.get(key, timeout)
         if v is None:
             return None
-        k = self._ns + encode_key(key)
+        k = self._key(key)
         try:
             n = v.nbytes
             if out is None:
@@ -636,9 +636,7 @@ class Client:
     def release_many(self, keys):
         """release() each key; raises ObjectNotFound, changing nothing, if any key is
         not held (as many times as it is named)."""
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
-        ks = [self._ns + encode_key(k) for k in keys]
+        ks = self._keys(keys)
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
@@ -658,18 +656,14 @@ class Client:
 
     def contains(self, key):
         """True if a sealed object exists under key (no hold is taken)."""
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
-        k = self._ns + encode_key(key)
+        k = self._key(key)
         if self._closed_why is not None:
             self._dead()
         return self._index.contains(k)
 
     def size_of(self, key):
         """Size in bytes of a sealed object, or None."""
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
-        k = self._ns + encode_key(key)
+        k = self._key(key)
         if self._closed_why is not None:
             self._dead()
         rec = self._index.lookup(k)
@@ -679,9 +673,7 @@ class Client:
     def delete(self, key):
         """Delete a sealed object; if clients hold it, its space is freed at the last
         release (it is invisible at once). Returns False if there was no sealed object."""
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
-        k = self._ns + encode_key(key)
+        k = self._key(key)
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
@@ -695,9 +687,7 @@ class Client:
         self._set_pinned(key, False)
 
     def _set_pinned(self, key, pinned):
-        if self._down:               # the watchdog is reconnecting
-            self._await_daemon()
-        k = self._ns + encode_key(key)
+        k = self._key(key)
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
