@@ -91,13 +91,23 @@ def _close_index(client, entry):
 
 def _watch(ref):
     """Watchdog thread of one client: sleeps in poll() on its control socket and, when
-    the daemon hangs up, reconnects. Holds only a weak reference between polls, so an
-    unreferenced client is still collected (and closed)."""
+    the daemon hangs up, retries the connection until it is back or the client closes.
+    Holds only a weak reference between polls and attempts, so an unreferenced client
+    is still collected (and closed), daemon or no daemon."""
     watched = poller = None
+    pause = 0.02
     while True:
         c = ref()
         if c is None or c._closed_why is not None:
             return
+        if c._down:
+            done = c._reconnect_once()
+            del c
+            if not done:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+            continue
+        pause = 0.02
         sock = c._sock
         del c
         if sock is not watched:
@@ -112,7 +122,7 @@ def _watch(ref):
         if c is None:
             return
         if events and c._closed_why is None and c._sock is sock:
-            c._reconnect()
+            c._went_away()
         del c
 
 
@@ -173,11 +183,14 @@ class Client:
         self._socket_path, self._namespace, self._timeout = socket_path, namespace, timeout
         self._ns = namespace_prefix(namespace)     # keys are scoped by namespace in the index
         self.reconnect_timeout = float(reconnect_timeout)
-        self._held = {}       # key -> [[offset, size, count], ...] (2+ only if replaced meanwhile)
+        self._held = {}       # key -> [[offset, size, count, checksum], ...] (2+ only if replaced meanwhile)
         self._creating = {}   # key -> (offset, size)
         self._lock = threading.Lock()
+        self._stats_lock = threading.Lock()
         self._pid = os.getpid()
         self._down = False    # the daemon hung up and the watchdog is reconnecting
+        self._down_since = 0.0
+        self._generation = 0  # bumped when the client moves to a fresh store
         self._up = threading.Event()
         self._entry, self._cow_fd = None, -1
         sock, body, fd = self._handshake(None)
@@ -253,43 +266,44 @@ class Client:
         if old_cow >= 0:
             os.close(old_cow)
 
-    def _reconnect(self):
-        """Called by the watchdog when the daemon hung up: retry until it is back (or
-        this client closes). Same store: the client keeps its id, holds and creations.
-        A fresh store: what this client held or was creating went with the old one."""
+    def _went_away(self):
         self._up.clear()
         self._down = True
-        t0, pause = time.monotonic(), 0.02
+        self._down_since = time.monotonic()
         log.warning("kvstore daemon at %s went away; reconnecting", self._socket_path)
-        while self._closed_why is None:
-            try:
-                sock, body, fd = self._handshake({"cid": self.cid, "segment_id": self.segment_id})
-            except KVStoreError:
-                time.sleep(pause)
-                pause = min(pause * 2, 0.5)
-                continue
-            try:
-                with self._lock:
-                    if self._closed_why is not None:
-                        sock.close()
-                        return
-                    if body["cid"] != self.cid or body["segment_id"] != self.segment_id:
-                        self._held.clear()
-                        self._creating.clear()
-                        self._attach(body, fd)
-                        log.warning("the daemon came back with a fresh store (or without this "
-                                    "client's registration): earlier holds and creations are gone")
-                    old, self._sock = self._sock, sock
-                    old.close()
-            except BaseException:
-                sock.close()
-                raise
-            finally:
-                os.close(fd)
-            self._down = False
-            self._up.set()
-            log.info("reconnected to %s after %.2f s", self._socket_path, time.monotonic() - t0)
-            return
+
+    def _reconnect_once(self):
+        """One reconnection attempt (the watchdog retries). Same store: the client keeps
+        its id, holds and creations. A fresh store: what this client held or was
+        creating went with the old one. Returns True once connected (or closed)."""
+        try:
+            sock, body, fd = self._handshake({"cid": self.cid, "segment_id": self.segment_id})
+        except Exception:
+            return self._closed_why is not None
+        try:
+            with self._lock:
+                if self._closed_why is not None:
+                    sock.close()
+                    return True
+                if body["cid"] != self.cid or body["segment_id"] != self.segment_id:
+                    self._attach(body, fd)
+                    self._held.clear()
+                    self._creating.clear()
+                    self._generation += 1
+                    log.warning("the daemon came back with a fresh store (or without this "
+                                "client's registration): earlier holds and creations are gone")
+                old, self._sock = self._sock, sock
+                old.close()
+        except Exception as e:               # e.g. the store changed again under us: retry
+            sock.close()
+            log.warning("reconnecting to %s failed (%s); retrying", self._socket_path, e)
+            return False
+        finally:
+            os.close(fd)
+        self._down = False
+        self._up.set()
+        log.info("reconnected to %s after %.2f s", self._socket_path, time.monotonic() - self._down_since)
+        return True
 
     def _key(self, key):
         """The index key for a caller's key; waits first if the daemon is being reconnected."""
@@ -328,6 +342,7 @@ class Client:
             if self._closed_why is not None:
                 return
             self._closed_why = "close() was called"
+            self._up.set()                       # callers waiting for the daemon: stop waiting
             try:
                 if self._held:
                     self._index.release(self.cid, [(k, e[0]) for k, es in self._held.items() for e in es])
@@ -371,7 +386,7 @@ class Client:
             if off is None:
                 raise ObjectExists(self._exists_msg(k, state, "create"))
             self._creating[k] = (off, nbytes)
-        return self._rw_view[off:off + nbytes]
+            return self._rw_view[off:off + nbytes]
 
     def seal(self, key):
         """Make a created object immutable and visible to every client."""
@@ -379,7 +394,10 @@ class Client:
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
-            self._index.seal(self.cid, k, self._segment_checksum)
+            off, size = self._creating.get(k, (None, 0))
+            # the bytes are private to their creator until seal: hash before the txn
+            csum = _checksum(self._ro_view[off:off + size]) if off is not None else 0
+            self._index.seal(self.cid, k, csum)
             self._creating.pop(k, None)
 
     def abort(self, key):
@@ -434,7 +452,7 @@ class Client:
             self._creating[k] = (off, n)      # close() aborts it if even the abort below fails
             try:
                 rw[off:off + n] = src
-                self._index.seal(self.cid, k, self._segment_checksum)
+                self._index.seal(self.cid, k, _checksum(self._ro_view[off:off + n]))
             except BaseException:
                 try:
                     self._index.abort(self.cid, k)
@@ -444,9 +462,6 @@ class Client:
                 raise
             self._creating.pop(k, None)
         return True
-
-    def _segment_checksum(self, off, size):
-        return _checksum(self._ro_view[off:off + size])
 
     def _check_fits(self, n):
         if n > self.segment_size:
@@ -500,22 +515,22 @@ class Client:
                     for i, r in zip(fetch, got):
                         if r is MISS:
                             continue
-                        off, size = r
-                        if off == BEING_CREATED:
-                            if size == self.cid:
+                        if r[0] == BEING_CREATED:
+                            if r[1] == self.cid:
                                 if extra:
                                     index.release(self.cid, extra)
                                 self._release_views(ks, out)
                                 raise NotSealed(f"get of {user_key(ks[i])!r}: this client is creating it; seal() it first")
                             waiting.append(i)
                             continue
+                        off, size, csum = r
                         entries = held.setdefault(ks[i], [])
                         e = _entry_at(entries, off)
                         if e is not None:      # the same key twice in one call
                             e[2] += 1
                             extra.append((ks[i], off))
                         else:
-                            entries.append([off, size, 1])
+                            entries.append([off, size, 1, csum])
                         out[i] = view[off:off + size]
                     if extra:
                         index.release(self.cid, extra)
@@ -559,8 +574,18 @@ class Client:
         if v is None:
             return None
         k = self._key(key)
+        n = v.nbytes
+        with self._lock:
+            # the checksum came with the hold, from the same transaction
+            addr = np.frombuffer(v, dtype=np.uint8).ctypes.data if n else None
+            entry = next((e for e in self._held.get(k, ())
+                          if not n or self._ro_range[0] + e[0] == addr), None)
+            generation = self._generation
+        if entry is None:                        # the client moved to a fresh store meanwhile
+            raise StoreUnavailable(f"read of {key!r}: the daemon switched to a fresh store "
+                                   f"during the read; retry")
+        off, csum = entry[0], entry[3]
         try:
-            n = v.nbytes
             if out is None:
                 data = bytes(v)
                 copy = memoryview(data)
@@ -570,15 +595,14 @@ class Client:
                     raise InvalidSize(f"read of {key!r}: out must be a writable buffer of at least {n} bytes")
                 dst[:n] = v
                 copy = dst[:n]
-            off = np.frombuffer(v, dtype=np.uint8).ctypes.data - self._ro_range[0] if n else None
-            rec = self._index.lookup(k)
-            if n and rec is not None and rec[0] == off and _checksum(copy) != rec[4]:
+            if _checksum(copy) != csum:
                 self._index.drop_if_at(k, off)
                 raise ChecksumMismatch(f"read of {key!r}: its bytes no longer match the checksum "
                                        f"recorded at seal; it was dropped, put it again")
             return data if out is None else n
         finally:
-            self.release(key)
+            if self._generation == generation:   # else the hold went with the old store
+                self.release(key)
 
     def get_array(self, key, dtype=np.uint8, shape=None, timeout=None):
         """A read-only numpy array over the object (held until release), or None."""
@@ -701,8 +725,15 @@ class Client:
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
-            try:
-                return protocol.request(self._sock, protocol.encode(protocol.STATS, {}),
-                                        protocol.STATS_REPLY)
-            except OSError as e:
-                raise StoreUnavailable(f"lost the daemon at {self._socket_path}: {e}") from None
+            sock = self._sock
+        try:
+            with self._stats_lock:               # not the data-path lock: gets and puts go on
+                return protocol.request(sock, protocol.encode(protocol.STATS, {}), protocol.STATS_REPLY)
+        except (OSError, KVStoreError) as e:
+            try:                                 # a late reply would desync the next request:
+                sock.shutdown(socket.SHUT_RDWR)  # drop the connection, the watchdog reconnects
+            except OSError:
+                pass
+            if isinstance(e, KVStoreError) and not isinstance(e, StoreUnavailable):
+                raise
+            raise StoreUnavailable(f"lost the daemon at {self._socket_path}: {e}") from None

@@ -24,7 +24,7 @@ import uuid
 
 from kvstore import protocol, segment
 from kvstore.errors import DaemonStartError, KVStoreError, ProtocolError
-from kvstore.index import Index, pid_start_time
+from kvstore.index import SCHEMA, Index, pid_start_time
 from kvstore.keys import user_key
 
 log = logging.getLogger("kvstore.daemon")
@@ -160,7 +160,11 @@ class Daemon:
         if desc is not None:
             schema, size, seg_id, path = desc
             seg = segment.reopen(path, size)
-            if seg is None:
+            if schema != SCHEMA:
+                log.warning("index schema %d is not this daemon's %d; starting empty", schema, SCHEMA)
+                if seg is not None:
+                    seg.destroy()
+            elif seg is None:
                 log.warning("segment %s of the previous daemon is gone (reboot?); starting empty", path)
             elif seg.size < self.cfg.size or seg.size - self.cfg.size >= (2 << 20):
                 log.warning("size changed from %d to %d bytes; starting empty", seg.size, self.cfg.size)
@@ -173,6 +177,12 @@ class Daemon:
         self._fresh(segment.create(self.cfg, name, self.file_mode))
 
     def _fresh(self, seg):
+        """Describe an empty store in brand-new index files. Never re-initialise the old
+        files in place: clients of the old store that have not reconnected yet would
+        then write into the new store with ids it may hand to someone else."""
+        self.index.close()
+        shutil.rmtree(self.index_path, ignore_errors=True)
+        self._open_index()
         self.segment = seg
         self.segment_id = uuid.uuid4().hex
         self.index.init_fresh(seg.size, self.segment_id, seg.path)

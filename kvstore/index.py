@@ -38,7 +38,7 @@ from .errors import (AlreadySealed, IndexFull, KVStoreError, NotCreator, ObjectN
 from .eviction import ClockPolicy
 from .keys import user_key
 
-SCHEMA = 1
+SCHEMA = 2      # 2: checksums recorded at seal
 CREATING, SEALED = 1, 2
 PINNED, REFERENCED = 1, 2       # record flags; REFERENCED: used since its last second chance
 
@@ -325,12 +325,11 @@ class Index:
             raise NotCreator(f"{op} of {user_key(key)!r}: another client is creating it; only its creator may {op} it")
         return rec
 
-    def seal(self, cid, key, checksum_of):
-        """Seal an object this client created; checksum_of(offset, size) -> its checksum."""
+    def seal(self, cid, key, csum):
+        """Seal an object this client created, recording its checksum."""
         d = self.dbs
         with _Write(self.env) as txn:
             off, size, creator, _, _, _, flags = self._own_creation(txn, cid, key, "seal")
-            csum = checksum_of(off, size)
             stamp = time.monotonic_ns()
             txn.put(key, _pack_rec(off, size, creator, stamp, csum, SEALED, flags), db=d.objects)
             txn.delete(_pack64(cid) + key, db=d.creating)
@@ -344,7 +343,8 @@ class Index:
             self._drop(txn, key, rec)
 
     def acquire(self, cid, keys):
-        """Hold each sealed key. Per key: (offset, size), MISS, or (BEING_CREATED, creator)."""
+        """Hold each sealed key. Per key: (offset, size, checksum), MISS, or
+        (BEING_CREATED, creator)."""
         d = self.dbs
         holders, objects = d.holders, d.objects
         cid8 = _pack64(cid)
@@ -357,14 +357,14 @@ class Index:
                 if raw is None:
                     append(MISS)
                     continue
-                off, size, creator, _, _, state, _ = _unpack_rec(raw)
+                off, size, creator, _, csum, state, _ = _unpack_rec(raw)
                 if state != SEALED:
                     append((BEING_CREATED, creator))
                     continue
                 off8 = _pack64(off)
                 cids = get(off8, db=holders)
                 put(off8, cid8 if cids is None else cids + cid8, db=holders)
-                append((off, size))
+                append((off, size, csum))
         return out
 
     def release(self, cid, items):

@@ -17,7 +17,7 @@ import struct
 
 from .errors import ProtocolError, StoreUnavailable, from_code
 
-VERSION = 1
+VERSION = 2     # 2: resume in HELLO, segment_id in WELCOME
 MAGIC = "kvstore"
 MAX_PAYLOAD = 64 << 10
 

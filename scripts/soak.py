@@ -38,6 +38,10 @@ def size_of(key):
     return SIZES[int(hashlib.md5(key.encode()).hexdigest(), 16) % len(SIZES)]
 
 
+# Counters are lock-free arrays with one slot per worker, written only by that worker
+# (and its respawned successor): a worker SIGKILLed while holding a shared lock would
+# otherwise deadlock everyone who reads the counter.
+
 def writer(wid, gen, sock, logdir, budget, ops, max_wait, stop_at):
     from kvstore.client import Client
     from kvstore.errors import StoreFull, StoreUnavailable
@@ -48,27 +52,19 @@ def writer(wid, gen, sock, logdir, budget, ops, max_wait, stop_at):
         key = f"w{wid}-{gen}-{n}"
         n += 1
         size = size_of(key)
-        with budget.get_lock():
-            if budget.value < size:
-                break
-            budget.value -= size
+        if budget[wid] < size:
+            break
+        budget[wid] -= size
         t0 = time.monotonic()
         try:
             c.put(key, payload(key, size))
         except (StoreFull, StoreUnavailable):
             continue
-        _note_wait(max_wait, time.monotonic() - t0)
+        max_wait[wid] = max(max_wait[wid], time.monotonic() - t0)
         log.write(key + "\n")
-        with ops.get_lock():
-            ops.value += 1
+        ops[wid] += 1
     while time.time() < stop_at:
         time.sleep(0.1)
-
-
-def _note_wait(max_wait, dt):
-    if dt > max_wait.value:
-        with max_wait.get_lock():
-            max_wait.value = max(max_wait.value, dt)
 
 
 def _logged_keys(logdir):
@@ -79,11 +75,11 @@ def _logged_keys(logdir):
     return keys
 
 
-def reader(rid, sock, logdir, ops, verified, corrupted, max_wait, stop_at):
+def reader(slot, sock, logdir, ops, verified, corrupted, max_wait, stop_at):
     from kvstore.client import Client
     from kvstore.errors import StoreUnavailable
     c = Client(sock, reconnect_timeout=60)
-    rng = random.Random(rid)
+    rng = random.Random(slot)
     keys, refreshed = [], 0.0
     while time.time() < stop_at:
         if time.monotonic() - refreshed > 1.0:
@@ -97,14 +93,14 @@ def reader(rid, sock, logdir, ops, verified, corrupted, max_wait, stop_at):
             v = c.get(key)
         except StoreUnavailable:
             continue
-        _note_wait(max_wait, time.monotonic() - t0)
+        max_wait[slot] = max(max_wait[slot], time.monotonic() - t0)
         if v is not None:
-            good = bytes(v) == payload(key, size_of(key))
+            if bytes(v) == payload(key, size_of(key)):
+                verified[slot] += 1
+            else:
+                corrupted[slot] += 1
             c.release(key)
-            with (verified if good else corrupted).get_lock():
-                (verified if good else corrupted).value += 1
-        with ops.get_lock():
-            ops.value += 1
+        ops[slot] += 1
 
 
 def start_daemon(sock, data_dir, size, log):
@@ -134,9 +130,11 @@ def main():
     dlog = open(os.path.join(tmp, "daemon.log"), "ab")
     ctx = mp.get_context("spawn")
     from kvstore.config import parse_size
-    budget = ctx.Value("q", int(parse_size(args.size) * 0.6))   # never needs eviction: all must survive
-    ops, verified, corrupted = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("q", 0)
-    max_wait = ctx.Value("d", 0.0)
+    slots = args.writers + args.readers          # writers use slots 0.., readers after them
+    # 60% of the segment in all: no eviction is ever needed, so every logged key must survive
+    budget = ctx.RawArray("q", [int(parse_size(args.size) * 0.6) // max(1, args.writers)] * slots)
+    ops, verified, corrupted = (ctx.RawArray("q", slots) for _ in range(3))
+    max_wait = ctx.RawArray("d", slots)
     stop_at = time.time() + args.seconds
     daemon = start_daemon(sock, data_dir, args.size, dlog)
     restarts = client_kills = 0
@@ -146,7 +144,8 @@ def main():
         if kind == "w":
             gens[i] = gens.get(i, -1) + 1
             return ctx.Process(target=writer, args=(i, gens[i], sock, logdir, budget, ops, max_wait, stop_at))
-        return ctx.Process(target=reader, args=(i, sock, logdir, ops, verified, corrupted, max_wait, stop_at))
+        return ctx.Process(target=reader, args=(args.writers + i, sock, logdir, ops, verified, corrupted,
+                                                max_wait, stop_at))
     workers = {("w", i): spawn("w", i) for i in range(args.writers)}
     workers.update({("r", i): spawn("r", i) for i in range(args.readers)})
     for p in workers.values():
@@ -200,16 +199,16 @@ def main():
             leaked = st["used"] - sealed
             problems = c._index.check()
         print(f"soak: {args.seconds:.0f} s, {args.writers} writers, {args.readers} readers, segment {args.size}")
-        print(f"  operations done        {ops.value}")
+        print(f"  operations done        {sum(ops)}")
         print(f"  daemon restarts        {restarts} (SIGKILL)")
         print(f"  clients killed         {client_kills} (SIGKILL, respawned)")
-        print(f"  objects verified       {verified.value} reads during the run, {len(keys) - lost - bad} of {len(keys)} logged keys at the end")
+        print(f"  objects verified       {sum(verified)} reads during the run, {len(keys) - lost - bad} of {len(keys)} logged keys at the end")
         print(f"  objects lost           {lost}")
-        print(f"  objects corrupted      {bad + corrupted.value}")
+        print(f"  objects corrupted      {bad + sum(corrupted)}")
         print(f"  bytes leaked           {leaked} (creating {st['creating']}, held {st['held_extents']}, doomed {st['doomed']})")
         print(f"  index consistent       {'yes' if not problems else problems[0]}")
-        print(f"  longest client wait    {max_wait.value:.2f} s")
-        ok = lost == 0 and bad + corrupted.value == 0 and leaked == 0 and not problems \
+        print(f"  longest client wait    {max(max_wait):.2f} s")
+        ok = lost == 0 and bad + sum(corrupted) == 0 and leaked == 0 and not problems \
             and st["creating"] == 0 and st["held_extents"] == 0
         return 0 if ok else 1
     finally:
