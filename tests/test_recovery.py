@@ -209,3 +209,65 @@ def test_segment_removed_while_daemon_down_gives_a_clean_start(make_daemon):
     with d.client() as c:
         assert not c.contains("x") and c.stats()["objects"] == 0
         assert c.put("x", b"2") and c._index.check() == []
+
+
+def test_restart_with_a_new_size_starts_fresh_in_new_files_and_clients_follow(make_daemon):
+    import os
+    d = make_daemon(size="64MiB")
+    index_file = os.path.join(d.data_dir, "index", "data.mdb")
+    with d.client() as c:
+        c.put("old", b"1")
+        inode = os.stat(index_file).st_ino
+        d.stop(signal.SIGKILL)
+        d.size = "32MiB"                                # a size change means a fresh store
+        d.start()
+        assert "size changed" in d.read_log()
+        assert os.stat(index_file).st_ino != inode      # new files: stale handles see the old store
+        wait_for(lambda: not c._down and c.segment_size == 32 << 20, timeout=15,
+                 what="the client moving to the fresh store")
+        assert c.put("new", b"2") and not c.contains("old")
+        with d.client() as other:
+            assert other.cid != c.cid and bytes(other.get("new")) == b"2"
+            assert other._index.check() == []
+
+
+def test_an_index_of_an_older_schema_is_not_adopted(make_daemon):
+    import os
+    from kvstore.index import SCHEMA, Index
+    d = make_daemon(size="64MiB")
+    with d.client() as c:
+        c.put("k", b"v")
+    d.stop()
+    idx = Index(os.path.join(d.data_dir, "index"), 64 << 20)
+    with idx.env.begin(write=True) as txn:
+        txn.put(b"schema", str(SCHEMA - 1).encode(), db=idx.dbs.meta)
+    idx.close()
+    d.start()
+    assert f"index schema {SCHEMA - 1} is not this daemon's {SCHEMA}; starting empty" in d.read_log()
+    with d.client() as c:
+        assert c.stats()["objects"] == 0 and c.put("k", b"v2")
+
+
+def test_close_wakes_a_call_waiting_for_the_daemon(make_daemon):
+    import threading
+    import time
+    from kvstore.errors import ClientClosed
+    d = make_daemon(size="64MiB")
+    c = d.client(reconnect_timeout=60)
+    c.put("k", b"v")
+    d.stop(signal.SIGKILL)
+    wait_for(lambda: c._down, what="the watchdog noticing")
+    got = {}
+
+    def waiter():
+        try:
+            c.get("k")
+        except Exception as e:
+            got["e"] = e
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    c.close()
+    t.join(10)
+    assert isinstance(got.get("e"), ClientClosed) and time.monotonic() - t0 < 3
