@@ -1,10 +1,12 @@
 """The per-host daemon: owner of the segment and the index, and of every client's life.
 
 Owns: start-up checks (data dir, one daemon per data dir and per socket, memory),
-creating or reopening the segment and the index, the control socket (hello with the
-segment fd, stats, ping), cleaning up after clients that disconnect or die (their
-holds released, their unsealed creations reclaimed), the watermark eviction sweep,
-and a clean stop on SIGTERM/SIGINT.
+creating the segment and the index or adopting those a previous daemon left (after a
+clean stop or a crash: dead clients cleaned up, every checksum verified, corrupt
+objects dropped; a fresh store always gets new index files), the control socket
+(hello with the segment fd, resuming reconnecting clients, stats, ping), cleaning up
+after clients that disconnect or die (their holds released, their unsealed creations
+reclaimed), the watermark eviction sweep, and a clean stop on SIGTERM/SIGINT.
 Must never: block on one client (all sockets are non-blocking, one selector loop),
 die because of what a client sends, or touch object bytes (clients read and write
 them directly in the segment).

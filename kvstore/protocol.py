@@ -5,7 +5,8 @@ payload of at most MAX_PAYLOAD bytes of UTF-8 JSON), every message type with its
 encode/decode pair, and the incremental FrameReader the daemon uses so that a peer
 sending garbage, a huge length prefix or half a frame never blocks or crashes it.
 The socket is the control plane only: hello (with the segment fd passed by
-SCM_RIGHTS), stats, ping. Object data and index operations never cross it.
+SCM_RIGHTS; a reconnecting client adds resume {cid, segment_id} to keep its id),
+stats, ping. A client's hang-up is how the daemon learns it is gone. Object data and index operations never cross it.
 Must never: allocate what a length prefix claims before checking it, or accept a
 payload that is not a JSON object.
 """
