@@ -26,7 +26,7 @@ import uuid
 
 from kvstore import protocol, segment
 from kvstore.errors import DaemonStartError, KVStoreError, ProtocolError
-from kvstore.index import SCHEMA, Index, pid_start_time
+from kvstore.index import SCHEMA, Index
 from kvstore.keys import user_key
 
 log = logging.getLogger("kvstore.daemon")
@@ -193,10 +193,9 @@ class Daemon:
         """Adopt the segment and index a previous daemon left (clean stop or crash)."""
         t0 = time.monotonic()
         dropped = 0
-        for cid, info in self.index.clients().items():
-            if pid_start_time(info["pid"]) != info["start"]:
-                self.index.drop_client(cid)
-                dropped += 1
+        for cid in self.index.dead_clients():
+            self.index.drop_client(cid)
+            dropped += 1
         problems = self.index.check()
         if problems:
             log.error("index of segment %s is inconsistent (%s); starting empty", seg_id, problems[0])
@@ -437,9 +436,7 @@ class Daemon:
             if conn.cid is None and now - conn.opened > HANDSHAKE_TIMEOUT:
                 self._close(conn, "no HELLO in time")
         by_cid = {c.cid: c for c in self.conns.values() if c.cid is not None}
-        for cid, info in self.index.clients().items():
-            if pid_start_time(info["pid"]) == info["start"]:
-                continue
+        for cid, info in self.index.dead_clients().items():
             conn = by_cid.get(cid)
             if conn is not None:        # its process died but a child inherited the socket
                 self._close(conn, "died (its socket lives on in a child)")

@@ -197,6 +197,11 @@ class Index:
             return {_U64.unpack(k)[0]: json.loads(v)
                     for k, v in txn.cursor(db=self.dbs.clients)}
 
+    def dead_clients(self):
+        """{cid: info} of registered clients whose process is gone (pid gone or reused)."""
+        return {cid: info for cid, info in self.clients().items()
+                if pid_start_time(info["pid"]) != info["start"]}
+
     def drop_client(self, cid):
         """Undo everything a gone client left: its holds and its unsealed creations.
 
