@@ -34,7 +34,7 @@ from kvstore.errors import (ChecksumMismatch, ClientClosed, GetTimeout, InvalidS
 from kvstore.index import BEING_CREATED, MISS, SEALED, Index
 from kvstore.keys import encode_key, namespace_prefix, user_key
 
-from . import buffers
+from . import buffers, device_copy
 
 log = logging.getLogger("kvstore.client")
 
@@ -155,6 +155,24 @@ def _connect(sock, path, timeout):
 _checksum = xxhash.xxh3_64_intdigest
 
 
+def _copy_out_and_hash(src, dsts):
+    """Copy src into the dsts one after another and return the checksum of src, a
+    cache-sized chunk at a time (each chunk is hashed while the copy left it in cache)."""
+    h = xxhash.xxh3_64()
+    n, pos = src.nbytes, 0
+    for d in dsts:
+        take = min(d.nbytes, n - pos)
+        for o in range(0, take, HASH_CHUNK):
+            e = min(take, o + HASH_CHUNK)
+            chunk = src[pos + o:pos + e]
+            d[o:e] = chunk
+            h.update(chunk)
+        pos += take
+        if pos >= n:
+            break
+    return h.intdigest()
+
+
 def _entry_at(entries, off):
     """The local hold entry [offset, size, count] at off, or None."""
     for e in entries:
@@ -262,6 +280,8 @@ class Client:
         self._rw_view, self._ro_view = memoryview(rw), memoryview(ro)
         base = np.frombuffer(ro, dtype=np.uint8).ctypes.data
         self._ro_range = (base, base + size)
+        base = np.frombuffer(rw, dtype=np.uint8).ctypes.data
+        self._rw_range = (base, base + size)
         buffers.register_readonly_range(*self._ro_range)   # kept after close: views may outlive us
         self._cow_fd, self._cow_view = cow_fd, None
         if old_entry is not None and old_entry is not entry:
@@ -415,34 +435,73 @@ class Client:
     def put(self, key, value, strict=False, pin=False):
         """Store value under key. Returns True if written, False if the key already
         existed (keys are content hashes: a repeat is normal and is not an error);
-        with strict=True an existing key raises ObjectExists instead."""
+        with strict=True an existing key raises ObjectExists instead.
+
+        value: bytes-like, a numpy array, a torch tensor (CPU, or CUDA: copied straight
+        into the pinned segment), a pyarrow Buffer, or a list/tuple of these, stored
+        one after another as one object."""
         k = self._key(key)
-        src = buffers.as_bytes_view(value)
-        n = self._check_fits(src.nbytes)
+        parts, n, on_device = self._parts(value)
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
-            return self._put_locked(k, src, n, strict, pin)
+            if not on_device:
+                return self._put_locked(k, parts, n, strict, pin)
+            return self._put_device_locked([k], [parts], [n], strict, pin)[0]
 
     def put_many(self, keys, values, strict=False, pin=False):
-        """put() each pair; returns a list of bools (True = written)."""
+        """put() each pair; returns a list of bools (True = written). Copies from CUDA
+        tensors are issued together and waited for once."""
         if len(keys) != len(values):
             raise InvalidSize(f"put_many got {len(keys)} keys and {len(values)} values; give one value per key")
         ks = self._keys(keys)
-        srcs = [buffers.as_bytes_view(v) for v in values]
-        ns = [self._check_fits(s.nbytes) for s in srcs]
+        parts_ns = [self._parts(v) for v in values]
         with self._lock:
             if self._closed_why is not None:
                 self._dead()
-            return [self._put_locked(k, s, n, strict, pin) for k, s, n in zip(ks, srcs, ns)]
+            out = [None] * len(ks)
+            dev = []
+            for i, (k, (parts, n, on_device)) in enumerate(zip(ks, parts_ns)):
+                if not on_device:
+                    out[i] = self._put_locked(k, parts, n, strict, pin)
+                else:
+                    dev.append(i)
+            if dev:
+                got = self._put_device_locked([ks[i] for i in dev], [parts_ns[i][0] for i in dev],
+                                              [parts_ns[i][1] for i in dev], strict, pin)
+                for i, g in zip(dev, got):
+                    out[i] = g
+            return out
 
-    def _put_locked(self, k, src, n, strict, pin):
+    def _parts(self, value):
+        """(pieces, total bytes, any on a device): flat byte memoryviews, and flat uint8
+        tensors for device tensors."""
+        if type(value) in (list, tuple):
+            parts = [self._part(v) for v in value]
+        else:
+            parts = [self._part(value)]
+        if len(parts) == 1 and type(parts[0]) is memoryview:
+            return parts, self._check_fits(parts[0].nbytes), False
+        on_device = any(type(p) is not memoryview for p in parts)
+        n = sum(p.nbytes if type(p) is memoryview else p.numel() for p in parts)
+        return parts, self._check_fits(n), on_device
+
+    @staticmethod
+    def _part(v):
+        if device_copy.is_device_tensor(v):
+            return device_copy.flat_bytes(v)
+        return buffers.as_bytes_view(v)
+
+    def _put_locked(self, k, parts, n, strict, pin):
         rw = self._rw_view
         if n <= ONE_TXN_PUT:
             def write(off):
-                dst = rw[off:off + n]
-                dst[:] = src
-                return _checksum(dst)          # of the bytes as they lie in the segment
+                pos = off
+                for p in parts:
+                    e = pos + p.nbytes
+                    rw[pos:e] = p
+                    pos = e
+                return _checksum(rw[off:off + n])   # of the bytes as they lie in the segment
             off, state, sealed = self._index.create(self.cid, k, n, pin, sealed_data=write)
         else:
             # Large values are copied outside the index's write lock, then sealed.
@@ -454,27 +513,81 @@ class Client:
         if not sealed:
             self._creating[k] = (off, n)      # close() aborts it if even the abort below fails
             try:
-                self._index.seal(self.cid, k, self._copy_and_hash(src, off, n))
+                self._index.seal(self.cid, k, self._copy_and_hash(parts, off))
             except BaseException:
-                try:
-                    self._index.abort(self.cid, k)
-                    self._creating.pop(k, None)
-                except KVStoreError:
-                    pass
+                self._abort_quietly(k)
                 raise
             self._creating.pop(k, None)
         return True
 
-    def _copy_and_hash(self, src, off, n):
-        """Copy src into the segment at off and return the checksum of what landed there,
-        a cache-sized chunk at a time: each chunk is hashed while still in cache, instead
-        of reading the whole value back from memory after the copy."""
+    def _put_device_locked(self, ks, partss, ns, strict, pin):
+        """Puts with device tensors among their parts: create every object, issue every
+        copy (non-blocking from the device into the pinned segment), wait once, then
+        hash and seal each. Anything created and not sealed is aborted on error."""
+        out = [False] * len(ks)
+        made = []
+        try:
+            for i, (k, n) in enumerate(zip(ks, ns)):
+                off, state, _ = self._index.create(self.cid, k, n, pin)
+                if off is None:
+                    if strict:
+                        raise ObjectExists(self._exists_msg(k, state, "put"))
+                    continue
+                self._creating[k] = (off, n)
+                made.append((i, k, off, n))
+            rw, ro = self._rw_view, self._ro_view
+            copies = device_copy.CopyBatch(self._mapping_of)
+            for i, k, off, n in made:
+                pos = off
+                for p in partss[i]:
+                    e = pos + (p.nbytes if type(p) is memoryview else p.numel())
+                    if type(p) is memoryview:
+                        rw[pos:e] = p
+                    else:
+                        copies.to_segment(rw[pos:e], p)
+                    pos = e
+            copies.wait()
+            while made:
+                i, k, off, n = made[0]
+                self._index.seal(self.cid, k, _checksum(ro[off:off + n]))
+                self._creating.pop(k, None)
+                made.pop(0)
+                out[i] = True
+        except BaseException:
+            for _, k, _, _ in made:
+                self._abort_quietly(k)
+            raise
+        return out
+
+    def _abort_quietly(self, k):
+        try:
+            self._index.abort(self.cid, k)
+            self._creating.pop(k, None)
+        except KVStoreError:
+            pass
+
+    def _mapping_of(self, view):
+        """(base address, size, read_only) of the segment mapping view lies in."""
+        addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        lo, hi = self._ro_range
+        if lo <= addr < hi:
+            return lo, hi - lo, True
+        return self._rw_range[0], self._rw_range[1] - self._rw_range[0], False
+
+    def _copy_and_hash(self, parts, off):
+        """Copy the parts into the segment from off and return the checksum of what
+        landed there, a cache-sized chunk at a time: each chunk is hashed while still in
+        cache, instead of reading the whole value back from memory after the copy."""
         rw, ro = self._rw_view, self._ro_view
         h = xxhash.xxh3_64()
-        for o in range(0, n, HASH_CHUNK):
-            e = min(n, o + HASH_CHUNK)
-            rw[off + o:off + e] = src[o:e]
-            h.update(ro[off + o:off + e])
+        pos = off
+        for src in parts:
+            n = src.nbytes
+            for o in range(0, n, HASH_CHUNK):
+                e = min(n, o + HASH_CHUNK)
+                rw[pos + o:pos + e] = src[o:e]
+                h.update(ro[pos + o:pos + e])
+            pos += n
         return h.intdigest()
 
     def _check_fits(self, n):
@@ -580,43 +693,109 @@ class Client:
         return [(k, e[0])]
 
     def read(self, key, out=None, timeout=None):
-        """A verified copy of the object: into ``out`` (any writable buffer of at least
-        its size; returns the number of bytes) or, without ``out``, as new bytes. None
-        on a miss. If the bytes no longer match the checksum recorded at seal, the
-        object is dropped (never served again) and ChecksumMismatch is raised."""
-        v = self.get(key, timeout)
-        if v is None:
-            return None
-        k = self._key(key)
-        n = v.nbytes
+        """A verified copy of the object: into ``out`` (returns the number of bytes) or,
+        without ``out``, as new bytes. None on a miss. ``out``: any writable buffer, a
+        numpy array or a torch tensor (CPU or CUDA) of at least the object's size, or a
+        list/tuple of these filled one after another. If the object's bytes no longer
+        match the checksum recorded at seal, it is dropped (never served again) and
+        ChecksumMismatch is raised."""
+        return self.read_many((key,), (out,), timeout)[0]
+
+    def read_many(self, keys, outs=None, timeout=None, errors="raise"):
+        """read() for many keys: one index transaction for the holds, one wait for the
+        device copies. ``errors="return"`` puts the exception of a failed key
+        (ChecksumMismatch, InvalidSize...) in its place instead of raising the first
+        one; the other keys are read either way."""
+        outs = (None,) * len(keys) if outs is None else outs
+        if len(outs) != len(keys):
+            raise InvalidSize(f"read_many got {len(keys)} keys and {len(outs)} outs; give one out per key")
+        views = self.get_many(keys, timeout)
+        ks = self._keys(keys)
+        results = [None] * len(ks)
         with self._lock:
             # the checksum came with the hold, from the same transaction
-            addr = np.frombuffer(v, dtype=np.uint8).ctypes.data if n else None
-            entry = next((e for e in self._held.get(k, ())
-                          if not n or self._ro_range[0] + e[0] == addr), None)
-            generation = self._generation
-        if entry is None:                        # the client moved to a fresh store meanwhile
-            raise StoreUnavailable(f"read of {key!r}: the daemon switched to a fresh store "
-                                   f"during the read; retry")
-        off, csum = entry[0], entry[3]
+            generation, holds = self._generation, []
+            for i, v in enumerate(views):
+                if v is not None:
+                    holds.append((i, self._held_entry(ks[i], v)))
+        copies = device_copy.CopyBatch(self._mapping_of)
         try:
-            if out is None:
-                data = bytes(v)
-                copy = memoryview(data)
-            else:
-                dst = memoryview(out).cast("B")
-                if dst.readonly or dst.nbytes < n:
-                    raise InvalidSize(f"read of {key!r}: out must be a writable buffer of at least {n} bytes")
-                dst[:n] = v
-                copy = dst[:n]
-            if _checksum(copy) != csum:
-                self._index.drop_if_at(k, off)
-                raise ChecksumMismatch(f"read of {key!r}: its bytes no longer match the checksum "
-                                       f"recorded at seal; it was dropped, put it again")
-            return data if out is None else n
+            for i, entry in holds:
+                if entry is None:                 # the client moved to a fresh store meanwhile
+                    results[i] = StoreUnavailable(f"read of {keys[i]!r}: the daemon switched to a fresh "
+                                                  f"store during the read; retry")
+                    continue
+                try:
+                    results[i] = self._copy_out(keys[i], views[i], outs[i], entry, copies)
+                except KVStoreError as e:
+                    if isinstance(e, ChecksumMismatch):
+                        self._index.drop_if_at(ks[i], entry[0])
+                    results[i] = e
+            copies.wait()
         finally:
-            if self._generation == generation:   # else the hold went with the old store
-                self.release(key)
+            if self._generation == generation:    # else the holds went with the old store
+                self.release_many([keys[i] for i, _ in holds])
+        if errors == "raise":
+            for r in results:
+                if isinstance(r, Exception):
+                    raise r
+        return results
+
+    def _held_entry(self, k, v):
+        n = v.nbytes
+        addr = np.frombuffer(v, dtype=np.uint8).ctypes.data if n else None
+        return next((e for e in self._held.get(k, ()) if not n or self._ro_range[0] + e[0] == addr), None)
+
+    def _copy_out(self, key, v, out, entry, copies):
+        """Copy view v into out (None: new bytes), verifying its checksum."""
+        n, csum = v.nbytes, entry[3]
+        if out is None:
+            data = bytes(v)
+            if _checksum(data) != csum:
+                raise self._corrupt(key)
+            return data
+        targets = [self._target(key, o) for o in (out if type(out) in (list, tuple) else (out,))]
+        room = sum(t.nbytes if type(t) is memoryview else t.numel() for t in targets)
+        if room < n:
+            raise InvalidSize(f"read of {key!r}: out has room for {room} bytes, the object has {n}; "
+                              f"pass a buffer of at least {n} bytes (size_of() tells)")
+        if all(type(t) is memoryview for t in targets):
+            if _copy_out_and_hash(v, targets) != csum:
+                raise self._corrupt(key)
+            return n
+        # device targets: verify the source first, then copy without waiting
+        if _checksum(v) != csum:
+            raise self._corrupt(key)
+        pos = 0
+        for t in targets:
+            if pos >= n:
+                break
+            take = min(n - pos, t.nbytes if type(t) is memoryview else t.numel())
+            if type(t) is memoryview:
+                t[:take] = v[pos:pos + take]
+            else:
+                copies.from_segment(t[:take], v[pos:pos + take])
+            pos += take
+        return n
+
+    @staticmethod
+    def _target(key, o):
+        if device_copy.is_device_tensor(o):
+            return device_copy.flat_bytes(o)
+        try:
+            if device_copy.is_tensor(o):
+                o = device_copy.flat_bytes(o).numpy()
+            dst = memoryview(o).cast("B")
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise InvalidSize(f"read of {key!r}: out must be a writable contiguous buffer or tensor ({e})") from None
+        if dst.readonly:
+            raise InvalidSize(f"read of {key!r}: out is read-only; pass a writable buffer")
+        return dst
+
+    @staticmethod
+    def _corrupt(key):
+        return ChecksumMismatch(f"read of {key!r}: its bytes no longer match the checksum "
+                                f"recorded at seal; it was dropped, put it again")
 
     def get_array(self, key, dtype=np.uint8, shape=None, timeout=None):
         """A read-only numpy array over the object (held until release), or None."""
