@@ -8,8 +8,9 @@ setup(
     python_requires=">=3.10",
     # The card's top-level folders daemon/ and client/ install inside the package, so
     # users write `from kvstore.client import Client` (a top-level `daemon` would clash).
-    packages=["kvstore", "kvstore.daemon", "kvstore.client"],
-    package_dir={"kvstore": "kvstore", "kvstore.daemon": "daemon", "kvstore.client": "client"},
+    packages=["kvstore", "kvstore.daemon", "kvstore.client", "kvstore.client.adapters"],
+    package_dir={"kvstore": "kvstore", "kvstore.daemon": "daemon", "kvstore.client": "client",
+                 "kvstore.client.adapters": "client/adapters"},
     install_requires=[
         "lmdb>=1.4",        # the index: multi-process, crash-safe, ~1 us reads
         "posix_ipc>=1.1",   # the /dev/shm segment when huge pages cannot be had
