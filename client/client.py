@@ -289,6 +289,11 @@ class Client:
         if old_cow >= 0:
             os.close(old_cow)
 
+    @property
+    def connected(self):
+        """False while the daemon is away (the client is reconnecting by itself) or after close()."""
+        return self._closed_why is None and not self._down
+
     def _went_away(self):
         self._up.clear()
         self._down = True
@@ -885,6 +890,14 @@ class Client:
             self._dead()
         rec = self._index.lookup(k)
         return rec[1] if rec is not None and rec[5] == SEALED else None
+
+    def keys(self):
+        """The keys (bytes) of every sealed object in this client's namespace."""
+        if self._down:
+            self._await_daemon()
+        if self._closed_why is not None:
+            self._dead()
+        return [user_key(k) for k in self._index.sealed_keys(self._ns)]
 
     # ---- removing and pinning ---------------------------------------------------------
     def delete(self, key):

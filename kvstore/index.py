@@ -429,6 +429,19 @@ class Index:
             return [(k, r[0], r[1], r[4]) for k, r in
                     ((k, _unpack_rec(v)) for k, v in txn.cursor()) if r[5] == SEALED]
 
+    def sealed_keys(self, prefix):
+        """Keys of the sealed objects whose index key starts with prefix (a namespace)."""
+        out = []
+        with self.env.begin(db=self.dbs.objects) as txn:
+            cur = txn.cursor()
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if not k.startswith(prefix):
+                        break
+                    if v[-2] == SEALED:
+                        out.append(k)
+        return out
+
     def lookup_many(self, keys):
         with self.env.begin(db=self.dbs.objects) as txn:
             get = txn.get

@@ -1,0 +1,484 @@
+"""A Mooncake-compatible facade: ``MooncakeDistributedStore`` over the local kvstore daemon.
+
+Code written against Mooncake's store (``from mooncake.store import
+MooncakeDistributedStore``) runs against kvstore by changing that one import to
+``from kvstore.client.mooncake import MooncakeDistributedStore``.
+
+Owns: Mooncake's method names, argument orders and return codes (0 or a count on
+success, the negative codes of ``ErrorCode`` on failure), mapped onto one
+kvstore.client.Client; the buffers registered with ``register_buffer``; and reading
+Mooncake's configuration (``setup`` arguments, a dict, a mooncake.json file,
+``MOONCAKE_CONFIG_PATH``).
+
+How Mooncake's setup maps onto a local daemon:
+- ``master_server_addr`` names the daemon's socket when it is a path, ``unix:PATH`` or
+  ``kvstore:PATH``. A Mooncake master address (``host:port``) means "the local daemon":
+  the socket from ``KVSTORE_SOCKET`` or /tmp/kvstore.sock, and the log says so.
+- ``local_hostname``, ``metadata_server``, ``protocol`` and ``rdma_devices`` are
+  validated as strings and otherwise unused: there is one host and no transfer engine.
+- ``global_segment_size`` and ``local_buffer_size`` are the daemon's business (its
+  ``--size``); they are validated as non-negative ints. No local staging buffer is
+  needed: put_from and get_into copy once, between the caller's buffer and the segment.
+- setup connects at once, so a wrong address fails at setup with -900 and a log line
+  naming the socket, not at the first put.
+
+Semantics kept from Mooncake: a put of an existing key returns 0 and keeps the first
+value (and logs nothing); get of a missing key returns b''; get_into returns the bytes
+read, -704 for a missing key; is_exist returns 1, 0 or a negative code. Data methods
+never raise on bad input: they return -600 and keep the typed kvstore error in
+``last_error`` (and log it at warning). Pointers passed to put_from/get_into must lie
+inside a registered buffer, as with Mooncake's transfer engine; ``register_buffer``
+checks in /proc/self/maps that the whole range is mapped read-write in this process,
+so a stray pointer is a -600 and never a segfault.
+Must never: copy more than once between a registered buffer and the segment, touch
+memory outside a registered buffer, log an existing key or a miss as an error, or let
+a failed transfer look like a success.
+"""
+
+import bisect
+import ctypes
+import json
+import logging
+import os
+import re
+import threading
+
+from kvstore.errors import (ChecksumMismatch, InvalidKey, InvalidKeyType, InvalidSize, InvalidValue, KVStoreError,
+                            ObjectExists, StoreFull, StoreUnavailable, ValueTooLarge)
+
+log = logging.getLogger("kvstore.mooncake")
+
+DEFAULT_SOCKET = "/tmp/kvstore.sock"
+
+
+class ErrorCode:
+    """Mooncake's error codes (the subset kvstore can produce, plus the lease codes)."""
+    OK = 0
+    NO_AVAILABLE_HANDLE = -200       # out of space
+    INVALID_PARAMS = -600
+    OBJECT_NOT_FOUND = -704
+    OBJECT_ALREADY_EXISTS = -705
+    OBJECT_HAS_LEASE = -706
+    LEASE_EXPIRED = -707
+    TRANSFER_FAIL = -800
+    CHECKSUM_MISMATCH = -801
+    RPC_FAIL = -900
+
+
+def _code_of(e):
+    if isinstance(e, StoreFull):
+        return ErrorCode.NO_AVAILABLE_HANDLE
+    if isinstance(e, ChecksumMismatch):
+        return ErrorCode.CHECKSUM_MISMATCH
+    if isinstance(e, ObjectExists):
+        return ErrorCode.OBJECT_ALREADY_EXISTS
+    if isinstance(e, StoreUnavailable):
+        return ErrorCode.RPC_FAIL
+    if isinstance(e, (InvalidKey, InvalidKeyType, InvalidSize, InvalidValue, ValueTooLarge, TypeError, ValueError)):
+        return ErrorCode.INVALID_PARAMS
+    return ErrorCode.TRANSFER_FAIL
+
+
+class ReplicateConfig:
+    """Mooncake's replication options. One host has one replica; ``with_hard_pin``
+    pins the object (never evicted until removed); the other fields are accepted."""
+
+    def __init__(self, replica_num=1, with_soft_pin=False, with_hard_pin=False, preferred_segment="",
+                 soft_pin_action=None, preferred_segments=None):
+        self.replica_num, self.with_soft_pin, self.with_hard_pin = replica_num, with_soft_pin, with_hard_pin
+        self.preferred_segment, self.soft_pin_action = preferred_segment, soft_pin_action
+        self.preferred_segments = list(preferred_segments or [])
+
+
+def load_config(path=None):
+    """A mooncake.json-style config as a dict: from path, else from MOONCAKE_CONFIG_PATH.
+    Raises InvalidValue naming the file and what is wrong."""
+    path = path or os.environ.get("MOONCAKE_CONFIG_PATH")
+    if not path:
+        raise InvalidValue("no config file: pass a path or set MOONCAKE_CONFIG_PATH to a mooncake.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise InvalidValue(f"cannot read the Mooncake config {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise InvalidValue(f"the Mooncake config {path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise InvalidValue(f"the Mooncake config {path} must be a JSON object")
+    return cfg
+
+
+def daemon_socket(master_server_addr):
+    """The daemon socket a Mooncake master address names (see the module docstring)."""
+    addr = (master_server_addr or "").strip()
+    for scheme in ("kvstore://", "kvstore:", "unix://", "unix:"):
+        if addr.startswith(scheme):
+            return addr[len(scheme):]
+    if addr.startswith("/") or addr.startswith("."):
+        return addr
+    sock = os.environ.get("KVSTORE_SOCKET", DEFAULT_SOCKET)
+    if addr:
+        log.info("master_server_address %r is a Mooncake master address; kvstore uses the local "
+                 "daemon at %s (name a socket path there to choose another)", addr, sock)
+    return sock
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?i?B?)?\s*$", re.I)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size_field(name, v):
+    """Mooncake sizes are ints, or strings such as "4GB" in its JSON; >= 0."""
+    if isinstance(v, bool):
+        raise InvalidValue(f"{name} must be a size in bytes, not {v!r}")
+    if isinstance(v, int):
+        n = v
+    elif isinstance(v, str) and _SIZE_RE.match(v):
+        m = _SIZE_RE.match(v)
+        n = int(m.group(1)) * _UNITS[(m.group(2) or "").upper()[:1]]
+    else:
+        raise InvalidValue(f"{name} must be a size in bytes (an int or e.g. \"4GB\"), not {v!r}")
+    if n < 0:
+        raise InvalidValue(f"{name} must not be negative ({n})")
+    return n
+
+
+def _mapped_rw(ptr, size):
+    """True if [ptr, ptr+size) lies in read-write mappings of this process."""
+    end, pos = ptr + size, ptr
+    try:
+        with open("/proc/self/maps") as f:
+            spans = []
+            for line in f:
+                rng, perms = line.split(None, 2)[:2]
+                lo, hi = (int(x, 16) for x in rng.split("-"))
+                if perms.startswith("rw"):
+                    spans.append((lo, hi))
+    except OSError:
+        return False
+    for lo, hi in sorted(spans):
+        if lo <= pos < hi:
+            pos = hi
+            if pos >= end:
+                return True
+    return False
+
+
+class _Buffer:
+    __slots__ = ("ptr", "size", "view")
+
+    def __init__(self, ptr, size):
+        self.ptr, self.size = ptr, size
+        self.view = memoryview((ctypes.c_ubyte * size).from_address(ptr)).cast("B")
+
+
+class MooncakeDistributedStore:
+    """Mooncake's store API on the local kvstore daemon (see the module docstring)."""
+
+    def __init__(self):
+        self._client = None
+        self._buffers = []        # registered buffers sorted by ptr
+        self._starts = []
+        self._lock = threading.Lock()
+        self.last_error = None    # the typed kvstore error behind the last negative code
+
+    # ---- setup -------------------------------------------------------------------------
+    def setup(self, local_hostname=None, metadata_server=None, global_segment_size=3355443200,
+              local_buffer_size=1073741824, protocol="tcp", rdma_devices="", master_server_addr="",
+              *rest, **kw):
+        """Connect to the local daemon. Positional Mooncake arguments, or one dict (the
+        keys of mooncake.json), or nothing (reads MOONCAKE_CONFIG_PATH). 0 or a code."""
+        try:
+            if isinstance(local_hostname, dict):
+                cfg = dict(local_hostname)
+            elif local_hostname is None and metadata_server is None:
+                cfg = load_config()
+            else:
+                cfg = {"local_hostname": local_hostname, "metadata_server": metadata_server,
+                       "global_segment_size": global_segment_size, "local_buffer_size": local_buffer_size,
+                       "protocol": protocol, "device_name": rdma_devices,
+                       "master_server_address": master_server_addr}
+            cfg.update(kw)
+            return self._setup_from(cfg)
+        except KVStoreError as e:
+            return self._fail(e, "setup")
+
+    def setup_from_file(self, path=None):
+        """setup() from a mooncake.json file (default: MOONCAKE_CONFIG_PATH)."""
+        try:
+            return self._setup_from(load_config(path))
+        except KVStoreError as e:
+            return self._fail(e, "setup")
+
+    def setup_dummy(self, mem_pool_size=0, local_buffer_size=0, server_address=""):
+        """SGLang's standalone mode: server_address names the daemon (as master_server_addr)."""
+        try:
+            return self._setup_from({"global_segment_size": mem_pool_size, "local_buffer_size": local_buffer_size,
+                                     "master_server_address": server_address})
+        except KVStoreError as e:
+            return self._fail(e, "setup_dummy")
+
+    def _setup_from(self, cfg):
+        for name in ("local_hostname", "metadata_server", "protocol", "device_name", "rdma_devices",
+                     "master_server_address", "master_server_addr", "kvstore_socket"):
+            if cfg.get(name) is not None and not isinstance(cfg[name], str):
+                raise InvalidValue(f"{name} must be a string, not {type(cfg[name]).__name__}")
+        for name in ("global_segment_size", "local_buffer_size"):
+            if cfg.get(name) is not None:
+                _size_field(name, cfg[name])
+        sock = cfg.get("kvstore_socket") or daemon_socket(
+            cfg.get("master_server_address") or cfg.get("master_server_addr") or "")
+        from kvstore.client import Client
+        client = Client(sock, namespace=cfg.get("kvstore_namespace", "") or "")
+        with self._lock:
+            old, self._client = self._client, client
+        if old is not None:
+            old.close()
+        self.last_error = None
+        return ErrorCode.OK
+
+    def close(self):
+        with self._lock:
+            c, self._client = self._client, None
+        if c is not None:
+            c.close()
+        return ErrorCode.OK
+
+    def health_check(self):
+        """0: connected to a live daemon; 1: not set up or closed; 2: the daemon is unreachable."""
+        c = self._client
+        if c is None:
+            return 1
+        if not c.connected:
+            return 2
+        try:
+            c.stats()
+            return 0
+        except KVStoreError as e:
+            self.last_error = e
+            return 2
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _fail(self, e, op):
+        self.last_error = e
+        code = _code_of(e)
+        log.warning("%s failed (%d): %s", op, code, e)
+        return code
+
+    def _c(self):
+        c = self._client
+        if c is None:
+            raise StoreUnavailable("the store is not set up: call setup() first (or it was closed)")
+        return c
+
+    def _run(self, op, fn):
+        try:
+            return fn(self._c())
+        except KVStoreError as e:
+            return self._fail(e, op)
+        except (TypeError, ValueError) as e:       # wrong argument types from the caller
+            return self._fail(InvalidValue(f"{op}: {e}"), op)
+
+    @staticmethod
+    def _pin(config):
+        return bool(config is not None and getattr(config, "with_hard_pin", False))
+
+    def _put_code(self, c, key, value, config):
+        c.put(key, value, pin=self._pin(config))   # an existing key: False, and that is a success
+        return ErrorCode.OK
+
+    # ---- put / get ---------------------------------------------------------------------
+    def put(self, key, value, config=None):
+        """Store bytes-like value; 0 (also if the key exists: the first value is kept)."""
+        return self._run("put", lambda c: self._put_code(c, key, value, config))
+
+    def put_batch(self, keys, values, config=None):
+        """put() each pair; 0, or the first error's code."""
+        def go(c):
+            if len(keys) != len(values):
+                raise InvalidSize(f"put_batch got {len(keys)} keys and {len(values)} values")
+            c.put_many(list(keys), list(values), pin=self._pin(config))
+            return ErrorCode.OK
+        return self._run("put_batch", go)
+
+    def put_parts(self, key, *parts, config=None):
+        """Mooncake's put_parts: the parts stored one after another as one object."""
+        return self._run("put_parts", lambda c: self._put_code(c, key, list(parts), config))
+
+    def get(self, key):
+        """The object's bytes; b'' on a miss or an error (last_error tells which)."""
+        r = self._run("get", lambda c: c.read(key))
+        return r if isinstance(r, bytes) else b""
+
+    def get_batch(self, keys):
+        def go(c):
+            return [r if isinstance(r, bytes) else b"" for r in self._read_results(c, keys, None)]
+        r = self._run("get_batch", go)
+        return r if isinstance(r, list) else [b""] * len(keys)
+
+    def _read_results(self, c, keys, outs):
+        rs = c.read_many(list(keys), outs, errors="return")
+        for r in rs:
+            if isinstance(r, KVStoreError):
+                self._fail(r, "get")
+        return rs
+
+    # ---- registered buffers ------------------------------------------------------------
+    def register_buffer(self, ptr, size):
+        """Register [ptr, ptr+size) for put_from/get_into; 0 or -600 if it is not memory
+        mapped read-write in this process (a device pointer, a freed or bogus address)."""
+        try:
+            ptr, size = int(ptr), int(size)
+        except (TypeError, ValueError):
+            return self._fail(InvalidValue(f"register_buffer needs int ptr and size, not {ptr!r}, {size!r}"),
+                              "register_buffer")
+        if ptr <= 0 or size <= 0 or not _mapped_rw(ptr, size):
+            return self._fail(InvalidValue(
+                f"register_buffer: [{ptr:#x}, +{size}) is not host memory mapped read-write in this "
+                f"process; register a CPU buffer you own (for GPU tensors use kvstore.client.Client, "
+                f"which copies them through the pinned segment)"), "register_buffer")
+        with self._lock:
+            i = bisect.bisect_left(self._starts, ptr)
+            self._starts.insert(i, ptr)
+            self._buffers.insert(i, _Buffer(ptr, size))
+        return ErrorCode.OK
+
+    def unregister_buffer(self, ptr):
+        """0, or -600 if ptr is not the start of a registered buffer."""
+        with self._lock:
+            for i, b in enumerate(self._buffers):
+                if b.ptr == ptr:
+                    del self._buffers[i], self._starts[i]
+                    return ErrorCode.OK
+        return self._fail(InvalidValue(f"unregister_buffer: {ptr!r} is not a registered buffer's start"),
+                          "unregister_buffer")
+
+    def _view(self, ptr, size):
+        """A memoryview of [ptr, ptr+size) inside a registered buffer, or InvalidValue."""
+        if type(ptr) is not int or type(size) is not int or size < 0:
+            raise InvalidValue(f"ptr and size must be ints >= 0, not {ptr!r}, {size!r}")
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        bufs = self._buffers
+        while i >= 0:
+            b = bufs[i]
+            if ptr + size <= b.ptr + b.size:
+                o = ptr - b.ptr
+                return b.view[o:o + size]
+            i -= 1
+        raise InvalidValue(f"[{ptr:#x}, +{size}) is not inside a registered buffer; register_buffer() it first")
+
+    def put_from(self, key, buffer_ptr, size, config=None):
+        """Store size bytes at buffer_ptr (inside a registered buffer): one copy into the segment."""
+        return self._run("put_from", lambda c: self._put_code(c, key, self._view(buffer_ptr, size), config))
+
+    def get_into(self, key, buffer_ptr, size):
+        """Copy the object into the registered buffer at buffer_ptr: the bytes read, -704 on
+        a miss, -600 if it does not fit, -801 if it failed its checksum (and was dropped)."""
+        def go(c):
+            r = c.read(key, out=self._view(buffer_ptr, size))
+            return ErrorCode.OBJECT_NOT_FOUND if r is None else r
+        return self._run("get_into", go)
+
+    def batch_put_from(self, keys, buffer_ptrs, sizes, config=None):
+        """put_from() each; a list of codes."""
+        return self.batch_put_from_multi_buffers(keys, [[p] for p in buffer_ptrs], [[s] for s in sizes], config) \
+            if len(keys) == len(buffer_ptrs) == len(sizes) else self._bad_batch("batch_put_from", keys)
+
+    def batch_get_into(self, keys, buffer_ptrs, sizes):
+        """get_into() each; a list of bytes read or codes."""
+        return self.batch_get_into_multi_buffers(keys, [[p] for p in buffer_ptrs], [[s] for s in sizes]) \
+            if len(keys) == len(buffer_ptrs) == len(sizes) else self._bad_batch("batch_get_into", keys)
+
+    def _bad_batch(self, op, keys):
+        code = self._fail(InvalidSize(f"{op}: keys, pointers and sizes must have the same length"), op)
+        return [code] * len(keys)
+
+    def batch_put_from_multi_buffers(self, keys, all_buffer_ptrs, all_sizes, config=None):
+        """Each key's value gathered from several registered buffers into one object."""
+        if not (len(keys) == len(all_buffer_ptrs) == len(all_sizes)):
+            return self._bad_batch("batch_put_from_multi_buffers", keys)
+        out, todo_i, todo_k, todo_v = [], [], [], []
+        for i, (k, ptrs, sizes) in enumerate(zip(keys, all_buffer_ptrs, all_sizes)):
+            try:
+                if len(ptrs) != len(sizes):
+                    raise InvalidSize(f"key {k!r}: {len(ptrs)} pointers and {len(sizes)} sizes")
+                todo_v.append([self._view(p, s) for p, s in zip(ptrs, sizes)])
+                todo_i.append(i)
+                todo_k.append(k)
+                out.append(ErrorCode.OK)
+            except KVStoreError as e:
+                out.append(self._fail(e, "batch_put_from"))
+        if todo_k:
+            pin = self._pin(config)
+
+            def go(c):
+                for i, k, v in zip(todo_i, todo_k, todo_v):
+                    try:
+                        c.put(k, v, pin=pin)
+                    except KVStoreError as e:
+                        out[i] = self._fail(e, "batch_put_from")
+                return ErrorCode.OK
+            r = self._run("batch_put_from", go)
+            if r != ErrorCode.OK:
+                for i in todo_i:
+                    out[i] = r
+        return out
+
+    def batch_get_into_multi_buffers(self, keys, all_buffer_ptrs, all_sizes, prefer_same_node=True):
+        """Each object scattered into several registered buffers; bytes read or a code each."""
+        if not (len(keys) == len(all_buffer_ptrs) == len(all_sizes)):
+            return self._bad_batch("batch_get_into_multi_buffers", keys)
+        out = [ErrorCode.OK] * len(keys)
+        idx, ks, outs = [], [], []
+        for i, (k, ptrs, sizes) in enumerate(zip(keys, all_buffer_ptrs, all_sizes)):
+            try:
+                if len(ptrs) != len(sizes):
+                    raise InvalidSize(f"key {k!r}: {len(ptrs)} pointers and {len(sizes)} sizes")
+                outs.append([self._view(p, s) for p, s in zip(ptrs, sizes)])
+                idx.append(i)
+                ks.append(k)
+            except KVStoreError as e:
+                out[i] = self._fail(e, "batch_get_into")
+        if ks:
+            rs = self._run("batch_get_into", lambda c: self._read_results(c, ks, outs))
+            for j, i in enumerate(idx):
+                r = rs if isinstance(rs, int) else rs[j]
+                out[i] = (ErrorCode.OBJECT_NOT_FOUND if r is None else _code_of(r) if isinstance(r, Exception)
+                          else r)
+        return out
+
+    # ---- queries and removal -----------------------------------------------------------
+    def is_exist(self, key):
+        """1 if the key exists, 0 if not, a negative code on error."""
+        return self._run("is_exist", lambda c: int(c.contains(key)))
+
+    def batch_is_exist(self, keys):
+        r = self._run("batch_is_exist", lambda c: [int(c.contains(k)) for k in keys])
+        return r if isinstance(r, list) else [r] * len(keys)
+
+    def get_size(self, key):
+        """The object's size in bytes, or -704."""
+        def go(c):
+            n = c.size_of(key)
+            return ErrorCode.OBJECT_NOT_FOUND if n is None else n
+        return self._run("get_size", go)
+
+    def remove(self, key, force=False):
+        """0, or -704 if there is no such object. Readers still holding it keep their copy
+        valid; its space is freed at their last release (so ``force`` changes nothing)."""
+        return self._run("remove", lambda c: ErrorCode.OK if c.delete(key) else ErrorCode.OBJECT_NOT_FOUND)
+
+    def remove_by_regex(self, pattern, force=False):
+        """Remove every key matching the regex; the number removed."""
+        def go(c):
+            rx = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+            return sum(bool(c.delete(k)) for k in c.keys() if rx.search(k))
+        return self._run("remove_by_regex", go)
+
+    def remove_all(self, force=False):
+        """Remove every object (of this store's namespace); the number removed."""
+        return self._run("remove_all", lambda c: sum(bool(c.delete(k)) for k in c.keys()))
+
+    def get_hostname(self):
+        import socket
+        return socket.gethostname()
