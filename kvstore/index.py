@@ -374,19 +374,27 @@ class Index:
 
     def release(self, cid, items):
         """Drop this client's hold on each (key, offset) and mark the object recently used."""
-        d = self.dbs
         cid8 = _pack64(cid)
         with _Write(self.env) as txn:
             for key, off in items:
-                if not self._unhold(txn, _pack64(off), cid8):
-                    continue
-                raw = txn.get(key, db=d.objects)
-                if raw is None or raw[-1] & REFERENCED:
-                    continue                      # gone, or already marked: no write
-                roff, size, creator, stamp, csum, state, flags = _unpack_rec(raw)
-                if roff == off and state == SEALED:
-                    txn.put(key, _pack_rec(roff, size, creator, stamp, csum, state, flags | REFERENCED),
-                            db=d.objects)
+                if self._unhold(txn, _pack64(off), cid8):
+                    self._mark_used(txn, key, off)
+
+    def touch(self, items):
+        """Mark each (key, offset) recently used, as a release does, without a hold
+        (for copies made without one; see Client.read_many)."""
+        with _Write(self.env) as txn:
+            for key, off in items:
+                self._mark_used(txn, key, off)
+
+    def _mark_used(self, txn, key, off):
+        objects = self.dbs.objects
+        raw = txn.get(key, db=objects)
+        if raw is None or raw[-1] & REFERENCED:
+            return                                # gone, or already marked: no write
+        roff, size, creator, stamp, csum, state, flags = _unpack_rec(raw)
+        if roff == off and state == SEALED:
+            txn.put(key, _pack_rec(roff, size, creator, stamp, csum, state, flags | REFERENCED), db=objects)
 
     # ---- hooks for the eviction policy --------------------------------------------------
     def record(self, txn, key):

@@ -139,6 +139,73 @@ def bench_recovery(size):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def bench_mooncake(sock, mem, quick):
+    """The same sizes through the Mooncake-compatible facade: put_from / get_into on
+    registered buffers (one copy each way), get_into from a second process, put / get
+    of bytes, and batch_put_from / batch_get_into of 16 keys."""
+    from kvstore.client.mooncake import MooncakeDistributedStore
+    s = MooncakeDistributedStore()
+    if s.setup({"master_server_address": sock}) != 0:
+        sys.exit(f"bench: setup failed: {s.last_error}")
+    print(f"{'size':>7} {'facade operation':<26} {'median':>10} {'p99':>10} {'GB/s':>7} {'x memcpy':>8}")
+    for nbytes, label in SIZES:
+        budget = (256 << 20) if quick else (1 << 30)
+        count = max(64, min(2000 if not quick else 500, budget // nbytes))
+        src = np.random.default_rng(2).integers(0, 255, nbytes * 16, dtype=np.uint8)
+        dst = np.empty(nbytes * 16, dtype=np.uint8)
+        for a in (src, dst):
+            assert s.register_buffer(a.ctypes.data, a.nbytes) == 0
+        sp, dp = src.ctypes.data, dst.ctypes.data
+        keys = [f"mc-{nbytes}-{i}" for i in range(count)]
+        rows = [("put_from", timed(lambda k: s.put_from(k, sp, nbytes), keys), nbytes)]
+        t_get = []
+        for _ in range(ROUNDS):
+            t_get += timed(lambda k: s.get_into(k, dp, nbytes), keys)
+        rows.append(("get_into", t_get, nbytes))
+        other = subprocess.run([sys.executable, __file__, "--mooncake-reader", sock, str(nbytes), str(count)],
+                               capture_output=True, text=True, check=True)
+        rows.append(("get_into, other process", [float(x) for x in other.stdout.split()], nbytes))
+        for k in keys:
+            s.remove(k)
+        n_bytes_keys = min(count, 200)
+        payload = bytes(src[:nbytes])
+        rows.append(("put (bytes)", timed(lambda k: s.put(k, payload), keys[:n_bytes_keys]), nbytes))
+        rows.append(("get (bytes)", timed(s.get, keys[:n_bytes_keys]), nbytes))
+        for k in keys[:n_bytes_keys]:
+            s.remove(k)
+        batches = [keys[i:i + 16] for i in range(0, min(count, 320) - 15, 16)]
+        ptrs, dptrs, sizes = [sp + i * nbytes for i in range(16)], [dp + i * nbytes for i in range(16)], [nbytes] * 16
+        rows.append(("batch_put_from(16)", timed(lambda b: s.batch_put_from(b, ptrs, sizes), batches), 16 * nbytes))
+        rows.append(("batch_get_into(16)", timed(lambda b: s.batch_get_into(b, dptrs, sizes), batches), 16 * nbytes))
+        assert np.array_equal(dst, src), "batch_get_into returned other bytes"
+        for b in batches:
+            for k in b:
+                s.remove(k)
+        for name, samples, gb_bytes in rows:
+            med = statistics.median(samples)
+            gbs = gb_bytes / med / 1e9
+            print(f"{label:>7} {name:<26} {med * 1e6:8.1f}us {pct(samples, .99) * 1e6:8.1f}us "
+                  f"{gbs:7.2f} {gbs / mem:8.2f}")
+        for a in (src, dst):
+            s.unregister_buffer(a.ctypes.data)
+    s.close()
+
+
+def mooncake_reader(sock, nbytes, count):
+    """--mooncake-reader: get_into of keys another process stored; prints the timings."""
+    from kvstore.client.mooncake import MooncakeDistributedStore
+    s = MooncakeDistributedStore()
+    assert s.setup({"master_server_address": sock}) == 0
+    dst = np.empty(nbytes, dtype=np.uint8)
+    assert s.register_buffer(dst.ctypes.data, dst.nbytes) == 0
+    keys = [f"mc-{nbytes}-{i}" for i in range(count)]
+    t = []
+    for _ in range(ROUNDS):
+        t += timed(lambda k: s.get_into(k, dst.ctypes.data, nbytes), keys)
+    print(" ".join(f"{x:.9f}" for x in t))
+    s.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--socket", help="use a running daemon instead of starting one")
@@ -147,8 +214,14 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     ap.add_argument("--recovery", action="store_true",
                     help="measure restart recovery after a daemon SIGKILL for growing object counts")
+    ap.add_argument("--mooncake-api", action="store_true",
+                    help="the same sizes through the Mooncake-compatible facade (put_from / get_into)")
+    ap.add_argument("--mooncake-reader", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.mooncake_reader:
+        sock, nbytes, count = args.mooncake_reader
+        return mooncake_reader(sock, int(nbytes), int(count))
     if args.recovery:
         return bench_recovery(args.size)
     proc = tmp = None
@@ -160,6 +233,9 @@ def main():
         mem = memcpy_bandwidth()
         print(f"kvstore bench  segment: {c.backing}, {c.segment_size >> 20} MiB  "
               f"memcpy (np.copyto 256 MiB): {mem:.1f} GB/s")
+        if args.mooncake_api:
+            c.close()
+            return bench_mooncake(sock, mem, args.quick)
         print(f"{'size':>7} {'operation':<26} {'median':>10} {'p99':>10} {'GB/s':>7} {'x memcpy':>8}")
         for nbytes, label in SIZES:
             budget = (256 << 20) if args.quick else (1 << 30)
