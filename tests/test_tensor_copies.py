@@ -1,0 +1,86 @@
+"""Copies between tensors/buffers and the segment: gather puts, scatter reads, tensors as
+read targets (the path CUDA tensors take on a GPU machine; here the CPU build of torch
+runs the same code), and verified reads without holds."""
+
+import numpy as np
+import pytest
+import torch
+
+from kvstore.errors import ChecksumMismatch, InvalidSize
+
+
+def test_put_of_parts_is_one_object(daemon):
+    with daemon.client() as c:
+        a, b = torch.arange(10, dtype=torch.float32), np.arange(5, dtype=np.int64)
+        assert c.put("g", [a, b, b"tail"]) is True
+        assert c.size_of("g") == 40 + 40 + 4
+        assert c.read("g") == a.numpy().tobytes() + b.tobytes() + b"tail"
+        assert c.put("g", [b"x"]) is False                       # existing key: first value kept
+        big = torch.randn(600_000)                                # > ONE_TXN_PUT: the chunked path
+        assert c.put("big", [big, big]) and c.read("big") == big.numpy().tobytes() * 2
+
+
+def test_read_into_tensors_and_scatter(daemon):
+    with daemon.client() as c:
+        src = torch.randn(4, 256, dtype=torch.bfloat16)
+        c.put("t", src)
+        out = torch.zeros_like(src)
+        assert c.read("t", out=out) == src.numel() * 2 and torch.equal(out, src)
+        halves = [torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(2, 256, dtype=torch.bfloat16)]
+        assert c.read("t", out=halves) == src.numel() * 2
+        assert torch.equal(torch.cat(halves), src)
+        c.put("u", torch.ones(3))
+        o1, o2 = torch.zeros(4, 256, dtype=torch.bfloat16), torch.zeros(3)
+        assert c.read_many(["t", "missing", "u"], [o1, None, o2]) == [src.numel() * 2, None, 12]
+        assert torch.equal(o1, src) and torch.equal(o2, torch.ones(3))
+        # a KV-cache-like slice: one block of a [2, blocks, ...] cache is not contiguous
+        cache = torch.zeros(2, 8, 16)
+        with pytest.raises(InvalidSize, match="contiguous"):
+            c.read("u", out=cache[:, 3])
+        with pytest.raises(InvalidSize, match="room for 4 bytes"):
+            c.read("u", out=torch.zeros(1))
+        ro = c.get_tensor("u", dtype=torch.float32)
+        with pytest.raises(InvalidSize, match="read-only"):
+            c.read("u", out=ro)                                    # a view of a sealed object
+        c.release("u")
+        assert c.stats()["used"] > 0 and c._held == {}            # reads leave no holds behind
+
+
+def test_read_many_errors_return_mode(daemon):
+    with daemon.client() as c:
+        c.put("a", b"a" * 100)
+        c.put("b", b"b" * 100)
+        small = bytearray(10)
+        got = c.read_many(["a", "b"], [bytearray(100), small], errors="return")
+        assert got[0] == 100 and isinstance(got[1], InvalidSize)
+        with pytest.raises(InvalidSize):
+            c.read_many(["a", "b"], [bytearray(100), small])
+        assert c.read("b") == b"b" * 100                          # nothing changed
+
+
+def test_optimistic_read_falls_back_and_catches_corruption(daemon):
+    import mmap
+    import os
+    with daemon.client() as c:
+        c.put("x", b"x" * 5000)
+        v = c.get("x")
+        off = np.frombuffer(v, dtype=np.uint8).ctypes.data - c._ro_range[0]
+        c.release("x")
+        fd = os.open(c.stats()["segment_path"], os.O_RDWR)
+        m = mmap.mmap(fd, off + 5000)
+        m[off + 4999] = ord("!")
+        m.close()
+        os.close(fd)
+        out = torch.zeros(5000, dtype=torch.uint8)
+        with pytest.raises(ChecksumMismatch):
+            c.read("x", out=out)
+        assert not c.contains("x")                                 # dropped, never served again
+
+
+def test_reads_count_as_use_for_eviction(make_daemon):
+    d = make_daemon(size="8MiB")
+    with d.client() as c:
+        c.put("hot", b"h" * (1 << 20))
+        for i in range(30):                                        # 30 MiB through an 8 MiB store
+            c.put(f"cold{i}", b"c" * (1 << 20))
+            assert c.read("hot") is not None, f"the hot object was evicted after {i} puts"
