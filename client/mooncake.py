@@ -434,7 +434,8 @@ class MooncakeDistributedStore:
             try:
                 if len(ptrs) != len(sizes):
                     raise InvalidSize(f"key {k!r}: {len(ptrs)} pointers and {len(sizes)} sizes")
-                outs.append([self._view(p, s) for p, s in zip(ptrs, sizes)])
+                views = [self._view(p, s) for p, s in zip(ptrs, sizes)]
+                outs.append(views[0] if len(views) == 1 else views)
                 idx.append(i)
                 ks.append(k)
             except KVStoreError as e:
