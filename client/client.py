@@ -156,17 +156,17 @@ _checksum = xxhash.xxh3_64_intdigest
 
 
 def _copy_out_and_hash(src, dsts):
-    """Copy src into the dsts one after another and return the checksum of src, a
-    cache-sized chunk at a time (each chunk is hashed while the copy left it in cache)."""
+    """Copy src into the dsts one after another and return the checksum of what landed
+    in them (not of src, which a reader without a hold may see change between the copy
+    and the hash), a cache-sized chunk at a time, each hashed while still in cache."""
     h = xxhash.xxh3_64()
     n, pos = src.nbytes, 0
     for d in dsts:
         take = min(d.nbytes, n - pos)
         for o in range(0, take, HASH_CHUNK):
             e = min(take, o + HASH_CHUNK)
-            chunk = src[pos + o:pos + e]
-            d[o:e] = chunk
-            h.update(chunk)
+            d[o:e] = src[pos + o:pos + e]
+            h.update(d[o:e])
         pos += take
         if pos >= n:
             break
@@ -531,6 +531,7 @@ class Client:
         hash and seal each. Anything created and not sealed is aborted on error."""
         out = [False] * len(ks)
         made = []
+        copies = device_copy.CopyBatch(self._mapping_of)
         try:
             for i, (k, n) in enumerate(zip(ks, ns)):
                 off, state, _ = self._index.create(self.cid, k, n, pin)
@@ -541,7 +542,6 @@ class Client:
                 self._creating[k] = (off, n)
                 made.append((i, k, off, n))
             rw, ro = self._rw_view, self._ro_view
-            copies = device_copy.CopyBatch(self._mapping_of)
             for i, k, off, n in made:
                 pos = off
                 for p in partss[i]:
@@ -559,6 +559,7 @@ class Client:
                 made.pop(0)
                 out[i] = True
         except BaseException:
+            copies.wait_quietly()                 # no copy may land in space given back
             for _, k, _, _ in made:
                 self._abort_quietly(k)
             raise
@@ -716,7 +717,17 @@ class Client:
             raise InvalidSize(f"read_many got {len(keys)} keys and {len(outs)} outs; give one out per key")
         results, slow = self._read_optimistic(keys, outs)
         if slow:
-            got = self._read_held([keys[i] for i in slow], [outs[i] for i in slow], timeout)
+            try:
+                got = self._read_held([keys[i] for i in slow], [outs[i] for i in slow], timeout)
+            except (GetTimeout, NotSealed):
+                if errors == "raise" or len(slow) == 1:
+                    raise
+                got = []                          # one key's wait must not sink the others
+                for i in slow:
+                    try:
+                        got += self._read_held([keys[i]], [outs[i]], timeout)
+                    except (GetTimeout, NotSealed) as e:
+                        got.append(e)
             for i, r in zip(slow, got):
                 results[i] = r
         if errors == "raise":
@@ -733,13 +744,14 @@ class Client:
         created, a device tensor target, bad arguments) is left to the held path, which waits,
         verifies under a hold and reports. Returns (results, indices left over)."""
         ks = self._keys(keys)
-        with self._lock:
-            if self._closed_why is not None:
+        with self._lock:                         # close() or a store switch must not close the
+            if self._closed_why is not None:     # index under the lookup
                 self._dead()
-            index, view = self._index, self._ro_view
+            index, view, generation = self._index, self._ro_view, self._generation
+            recs = index.lookup_many(ks)
         results = [None] * len(ks)
         slow, used = [], []
-        for i, rec in enumerate(index.lookup_many(ks)):
+        for i, rec in enumerate(recs):
             if rec is None:
                 continue                         # a miss
             off, size, csum, flags = rec[0], rec[1], rec[4], rec[6]
@@ -767,7 +779,9 @@ class Client:
             if not flags & _REFERENCED:
                 used.append((ks[i], off))
         if used:
-            index.touch(used)                    # counts as a use for eviction, like a release
+            with self._lock:                     # counts as a use for eviction, like a release
+                if self._closed_why is None and self._generation == generation:
+                    index.touch(used)
         return results, slow
 
     def _read_held(self, keys, outs, timeout):
@@ -797,8 +811,9 @@ class Client:
                     results[i] = e
             copies.wait()
         finally:
+            copies.wait_quietly()                 # no copy may still run once the holds are gone
             if self._generation == generation:    # else the holds went with the old store
-                self.release_many([keys[i] for i, _ in holds])
+                self.release_many([keys[i] for i, e in holds if e is not None])
         return results
 
     def _held_entry(self, k, v):

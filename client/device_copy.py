@@ -42,9 +42,14 @@ def flat_bytes(t):
     """The tensor's bytes as a flat uint8 tensor (no copy); it must be contiguous."""
     import torch
     from kvstore.errors import InvalidValue
+    if t.device.type == "meta":
+        raise InvalidValue("a meta tensor has no data to copy")
     if not t.is_contiguous():
         raise InvalidValue("the tensor is not contiguous; pass t.contiguous()")
-    return t.detach().reshape(-1).view(torch.uint8)
+    try:
+        return t.detach().reshape(-1).view(torch.uint8)
+    except RuntimeError as e:        # e.g. a tensor without storage
+        raise InvalidValue(f"cannot copy this tensor ({e})") from None
 
 
 def _segment_tensor(view):
@@ -96,6 +101,8 @@ class CopyBatch:
 
     def to_segment(self, dst_view, tensor):
         src = flat_bytes(tensor)
+        if src.numel() == 0:
+            return
         dst = _segment_tensor(dst_view)
         if src.device.type != "cpu":
             self._pin_for(dst_view)
@@ -104,6 +111,8 @@ class CopyBatch:
 
     def from_segment(self, tensor, src_view):
         dst = flat_bytes(tensor)
+        if src_view.nbytes == 0:
+            return
         if dst.numel() < src_view.nbytes:
             from kvstore.errors import InvalidSize
             raise InvalidSize(f"the tensor holds {dst.numel()} bytes; the object has {src_view.nbytes}")
@@ -123,3 +132,11 @@ class CopyBatch:
         for s in self._streams:
             s.synchronize()
         self._streams.clear()
+
+    def wait_quietly(self):
+        """wait(), on an error path: errors of the copies themselves are not raised again."""
+        try:
+            self.wait()
+        except Exception as e:       # the caller is already failing; it only must not free early
+            log.warning("a device copy failed: %s", e)
+            self._streams.clear()

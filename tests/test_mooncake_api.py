@@ -206,3 +206,31 @@ def test_a_second_process_reads_what_the_first_stored(store, daemon):
     """, daemon.socket)
     assert r.stdout.split() == ["from", "process", "one", "0", "1"]
     assert store.get("shared") == b"from process one"
+
+
+def test_a_buffer_freed_after_registration_is_refused_not_a_crash(store):
+    a = np.ones(64 << 20, dtype=np.uint8)       # large: numpy gives it back with munmap
+    p = _ptr(a)
+    assert store.register_buffer(p, a.nbytes) == 0
+    del a
+    assert store.put_from("k", p, 1 << 20) == ErrorCode.INVALID_PARAMS
+    assert store.get_into("k", p, 1 << 20) == ErrorCode.INVALID_PARAMS
+    assert "unmapped" in str(store.last_error) and store.unregister_buffer(p) == 0
+
+
+def test_any_bad_argument_is_a_code_not_an_exception(store):
+    assert store.setup({"master_server_address": store._client._socket_path,
+                        "global_segment_size": "1024B"}) == 0
+    assert store.get_batch(None) == b""
+    assert store.batch_is_exist(None) == ErrorCode.INVALID_PARAMS
+    assert store.batch_put_from(None, [1], [1]) == ErrorCode.INVALID_PARAMS
+    assert store.batch_put_from_multi_buffers(["a"], [None], [[8]]) == [ErrorCode.INVALID_PARAMS]
+    assert store.batch_get_into_multi_buffers(["a"], [5], [5]) == [ErrorCode.INVALID_PARAMS]
+    assert store.remove_by_regex("(") == ErrorCode.INVALID_PARAMS
+    assert store.put_batch(["a"], 5) == ErrorCode.INVALID_PARAMS
+    assert store.register_buffer(True, 10) == ErrorCode.INVALID_PARAMS
+    assert store.register_buffer(1.5, 10) == ErrorCode.INVALID_PARAMS
+    a = np.zeros(4096, dtype=np.uint8)
+    assert store.register_buffer(np.int64(_ptr(a)), np.int64(4096)) == 0      # numpy ints, as pybind takes
+    assert store.put_from("n", np.int64(_ptr(a)), np.int32(16)) == 0 and store.get_size("n") == 16
+    assert store.is_exist("a") == 0

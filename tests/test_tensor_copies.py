@@ -84,3 +84,43 @@ def test_reads_count_as_use_for_eviction(make_daemon):
         for i in range(30):                                        # 30 MiB through an 8 MiB store
             c.put(f"cold{i}", b"c" * (1 << 20))
             assert c.read("hot") is not None, f"the hot object was evicted after {i} puts"
+
+
+def test_optimistic_read_never_returns_bytes_replaced_mid_copy(daemon, monkeypatch):
+    """Fault injection at the two points where a reader without a hold can be overtaken:
+    after its lookup another client deletes K and stores J in K's extent, and after the
+    copy, before the hash, puts K back (keys are content hashes: re-putting K is normal).
+    The copy holds J's bytes; the read must not pass them off as K's."""
+    import xxhash
+    import client.client as cc
+    with daemon.client() as c, daemon.client() as other:
+        K, J, vk, vj = b"K" * 8, b"J" * 8, b"k" * 4096, b"j" * 4096
+        c.put(K, vk)
+        idx, real_lookup, real_h = c._index, c._index.lookup_many, xxhash.xxh3_64
+
+        def lookup_many(keys):
+            r = real_lookup(keys)
+            monkeypatch.setattr(idx, "lookup_many", real_lookup)
+            other.delete(K)
+            other.put(J, vj)
+            assert real_lookup([other._ns + J])[0][0] == r[0][0]   # J really took K's extent
+            return r
+
+        class Hash:
+            def __init__(self):
+                self.h, self.first = real_h(), True
+
+            def update(self, chunk):
+                if self.first:
+                    self.first = False
+                    other.delete(J)
+                    other.put(K, vk)
+                self.h.update(chunk)
+
+            def intdigest(self):
+                return self.h.intdigest()
+        monkeypatch.setattr(idx, "lookup_many", lookup_many)
+        monkeypatch.setattr(cc.xxhash, "xxh3_64", Hash)
+        out = bytearray(4096)
+        assert c.read_many([K], [out]) == [4096]
+        assert bytes(out) == vk
