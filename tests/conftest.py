@@ -122,3 +122,20 @@ def wait_line(proc, text, timeout=30):
         if not line and proc.poll() is not None:
             raise AssertionError(f"child exited {proc.returncode}: {proc.stderr.read()}")
     raise AssertionError(f"no line with {text!r}")
+
+
+def corrupt_object(client, key, at, byte=b"!"):
+    """Overwrite one byte of a sealed object in the segment file, out of band (bit rot,
+    a stray write), the way the checksum tests inject corruption."""
+    import mmap
+    import numpy as np
+    v = client.get(key)
+    off = np.frombuffer(v, dtype=np.uint8).ctypes.data - client._ro_range[0]
+    client.release(key)
+    fd = os.open(client.stats()["segment_path"], os.O_RDWR)
+    try:
+        m = mmap.mmap(fd, off + at + 1)
+        m[off + at:off + at + 1] = byte
+        m.close()
+    finally:
+        os.close(fd)

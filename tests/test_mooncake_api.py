@@ -5,7 +5,6 @@ get_into, and setup from positional arguments, a dict or a mooncake.json file.""
 
 import json
 import mmap
-import os
 import signal
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from kvstore.client.mooncake import ErrorCode, MooncakeDistributedStore, ReplicateConfig
 from kvstore.errors import InvalidValue, StoreUnavailable
 
-from conftest import run_py, wait_for
+from conftest import corrupt_object, run_py, wait_for
 
 
 @pytest.fixture
@@ -152,15 +151,7 @@ def test_unregistered_and_bogus_pointers_never_crash(store):
 
 def test_checksum_mismatch_is_801_and_the_object_is_dropped(store, daemon):
     store.put("c", b"z" * 100000)
-    c = store._client
-    v = c.get("c")
-    off = np.frombuffer(v, dtype=np.uint8).ctypes.data - c._ro_range[0]
-    c.release("c")
-    fd = os.open(c.stats()["segment_path"], os.O_RDWR)
-    m = mmap.mmap(fd, off + 100)
-    m[off + 50] = ord("Y")
-    m.close()
-    os.close(fd)
+    corrupt_object(store._client, "c", 50, b"Y")
     dst = np.zeros(100000, dtype=np.uint8)
     store.register_buffer(_ptr(dst), dst.nbytes)
     assert store.get_into("c", _ptr(dst), dst.nbytes) == ErrorCode.CHECKSUM_MISMATCH

@@ -8,6 +8,8 @@ import torch
 
 from kvstore.errors import ChecksumMismatch, InvalidSize
 
+from conftest import corrupt_object
+
 
 def test_put_of_parts_is_one_object(daemon):
     with daemon.client() as c:
@@ -59,18 +61,9 @@ def test_read_many_errors_return_mode(daemon):
 
 
 def test_optimistic_read_falls_back_and_catches_corruption(daemon):
-    import mmap
-    import os
     with daemon.client() as c:
         c.put("x", b"x" * 5000)
-        v = c.get("x")
-        off = np.frombuffer(v, dtype=np.uint8).ctypes.data - c._ro_range[0]
-        c.release("x")
-        fd = os.open(c.stats()["segment_path"], os.O_RDWR)
-        m = mmap.mmap(fd, off + 5000)
-        m[off + 4999] = ord("!")
-        m.close()
-        os.close(fd)
+        corrupt_object(c, "x", 4999)
         out = torch.zeros(5000, dtype=torch.uint8)
         with pytest.raises(ChecksumMismatch):
             c.read("x", out=out)
