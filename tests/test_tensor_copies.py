@@ -85,7 +85,7 @@ def test_optimistic_read_never_returns_bytes_replaced_mid_copy(daemon, monkeypat
     copy, before the hash, puts K back (keys are content hashes: re-putting K is normal).
     The copy holds J's bytes; the read must not pass them off as K's."""
     import xxhash
-    import client.client as cc
+    import kvstore.client.client as cc
     with daemon.client() as c, daemon.client() as other:
         K, J, vk, vj = b"K" * 8, b"J" * 8, b"k" * 4096, b"j" * 4096
         c.put(K, vk)
