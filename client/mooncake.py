@@ -188,8 +188,14 @@ def _still_mapped(ptr, size):
     if size == 0:
         return True
     lo = ptr & ~(_PAGE - 1)
-    vec = ctypes.create_string_buffer((ptr + size - lo + _PAGE - 1) // _PAGE)
+    pages = (ptr + size - lo + _PAGE - 1) // _PAGE
+    vec = _scratch[0]
+    if len(vec) < pages:        # scratch for the kernel's answer, which is not read: threads may share it
+        vec = _scratch[0] = ctypes.create_string_buffer(pages)
     return _mincore(lo, ptr + size - lo, vec) == 0
+
+
+_scratch = [ctypes.create_string_buffer(64)]
 
 
 def _as_int(name, v):
