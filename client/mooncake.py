@@ -238,6 +238,11 @@ _bytes = _guard(lambda code, args: b"")
 _bytes_list = _guard(lambda code, args: _per_key(b"", args))
 
 
+def _same_lengths(keys, ptrs, sizes):
+    if not len(keys) == len(ptrs) == len(sizes):
+        raise InvalidSize("keys, pointers and sizes must have the same length")
+
+
 class _Buffer:
     __slots__ = ("ptr", "size", "view")
 
@@ -349,14 +354,6 @@ class MooncakeDistributedStore:
             raise StoreUnavailable("the store is not set up: call setup() first (or it was closed)")
         return c
 
-    def _run(self, op, fn):
-        try:
-            return fn(self._c())
-        except KVStoreError as e:
-            return self._fail(e, op)
-        except (TypeError, ValueError) as e:       # wrong argument types from the caller
-            return self._fail(InvalidValue(f"{op}: {e}"), op)
-
     @staticmethod
     def _pin(config):
         return bool(config is not None and getattr(config, "with_hard_pin", False))
@@ -369,35 +366,30 @@ class MooncakeDistributedStore:
     @_code
     def put(self, key, value, config=None):
         """Store bytes-like value; 0 (also if the key exists: the first value is kept)."""
-        return self._run("put", lambda c: self._put_code(c, key, value, config))
+        return self._put_code(self._c(), key, value, config)
 
     @_code
     def put_batch(self, keys, values, config=None):
         """put() each pair; 0, or the first error's code."""
-        def go(c):
-            if len(keys) != len(values):
-                raise InvalidSize(f"put_batch got {len(keys)} keys and {len(values)} values")
-            c.put_many(list(keys), list(values), pin=self._pin(config))
-            return ErrorCode.OK
-        return self._run("put_batch", go)
+        if len(keys) != len(values):
+            raise InvalidSize(f"put_batch got {len(keys)} keys and {len(values)} values")
+        self._c().put_many(list(keys), list(values), pin=self._pin(config))
+        return ErrorCode.OK
 
     @_code
     def put_parts(self, key, *parts, config=None):
         """Mooncake's put_parts: the parts stored one after another as one object."""
-        return self._run("put_parts", lambda c: self._put_code(c, key, list(parts), config))
+        return self._put_code(self._c(), key, list(parts), config)
 
     @_bytes
     def get(self, key):
         """The object's bytes; b'' on a miss or an error (last_error tells which)."""
-        r = self._run("get", lambda c: c.read(key, timeout=0))
-        return r if isinstance(r, bytes) else b""
+        r = self._c().read(key, timeout=0)
+        return b"" if r is None else r
 
     @_bytes_list
     def get_batch(self, keys):
-        def go(c):
-            return [r if isinstance(r, bytes) else b"" for r in self._read_results(c, keys, None)]
-        r = self._run("get_batch", go)
-        return r if isinstance(r, list) else [b""] * len(keys)
+        return [r if isinstance(r, bytes) else b"" for r in self._read_results(self._c(), keys, None)]
 
     def _read_results(self, c, keys, outs):
         rs = c.read_many(list(keys), outs, timeout=0, errors="return")
@@ -413,10 +405,10 @@ class MooncakeDistributedStore:
         mapped read-write in this process (a device pointer, a freed or bogus address)."""
         ptr, size = _as_int("ptr", ptr), _as_int("size", size)
         if ptr <= 0 or size <= 0 or not _mapped_rw(ptr, size):
-            return self._fail(InvalidValue(
+            raise InvalidValue(
                 f"register_buffer: [{ptr:#x}, +{size}) is not host memory mapped read-write in this "
                 f"process; register a CPU buffer you own (for GPU tensors use kvstore.client.Client, "
-                f"which copies them through the pinned segment)"), "register_buffer")
+                f"which copies them through the pinned segment)")
         buf = _Buffer(ptr, size)
         with self._lock:
             starts, bufs = self._registry
@@ -454,47 +446,44 @@ class MooncakeDistributedStore:
             i -= 1
         raise InvalidValue(f"[{ptr:#x}, +{size}) is not inside a registered buffer; register_buffer() it first")
 
+    def _views(self, key, ptrs, sizes):
+        """The views of one key's pieces (its pointers and sizes) in registered buffers."""
+        if len(ptrs) != len(sizes):
+            raise InvalidSize(f"key {key!r}: {len(ptrs)} pointers and {len(sizes)} sizes")
+        return [self._view(p, s) for p, s in zip(ptrs, sizes)]
+
     @_code
     def put_from(self, key, buffer_ptr, size, config=None):
         """Store size bytes at buffer_ptr (inside a registered buffer): one copy into the segment."""
-        return self._run("put_from", lambda c: self._put_code(c, key, self._view(buffer_ptr, size), config))
+        return self._put_code(self._c(), key, self._view(buffer_ptr, size), config)
 
     @_code
     def get_into(self, key, buffer_ptr, size):
         """Copy the object into the registered buffer at buffer_ptr: the bytes read, -704 on
         a miss, -600 if it does not fit, -801 if it failed its checksum (and was dropped)."""
-        def go(c):
-            r = c.read(key, out=self._view(buffer_ptr, size), timeout=0)
-            return ErrorCode.OBJECT_NOT_FOUND if r is None else r
-        return self._run("get_into", go)
+        r = self._c().read(key, out=self._view(buffer_ptr, size), timeout=0)
+        return ErrorCode.OBJECT_NOT_FOUND if r is None else r
 
     @_codes
     def batch_put_from(self, keys, buffer_ptrs, sizes, config=None):
         """put_from() each; a list of codes."""
-        return self.batch_put_from_multi_buffers(keys, [[p] for p in buffer_ptrs], [[s] for s in sizes], config) \
-            if len(keys) == len(buffer_ptrs) == len(sizes) else self._bad_batch("batch_put_from", keys)
+        _same_lengths(keys, buffer_ptrs, sizes)
+        return self.batch_put_from_multi_buffers(keys, [[p] for p in buffer_ptrs], [[s] for s in sizes], config)
 
     @_codes
     def batch_get_into(self, keys, buffer_ptrs, sizes):
         """get_into() each; a list of bytes read or codes."""
-        return self.batch_get_into_multi_buffers(keys, [[p] for p in buffer_ptrs], [[s] for s in sizes]) \
-            if len(keys) == len(buffer_ptrs) == len(sizes) else self._bad_batch("batch_get_into", keys)
-
-    def _bad_batch(self, op, keys):
-        code = self._fail(InvalidSize(f"{op}: keys, pointers and sizes must have the same length"), op)
-        return [code] * len(keys)
+        _same_lengths(keys, buffer_ptrs, sizes)
+        return self.batch_get_into_multi_buffers(keys, [[p] for p in buffer_ptrs], [[s] for s in sizes])
 
     @_codes
     def batch_put_from_multi_buffers(self, keys, all_buffer_ptrs, all_sizes, config=None):
         """Each key's value gathered from several registered buffers into one object."""
-        if not (len(keys) == len(all_buffer_ptrs) == len(all_sizes)):
-            return self._bad_batch("batch_put_from_multi_buffers", keys)
+        _same_lengths(keys, all_buffer_ptrs, all_sizes)
         out, todo_i, todo_k, todo_v = [], [], [], []
         for i, (k, ptrs, sizes) in enumerate(zip(keys, all_buffer_ptrs, all_sizes)):
             try:
-                if len(ptrs) != len(sizes):
-                    raise InvalidSize(f"key {k!r}: {len(ptrs)} pointers and {len(sizes)} sizes")
-                todo_v.append([self._view(p, s) for p, s in zip(ptrs, sizes)])
+                todo_v.append(self._views(k, ptrs, sizes))
                 todo_i.append(i)
                 todo_k.append(k)
                 out.append(ErrorCode.OK)
@@ -502,41 +491,41 @@ class MooncakeDistributedStore:
                 out.append(self._fail(e, "batch_put_from"))
         if todo_k:
             pin = self._pin(config)
-
-            def go(c):
-                for i, k, v in zip(todo_i, todo_k, todo_v):
-                    try:
-                        c.put(k, v, pin=pin)
-                    except KVStoreError as e:
-                        out[i] = self._fail(e, "batch_put_from")
-                return ErrorCode.OK
-            r = self._run("batch_put_from", go)
-            if r != ErrorCode.OK:
+            try:
+                c = self._c()
+            except KVStoreError as e:          # keys refused above keep their own codes
+                code = self._fail(e, "batch_put_from")
                 for i in todo_i:
-                    out[i] = r
+                    out[i] = code
+                return out
+            for i, k, v in zip(todo_i, todo_k, todo_v):
+                try:
+                    c.put(k, v, pin=pin)
+                except KVStoreError as e:
+                    out[i] = self._fail(e, "batch_put_from")
         return out
 
     @_codes
     def batch_get_into_multi_buffers(self, keys, all_buffer_ptrs, all_sizes, prefer_same_node=True):
         """Each object scattered into several registered buffers; bytes read or a code each."""
-        if not (len(keys) == len(all_buffer_ptrs) == len(all_sizes)):
-            return self._bad_batch("batch_get_into_multi_buffers", keys)
+        _same_lengths(keys, all_buffer_ptrs, all_sizes)
         out = [ErrorCode.OK] * len(keys)
         idx, ks, outs = [], [], []
         for i, (k, ptrs, sizes) in enumerate(zip(keys, all_buffer_ptrs, all_sizes)):
             try:
-                if len(ptrs) != len(sizes):
-                    raise InvalidSize(f"key {k!r}: {len(ptrs)} pointers and {len(sizes)} sizes")
-                views = [self._view(p, s) for p, s in zip(ptrs, sizes)]
+                views = self._views(k, ptrs, sizes)
                 outs.append(views[0] if len(views) == 1 else views)
                 idx.append(i)
                 ks.append(k)
             except KVStoreError as e:
                 out[i] = self._fail(e, "batch_get_into")
         if ks:
-            rs = self._run("batch_get_into", lambda c: self._read_results(c, ks, outs))
-            for j, i in enumerate(idx):
-                r = rs if isinstance(rs, int) else rs[j]
+            try:
+                rs = self._read_results(self._c(), ks, outs)
+            except KVStoreError as e:          # keys refused above keep their own codes
+                self._fail(e, "batch_get_into")
+                rs = [e] * len(ks)
+            for i, r in zip(idx, rs):
                 out[i] = (ErrorCode.OBJECT_NOT_FOUND if r is None else _code_of(r) if isinstance(r, Exception)
                           else r)
         return out
@@ -545,39 +534,37 @@ class MooncakeDistributedStore:
     @_code
     def is_exist(self, key):
         """1 if the key exists, 0 if not, a negative code on error."""
-        return self._run("is_exist", lambda c: int(c.contains(key)))
+        return int(self._c().contains(key))
 
     @_codes
     def batch_is_exist(self, keys):
-        r = self._run("batch_is_exist", lambda c: [int(c.contains(k)) for k in keys])
-        return r if isinstance(r, list) else [r] * len(keys)
+        c = self._c()
+        return [int(c.contains(k)) for k in keys]
 
     @_code
     def get_size(self, key):
         """The object's size in bytes, or -704."""
-        def go(c):
-            n = c.size_of(key)
-            return ErrorCode.OBJECT_NOT_FOUND if n is None else n
-        return self._run("get_size", go)
+        n = self._c().size_of(key)
+        return ErrorCode.OBJECT_NOT_FOUND if n is None else n
 
     @_code
     def remove(self, key, force=False):
         """0, or -704 if there is no such object. Readers still holding it keep their copy
         valid; its space is freed at their last release (so ``force`` changes nothing)."""
-        return self._run("remove", lambda c: ErrorCode.OK if c.delete(key) else ErrorCode.OBJECT_NOT_FOUND)
+        return ErrorCode.OK if self._c().delete(key) else ErrorCode.OBJECT_NOT_FOUND
 
     @_code
     def remove_by_regex(self, pattern, force=False):
         """Remove every key matching the regex; the number removed."""
-        def go(c):
-            rx = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
-            return sum(bool(c.delete(k)) for k in c.keys() if rx.search(k))
-        return self._run("remove_by_regex", go)
+        rx = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+        c = self._c()
+        return sum(bool(c.delete(k)) for k in c.keys() if rx.search(k))
 
     @_code
     def remove_all(self, force=False):
         """Remove every object (of this store's namespace); the number removed."""
-        return self._run("remove_all", lambda c: sum(bool(c.delete(k)) for k in c.keys()))
+        c = self._c()
+        return sum(bool(c.delete(k)) for k in c.keys())
 
     def get_hostname(self):
         import socket
