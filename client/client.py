@@ -155,6 +155,11 @@ def _connect(sock, path, timeout):
 _checksum = xxhash.xxh3_64_intdigest
 
 
+def _nbytes(piece):
+    """Bytes of a piece of a value or target: a flat memoryview, or a flat uint8 device tensor."""
+    return piece.nbytes if type(piece) is memoryview else piece.numel()
+
+
 def _copy_out_and_hash(src, dsts):
     """Copy src into the dsts one after another and return the checksum of what landed
     in them (not of src, which a reader without a hold may see change between the copy
@@ -488,7 +493,7 @@ class Client:
         if len(parts) == 1 and type(parts[0]) is memoryview:
             return parts, self._check_fits(parts[0].nbytes), False
         on_device = any(type(p) is not memoryview for p in parts)
-        n = sum(p.nbytes if type(p) is memoryview else p.numel() for p in parts)
+        n = sum(map(_nbytes, parts))
         return parts, self._check_fits(n), on_device
 
     @staticmethod
@@ -545,7 +550,7 @@ class Client:
             for i, k, off, n in made:
                 pos = off
                 for p in partss[i]:
-                    e = pos + (p.nbytes if type(p) is memoryview else p.numel())
+                    e = pos + _nbytes(p)
                     if type(p) is memoryview:
                         rw[pos:e] = p
                     else:
@@ -765,7 +770,7 @@ class Client:
                 ok = _checksum(data) == csum
             else:
                 try:
-                    dsts = [self._target(keys[i], o) for o in (out if type(out) in (list, tuple) else (out,))]
+                    dsts = self._targets(keys[i], out)
                 except KVStoreError:
                     slow.append(i)
                     continue
@@ -829,8 +834,8 @@ class Client:
             if _checksum(data) != csum:
                 raise self._corrupt(key)
             return data
-        targets = [self._target(key, o) for o in (out if type(out) in (list, tuple) else (out,))]
-        room = sum(t.nbytes if type(t) is memoryview else t.numel() for t in targets)
+        targets = self._targets(key, out)
+        room = sum(map(_nbytes, targets))
         if room < n:
             raise InvalidSize(f"read of {key!r}: out has room for {room} bytes, the object has {n}; "
                               f"pass a buffer of at least {n} bytes (size_of() tells)")
@@ -845,13 +850,18 @@ class Client:
         for t in targets:
             if pos >= n:
                 break
-            take = min(n - pos, t.nbytes if type(t) is memoryview else t.numel())
+            take = min(n - pos, _nbytes(t))
             if type(t) is memoryview:
                 t[:take] = v[pos:pos + take]
             else:
                 copies.from_segment(t[:take], v[pos:pos + take])
             pos += take
         return n
+
+    @classmethod
+    def _targets(cls, key, out):
+        """out (one target, or a list/tuple of them filled in order) as flat targets."""
+        return [cls._target(key, o) for o in (out if type(out) in (list, tuple) else (out,))]
 
     @staticmethod
     def _target(key, o):
