@@ -16,6 +16,9 @@ setup(
         "posix_ipc>=1.1",   # the /dev/shm segment when huge pages cannot be had
         "numpy>=1.24",      # zero-copy array views and fast copies
         "xxhash>=3",        # xxh3_64 checksums at seal: ~59 GB/s here (crc32c: 23 GB/s)
+        # the TOML config parser: tomllib is in the standard library only from 3.11, and
+        # tomli is the same parser for 3.10 (kvstore.config imports whichever is there)
+        "tomli>=2; python_version < '3.11'",
     ],
     extras_require={
         "torch": ["torch>=2.1"],        # tensor puts/gets; the CPU build is enough

@@ -13,11 +13,14 @@ Mooncake's configuration (``setup`` arguments, a dict, a mooncake.json file,
 How Mooncake's setup maps onto a local daemon:
 - ``master_server_addr`` names the daemon's socket when it is a path, ``unix:PATH`` or
   ``kvstore:PATH``. A Mooncake master address (``host:port``) means "the local daemon":
-  the socket from ``KVSTORE_SOCKET`` or /tmp/kvstore.sock, and the log says so.
+  the socket from ``KVSTORE_SOCKET`` or /tmp/kvstore.sock (kvstore.defaults.socket_path),
+  and the log says so.
 - ``local_hostname``, ``metadata_server``, ``protocol`` and ``rdma_devices`` are
   validated as strings and otherwise unused: there is one host and no transfer engine.
 - ``global_segment_size`` and ``local_buffer_size`` are the daemon's business (its
-  ``--size``); they are validated as non-negative ints. No local staging buffer is
+  ``--size``); they are validated as non-negative sizes: ints, or strings read by
+  kvstore.sizes as Mooncake reads them ("4GB" is 4 GiB: every unit is a power of
+  1024, the same rule as the daemon's --size). No local staging buffer is
   needed: put_from and get_into copy once, between the caller's buffer and the segment.
 - setup connects at once, so a wrong address fails at setup with -900 and a log line
   naming the socket, not at the first put.
@@ -50,12 +53,12 @@ import os
 import re
 import threading
 
-from kvstore.errors import (ChecksumMismatch, GetTimeout, InvalidKey, InvalidKeyType, InvalidSize, InvalidValue,
-                            KVStoreError, ObjectExists, StoreFull, StoreUnavailable, ValueTooLarge)
+from kvstore.defaults import DEFAULT_SOCKET, socket_path  # noqa: F401  (DEFAULT_SOCKET: old callers)
+from kvstore.errors import (ChecksumMismatch, ConfigError, GetTimeout, InvalidKey, InvalidKeyType, InvalidSize,
+                            InvalidValue, KVStoreError, ObjectExists, StoreFull, StoreUnavailable, ValueTooLarge)
+from kvstore.sizes import parse_size
 
 log = logging.getLogger("kvstore.mooncake")
-
-DEFAULT_SOCKET = "/tmp/kvstore.sock"
 
 
 class ErrorCode:
@@ -125,32 +128,20 @@ def daemon_socket(master_server_addr):
             return addr[len(scheme):]
     if addr.startswith("/") or addr.startswith("."):
         return addr
-    sock = os.environ.get("KVSTORE_SOCKET", DEFAULT_SOCKET)
+    sock = socket_path()
     if addr:
         log.info("master_server_address %r is a Mooncake master address; kvstore uses the local "
                  "daemon at %s (name a socket path there to choose another)", addr, sock)
     return sock
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?i?B?)?\s*$", re.I)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def _size_field(name, v):
-    """Mooncake sizes are ints, or strings such as "4GB" in its JSON; >= 0."""
-    if isinstance(v, bool):
-        raise InvalidValue(f"{name} must be a size in bytes, not {v!r}")
-    if isinstance(v, int):
-        n = v
-    elif isinstance(v, str) and _SIZE_RE.match(v):
-        m = _SIZE_RE.match(v)
-        unit = (m.group(2) or "").upper()[:1]
-        n = int(m.group(1)) * _UNITS.get(unit, 1)      # "B" / "iB": bytes
-    else:
-        raise InvalidValue(f"{name} must be a size in bytes (an int or e.g. \"4GB\"), not {v!r}")
-    if n < 0:
-        raise InvalidValue(f"{name} must not be negative ({n})")
-    return n
+    """Mooncake sizes are ints, or strings such as "4GB" in its JSON (4 GiB); >= 0.
+    kvstore.sizes reads them; its ConfigError becomes this facade's InvalidValue."""
+    try:
+        return parse_size(v, name, minimum=0)
+    except ConfigError as e:
+        raise InvalidValue(str(e)) from None
 
 
 def _mapped_rw(ptr, size):

@@ -52,7 +52,7 @@ def main(argv=None):
     from .server import Daemon, destroy_store
     try:
         if args.destroy:
-            destroy_store(cfg.data_dir)
+            destroy_store(cfg)
             print(f"kvstore-daemon: removed the store in {cfg.data_dir}", file=sys.stderr)
             return 0
         Daemon(cfg).run()

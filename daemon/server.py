@@ -1,49 +1,63 @@
-"""The per-host daemon: owner of the segment and the index, and of every client's life.
+"""The per-host daemon: the only writer of the store, and the keeper of every client's life.
 
-Owns: start-up checks (data dir, one daemon per data dir and per socket, memory),
-creating the segment and the index or adopting those a previous daemon left (after a
-clean stop or a crash: dead clients cleaned up, every checksum verified, corrupt
-objects dropped; a fresh store always gets new index files), the control socket
-(hello with the segment fd, resuming reconnecting clients, stats, ping), cleaning up
-after clients that disconnect or die (their holds released, their unsealed creations
-reclaimed), the watermark eviction sweep, and a clean stop on SIGTERM/SIGINT.
-Must never: block on one client (all sockets are non-blocking, one selector loop),
-die because of what a client sends, or touch object bytes (clients read and write
-them directly in the segment).
+Owns: the control socket (one selector loop, every socket non-blocking), the handshake
+(HELLO -> WELCOME with the fds of the segment, the published table and the slots file;
+a reconnecting client resumes its id and slot), applying what clients send in batches
+(every message read in one loop turn is applied in ONE LMDB write transaction, then the
+table changes are published, then the seal counters, then the replies go out: see
+kvstore.store.objects for why in that order), and the background duties: reclaiming
+doomed extents once unheld, the watermark sweep, growing the published table, dropping
+clients that hang up or die (their holds, creations and unused arena space), and
+settling seal counters a client left ahead of what it sent.
+
+Why one writer: no client ever takes a lock another process waits on, so a client that
+is stopped, slow, killed or hostile costs the others nothing but its own holds. The
+daemon never waits on a client either: it reads what arrived, answers what it can, and
+drops a client that will not read its replies.
+Must never: block on one client, die because of what a client sends, touch object
+bytes (clients write and read them directly in the segment), or free an extent a hold
+table names.
 """
 
 import errno
-import fcntl
 import logging
 import os
 import selectors
-import shutil
 import signal
 import socket
 import struct
 import time
-import uuid
 
-from kvstore import protocol, segment
+from kvstore import protocol, segment, table as table_mod
 from kvstore.errors import DaemonStartError, KVStoreError, ProtocolError
-from kvstore.index import SCHEMA, Index
-from kvstore.keys import user_key
+from kvstore.record import State
+from kvstore.slots import fence
+from kvstore.store import maintenance
+from kvstore.store.objects import SealResult, Store
+
+from . import startup
 
 log = logging.getLogger("kvstore.daemon")
 
 HANDSHAKE_TIMEOUT = 10.0      # seconds a connection may stay without a complete HELLO
 MAX_OUTBOX = 1 << 20          # bytes of unread replies before a client is dropped
-TICK = 0.01                   # seconds between eviction checks
+IDLE_TICK = 0.05              # seconds between duty checks when nothing is pending
+BUSY_TICK = 0.005             # ... while doomed extents wait or usage is over the watermark
 LIVENESS_EVERY = 1.0          # seconds between checks of registered clients' pids
 MAX_HANDSHAKING = 256         # connections beyond max_clients that may be mid-handshake
+RECV_BYTES = 256 << 10        # most bytes read from one client per loop turn (fairness)
+KEYS_PAGE = 512               # keys per KEYS reply
+WARN_EVERY = 10.0             # seconds between two warnings of one kind (rate limit)
 
 
 class _Conn:
-    __slots__ = ("sock", "reader", "cid", "pid", "opened", "outbox")
+    __slots__ = ("sock", "reader", "cid", "pid", "slot", "opened", "outbox", "closing")
 
     def __init__(self, sock):
-        self.sock, self.reader, self.cid, self.pid = sock, protocol.FrameReader(), None, None
-        self.opened, self.outbox = time.monotonic(), bytearray()
+        self.sock, self.reader = sock, protocol.FrameReader()
+        self.cid = self.pid = None
+        self.slot = -1
+        self.opened, self.outbox, self.closing = time.monotonic(), bytearray(), None
 
 
 def _peer_pid(sock):
@@ -54,176 +68,47 @@ def _peer_pid(sock):
 class Daemon:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.index_path = os.path.join(cfg.data_dir, "index")
-        #: index and segment files admit whoever the socket admits (0600 -> 0600, 0660 -> 0660)
+        #: index, segment, table and slots files admit whoever the socket admits
         self.file_mode = int(cfg.socket_mode, 8) & 0o666
-        self.segment = self.index = self.listener = self._lock_fd = None
+        self.opened = self.store = self.listener = self._lock_fd = None
         self.selector = selectors.DefaultSelector()
         self.conns = {}
+        self.slot_of = {}             # cid -> slot of every registered client
         self.stopping = False
         self.started = time.monotonic()
         self._paused_accept = 0.0
-        self._last_duty_error = 0.0
+        self._warned = {}
+        self.nslots = cfg.max_clients + MAX_HANDSHAKING
 
     # ---- start-up ---------------------------------------------------------------------
     def start(self):
         _raise_fd_limit(self.cfg.max_clients + MAX_HANDSHAKING + 64)
         try:
-            self._check_data_dir()
-            self._check_socket()
+            self._lock_fd = startup.check_data_dir(self.cfg)
+            startup.check_socket(self.cfg.socket)
             segment.check_memory(self.cfg, segment.segment_name(self.cfg.data_dir))
-            self._open_index()
-            self._open_segment()
+            o = self.opened = startup.open_store(self.cfg, self.file_mode, self.nslots)
+            self.segment, self.slots, self.segment_id = o.segment, o.slots, o.segment_id
+            self.slot_of = {cid: info.get("slot", -1) for cid, info in maintenance.clients(o.env).items()}
+            self.store = Store(o.env, o.table, self._held, o.incarnation)
+            self.store.grow_table = self._grow_table
+            self.store.doomed_added = True        # reclaim what the last run left, if anything
+            self._update_high()
             self._listen()
         except BaseException:
             self._close_resources()
             raise
-        fstype = _fs_type(self.cfg.data_dir)
-        if fstype not in ("tmpfs", "ramfs"):
-            log.warning("data dir %s is on %s: the index is write-mapped, so kernel writeback adds "
-                        "millisecond stalls to gets and puts; it needs to outlive processes, not "
-                        "reboots, so a tmpfs dir (e.g. /dev/shm/kvstore-data) serves better",
-                        self.cfg.data_dir, fstype)
-        log.info("ready: serving on %s (pid %d, %s segment of %d bytes, data dir %s)",
+        startup.warn_if_not_tmpfs(self.cfg)
+        log.info("ready: serving on %s (pid %d, %s segment of %d bytes, data dir %s, incarnation %d)",
                  self.cfg.socket, os.getpid(), self.segment.backing, self.segment.size,
-                 self.cfg.data_dir)
+                 self.cfg.data_dir, self.store.incarnation)
 
-    def _check_data_dir(self):
-        d = self.cfg.data_dir
-        try:
-            os.makedirs(d, exist_ok=True)
-            probe = os.path.join(d, f".write-probe-{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.unlink(probe)
-        except OSError as e:
-            raise DaemonStartError(f"data dir {d} is not writable ({e.strerror}); "
-                                   f"choose another --data-dir or fix its permissions") from None
-        self._lock_fd = os.open(os.path.join(d, "daemon.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            other = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip()
-            raise DaemonStartError(f"data dir {d} is in use by another daemon (pid {other or '?'}); "
-                                   f"stop it or choose another --data-dir") from None
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
+    def _held(self):
+        return self.slots.held([s for s in self.slot_of.values() if s >= 0])
 
-    def _check_socket(self):
-        path = self.cfg.socket
-        if not os.path.exists(path):
-            if not os.path.isdir(os.path.dirname(path)):
-                raise DaemonStartError(f"socket directory {os.path.dirname(path)} does not exist; create it")
-            return
-        import stat
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise DaemonStartError(f"{path} exists and is not a socket; choose another --socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-            log.info("removed stale socket %s left by a dead daemon", path)
-            return
-        except OSError as e:
-            raise DaemonStartError(f"socket {path} exists and does not answer like a dead one "
-                                   f"({e.strerror or e}); is a daemon still using it?") from None
-        finally:
-            probe.close()
-        raise DaemonStartError(f"socket {path} belongs to a live daemon; stop it or choose another --socket")
-
-    def _open_index(self):
-        map_size = self.cfg.index_map_bytes()
-        try:
-            os.makedirs(self.index_path, exist_ok=True)
-            self.index = Index(self.index_path, map_size, create=True,
-                               max_readers=self.cfg.max_clients + 64, mode=self.file_mode)
-        except (OSError, KVStoreError) as e:
-            raise DaemonStartError(f"cannot open the index in {self.index_path} ({e}); "
-                                   f"move it away or run kvstore-daemon --destroy --data-dir "
-                                   f"{self.cfg.data_dir}") from None
-        map_size = self.index.env.info()["map_size"]
-        # Reserve the index's disk space now: with LMDB's writemap a full disk would
-        # otherwise surface as SIGBUS at run time instead of a clear error here.
-        fd = os.open(os.path.join(self.index_path, "data.mdb"), os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, map_size)
-        except OSError as e:
-            raise DaemonStartError(f"data dir {self.cfg.data_dir} has no room for the "
-                                   f"{map_size}-byte index ({e.strerror}); free space or lower index_map_size") from None
-        finally:
-            os.close(fd)
-        self.index_map_size = map_size
-
-    def _open_segment(self):
-        name = segment.segment_name(self.cfg.data_dir)
-        desc = self.index.describe()
-        if desc is not None:
-            schema, size, seg_id, path = desc
-            seg = segment.reopen(path, size)
-            if schema != SCHEMA:
-                log.warning("index schema %d is not this daemon's %d; starting empty", schema, SCHEMA)
-                if seg is not None:
-                    seg.destroy()
-            elif seg is None:
-                log.warning("segment %s of the previous daemon is gone (reboot?); starting empty", path)
-            elif seg.size < self.cfg.size or seg.size - self.cfg.size >= (2 << 20):
-                log.warning("size changed from %d to %d bytes; starting empty", seg.size, self.cfg.size)
-                seg.destroy()
-            else:
-                self.segment = seg
-                self.segment_id = seg_id
-                self._recover(seg_id)
-                return
-        self._fresh(segment.create(self.cfg, name, self.file_mode))
-
-    def _fresh(self, seg):
-        """Describe an empty store in brand-new index files. Never re-initialise the old
-        files in place: clients of the old store that have not reconnected yet would
-        then write into the new store with ids it may hand to someone else."""
-        self.index.close()
-        shutil.rmtree(self.index_path, ignore_errors=True)
-        self._open_index()
-        self.segment = seg
-        self.segment_id = uuid.uuid4().hex
-        self.index.init_fresh(seg.size, self.segment_id, seg.path)
-
-    def _recover(self, seg_id):
-        """Adopt the segment and index a previous daemon left (clean stop or crash)."""
-        t0 = time.monotonic()
-        dropped = 0
-        for cid in self.index.dead_clients():
-            self.index.drop_client(cid)
-            dropped += 1
-        problems = self.index.check()
-        if problems:
-            log.error("index of segment %s is inconsistent (%s); starting empty", seg_id, problems[0])
-            self._fresh(self.segment)
-            return
-        corrupt = self._verify_checksums()
-        st = self.index.stats()
-        log.info("recovered %d objects (%d bytes) from %s in %.3f s, checksums verified; %d still "
-                 "being created by live clients; cleaned up after %d dead clients",
-                 st["objects"] - st["creating"], st["used"], self.segment.path,
-                 time.monotonic() - t0, st["creating"], dropped)
-        if corrupt:
-            log.warning("dropped %d objects whose bytes no longer matched their checksum: %s",
-                        len(corrupt), ", ".join(repr(user_key(k)) for k in corrupt[:5]))
-
-    def _verify_checksums(self):
-        """Check every sealed object against the checksum recorded at seal; drop those
-        that differ, so they are never served. Returns the keys dropped."""
-        import xxhash
-        m = self.segment.map(writable=False)
-        try:
-            view = memoryview(m)
-            bad = [(k, off) for k, off, size, csum in self.index.sealed_records()
-                   if xxhash.xxh3_64_intdigest(view[off:off + size]) != csum]
-            view.release()
-        finally:
-            m.close()
-        return [k for k, off in bad if self.index.drop_if_at(k, off)]
+    def _update_high(self):
+        used = [s for s in self.slot_of.values() if s >= 0]
+        self.slots.set_high(max(used) + 1 if used else 0)
 
     def _listen(self):
         path = self.cfg.socket
@@ -242,10 +127,26 @@ class Daemon:
         self.listener = s
         self.selector.register(s, selectors.EVENT_READ, None)
 
+    def _grow_table(self, entries):
+        """Move readers to a larger table: build it complete, then retire the old one."""
+        old = self.store.table
+        live = old.entries()
+        name = segment.segment_name(self.cfg.data_dir)
+        gen = old.generation + 1
+        cap = table_mod.capacity_for(max(entries, len(live)))
+        new = table_mod.TableWriter(startup.shm_path(name, f"table-{self.store.incarnation}-{gen}"), cap, gen)
+        new.set_mode(self.file_mode)
+        new.fill(live["dlo"], live["dhi"], live["state"], live["flags"], live["offset"], live["size"],
+                 live["checksum"], live["creator"])
+        self.store.table = self.opened.table = new
+        old.retire()
+        old.close(unlink=True)
+        maintenance.set_meta(self.store.env, table_path=new.path)
+        log.info("published table grown to %d buckets (%d objects)", cap, len(live))
+
     # ---- the loop ---------------------------------------------------------------------
     def run(self):
         """Start, serve until SIGTERM/SIGINT, stop cleanly."""
-        # handlers first: a signal arriving once "ready" is logged must stop us cleanly
         old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
@@ -264,29 +165,43 @@ class Daemon:
     def serve(self):
         next_liveness = time.monotonic() + LIVENESS_EVERY
         while not self.stopping:
-            for key, events in self.selector.select(TICK):
+            busy = self.store.doomed_added or self._over_watermark()
+            batch, closing = [], []
+            for key, events in self.selector.select(BUSY_TICK if busy else IDLE_TICK):
                 if key.data is None:
                     self._accept()
                 else:
-                    self._service(key.data, events)
+                    self._service(key.data, events, batch, closing)
+            if batch:
+                self._apply(batch)
+            for conn in closing:
+                self._close(conn, conn.closing)
             now = time.monotonic()
             if self._paused_accept and now >= self._paused_accept:
                 self._paused_accept = 0.0
                 self.selector.register(self.listener, selectors.EVENT_READ, None)
+            if self.store.doomed_added:
+                self._duty(self._reclaim)
             self._duty(self._sweep_watermark)
             if now >= next_liveness:
                 next_liveness = now + LIVENESS_EVERY
                 self._duty(self._check_liveness, now)
 
+    def _warn(self, kind, msg, *args):
+        """A warning, at most once per WARN_EVERY seconds per kind (a flood of bad
+        connections must not flood the log)."""
+        now = time.monotonic()
+        if now - self._warned.get(kind, 0.0) >= WARN_EVERY:
+            self._warned[kind] = now
+            log.warning(msg, *args)
+
     def _duty(self, fn, *args):
-        """Run a background duty; a failure is logged (once a minute), never fatal."""
+        """Run a background duty; a failure is logged (rate-limited), never fatal."""
         try:
             fn(*args)
         except Exception as e:
-            now = time.monotonic()
-            if now - self._last_duty_error > 60:
-                self._last_duty_error = now
-                log.error("%s failed: %s (the daemon keeps serving)", fn.__name__.strip("_"), e)
+            self._warn("duty-" + fn.__name__, "%s failed: %s (the daemon keeps serving)",
+                       fn.__name__.strip("_"), e)
 
     def _accept(self):
         for _ in range(64):       # drain the backlog, a bounded batch per wake-up
@@ -296,7 +211,7 @@ class Daemon:
                 return
             except OSError as e:  # EMFILE/ENFILE: out of fds; stop accepting for a moment
                 if e.errno in (errno.EMFILE, errno.ENFILE) and not self._paused_accept:
-                    log.warning("out of file descriptors; pausing accept for 0.1 s")
+                    self._warn("fds", "out of file descriptors; pausing accept for 0.1 s")
                     self.selector.unregister(self.listener)
                     self._paused_accept = time.monotonic() + 0.1
                 return
@@ -308,75 +223,199 @@ class Daemon:
             self.conns[sock.fileno()] = conn
             self.selector.register(sock, selectors.EVENT_READ, conn)
 
-    def _service(self, conn, events):
+    def _service(self, conn, events, batch, closing):
         if events & selectors.EVENT_WRITE:
             self._flush(conn)
-        if not events & selectors.EVENT_READ or conn.sock.fileno() < 0:
+        if not events & selectors.EVENT_READ or conn.sock.fileno() < 0 or conn.closing:
             return
         try:
-            data = conn.sock.recv(65536)
+            data = conn.sock.recv(RECV_BYTES)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if not data:
-            self._close(conn, "disconnected")
-            return
         try:
             for mtype, body in conn.reader.feed(data):
-                self._handle(conn, mtype, body)
+                if mtype == protocol.HELLO:
+                    self._hello(conn, body)
+                elif conn.cid is None:
+                    raise ProtocolError("the first message must be HELLO")
+                elif mtype not in protocol.CLIENT_TYPES:
+                    raise ProtocolError(f"unexpected message type {mtype} from a client")
+                else:
+                    batch.append((conn, mtype, body))
         except ProtocolError as e:
-            log.warning("dropping connection from pid %s: %s", conn.pid or _safe_peer_pid(conn.sock), e)
+            self._warn("protocol", "dropping connection from pid %s: %s",
+                       conn.pid or _safe_peer_pid(conn.sock), e)
             self._send(conn, protocol.error(e))
-            self._close(conn, "protocol error")
+            conn.closing = "protocol error"
+            closing.append(conn)
+            return
         except KVStoreError as e:
             self._send(conn, protocol.error(e))
         except OSError as e:            # the peer went away mid-reply (e.g. during send_fds)
-            self._close(conn, f"gone mid-reply ({e.strerror or e})")
-        except Exception:               # a bug of ours: drop this peer, keep serving the rest
-            log.exception("internal error serving pid %s; dropping that connection", conn.pid)
-            self._close(conn, "internal error")
+            conn.closing = f"gone mid-reply ({e.strerror or e})"
+            closing.append(conn)
+            return
+        if not data:
+            conn.closing = "disconnected"
+            closing.append(conn)
 
-    def _handle(self, conn, mtype, body):
-        if mtype == protocol.HELLO:
-            if conn.cid is not None:
-                raise ProtocolError("second HELLO on one connection")
-            _, namespace, resume = protocol.read_hello(body)
-            if sum(1 for c in self.conns.values() if c.cid is not None) >= self.cfg.max_clients:
-                raise ProtocolError(f"the daemon already serves max_clients={self.cfg.max_clients} clients")
-            conn.pid = _peer_pid(conn.sock)
-            conn.cid = self._resumable(resume, conn.pid)
-            if conn.cid is None:
-                conn.cid = self.index.register_client(conn.pid, namespace)
-            else:
-                log.info("client %d (pid %d) reconnected", conn.cid, conn.pid)
-            frame = protocol.welcome(conn.cid, self.segment.size, self.segment.backing, self.index_path,
-                                     self.index_map_size, self.cfg.max_clients + 64, self.segment_id)
-            socket.send_fds(conn.sock, [frame], [self.segment.fd])
-            log.debug("client %d (pid %d) connected", conn.cid, conn.pid)
-        elif conn.cid is None:
-            raise ProtocolError("the first message must be HELLO")
-        elif mtype == protocol.PING:
-            self._send(conn, protocol.encode(protocol.PONG, {}))
-        elif mtype == protocol.STATS:
-            st = self.index.stats()
-            st.update(backing=self.segment.backing, segment_path=self.segment.path, pid=os.getpid(),
-                      connected=sum(1 for c in self.conns.values() if c.cid is not None),
-                      uptime=time.monotonic() - self.started)
-            self._send(conn, protocol.encode(protocol.STATS_REPLY, st))
+    # ---- handshake ----------------------------------------------------------------------
+    def _hello(self, conn, body):
+        if conn.cid is not None:
+            raise ProtocolError("second HELLO on one connection")
+        _, namespace, resume = protocol.read_hello(body)
+        if sum(1 for c in self.conns.values() if c.cid is not None) >= self.cfg.max_clients:
+            raise ProtocolError(f"the daemon already serves max_clients={self.cfg.max_clients} clients")
+        conn.pid = _peer_pid(conn.sock)
+        cid = self._resumable(resume, conn.pid)
+        if cid is None:
+            slot = self._free_slot()
+            if slot is None:
+                raise ProtocolError("no free client slot; too many registered clients")
+            self.slots.scrub(slot)
+            cid = maintenance.register_client(self.store.env, conn.pid, namespace, slot)
+            self.slot_of[cid] = slot
+            self._update_high()
         else:
-            raise ProtocolError(f"unexpected message type {mtype} from a client")
+            log.info("client %d (pid %d) reconnected", cid, conn.pid)
+        conn.cid, conn.slot = cid, self.slot_of[cid]
+        t = self.store.table
+        frame = protocol.welcome(cid=cid, slot=conn.slot, segment_size=self.segment.size,
+                                 backing=self.segment.backing, segment_id=self.segment_id,
+                                 slots=self.slots.describe(), incarnation=self.store.incarnation,
+                                 table_generation=t.generation)
+        socket.send_fds(conn.sock, [frame], [self.segment.fd, t.fd, self.slots.fd])
+        log.debug("client %d (pid %d) connected", cid, conn.pid)
+
+    def _free_slot(self):
+        used = set(self.slot_of.values())
+        for s in range(self.slots.nslots):
+            if s not in used:
+                return s
+        return None
 
     def _resumable(self, resume, pid):
-        """The cid a reconnecting client may keep: same store, same live process, and
-        not connected already. None: it must register anew."""
+        """The cid a reconnecting client may keep: same store, same live process, not
+        connected already. None: it must register anew."""
         if resume is None or resume[1] != self.segment_id:
             return None
         cid = resume[0]
-        info = self.index.clients().get(cid)
+        info = maintenance.clients(self.store.env).get(cid)
         if info is None or info["pid"] != pid or any(c.cid == cid for c in self.conns.values()):
             return None
         return cid
+
+    # ---- applying requests -----------------------------------------------------------------
+    def _apply(self, batch):
+        """Apply one loop turn's requests in one transaction; then publish, then the seal
+        counters, then the replies (kvstore.store.objects explains the order)."""
+        store = self.store
+        replies, after, applied = [], [], {}
+        try:
+            with store.batch() as b:
+                for conn, mtype, body in batch:
+                    if conn.cid is None:
+                        continue
+                    try:
+                        reply = self._request(b, conn, mtype, body, applied)
+                    except ProtocolError as e:
+                        reply = protocol.error(e)
+                        conn.closing = "protocol error"
+                    except KVStoreError as e:
+                        reply = protocol.error(e)
+                    if reply is _AFTER:
+                        after.append((conn, mtype, body))
+                    elif reply is not None:
+                        replies.append((conn, reply))
+        except KVStoreError as e:       # the commit failed (IndexFull): nothing applied
+            self._warn("commit", "applying %d requests failed: %s", len(batch), e)
+            replies = [(c, protocol.error(e)) for c, m, _ in batch if m not in (protocol.SEAL, protocol.RETURN)]
+        fence()
+        for slot, seq in applied.items():
+            self.slots.applied[slot] = max(int(self.slots.applied[slot]), seq)
+        for conn, reply in replies:
+            self._send(conn, reply)
+        for conn, mtype, body in after:
+            self._after(conn, mtype, body)
+        for conn, _, _ in batch:
+            if conn.closing == "protocol error" and conn.sock.fileno() >= 0:
+                self._close(conn, conn.closing)
+
+    def _request(self, b, conn, mtype, body, applied):
+        store, cid = self.store, conn.cid
+        if mtype == protocol.SEAL:
+            top = 0
+            for seq, key, off, size, csum, flags, replicas in protocol.read_seal(body):
+                res = store.seal(b, cid, key, off, size, csum, flags, replicas)
+                if res == SealResult.INVALID:
+                    self._warn("seal", "client %d (pid %s) sealed %r outside the space granted "
+                               "to it; ignored", cid, conn.pid, key)
+                top = max(top, seq)
+            applied[conn.slot] = max(applied.get(conn.slot, 0), top)
+            return None
+        if mtype == protocol.GRANT:
+            want, least = protocol.read_grant(body)
+            off, size = store.grant(b, cid, min(want, self.segment.size), least)
+            return protocol.granted(off, size)
+        if mtype == protocol.RETURN:
+            store.give_back(b, cid, protocol.read_give_back(body))
+            return None
+        if mtype == protocol.CREATE:
+            key, size, pinned = protocol.read_create(body)
+            off, state = store.create(b, cid, key, size, pinned)
+            return protocol.created(0, off) if off is not None else protocol.created(int(state), 0)
+        if mtype in (protocol.ABORT, protocol.DELETE, protocol.PIN, protocol.DROP):
+            key, flag, off = protocol.read_keyed(body, protocol.NAMES[mtype])
+            if mtype == protocol.ABORT:
+                store.abort(b, cid, key)
+                return protocol.done(True)
+            if mtype == protocol.DELETE:
+                return protocol.done(store.delete(b, key))
+            if mtype == protocol.PIN:
+                store.set_pinned(b, key, bool(flag))
+                return protocol.done(True)
+            return protocol.done(store.drop_if_at(b, key, off))
+        return _AFTER                    # read-only requests: answered after the commit
+
+    def _after(self, conn, mtype, body):
+        try:
+            if mtype == protocol.PING:
+                self._send(conn, protocol.encode(protocol.PONG, {}))
+            elif mtype == protocol.STATS:
+                self._send(conn, protocol.encode(protocol.STATS_REPLY, self._stats()))
+            elif mtype == protocol.CHECK:
+                problems = maintenance.check(self.store)
+                self._send(conn, protocol.encode(protocol.CHECK_REPLY, {"problems": problems[:50]}))
+            elif mtype == protocol.KEYS:
+                prefix, after, limit = protocol.read_keys(body)
+                found = self.store.keys(prefix, after, min(max(limit, 1), KEYS_PAGE) + 1)
+                more = len(found) > min(max(limit, 1), KEYS_PAGE)
+                self._send(conn, protocol.keys_reply(found[:min(max(limit, 1), KEYS_PAGE)], more))
+            elif mtype == protocol.TABLE:
+                t = self.store.table
+                frame = protocol.encode(protocol.TABLE_REPLY, {"table_generation": t.generation})
+                conn.sock.setblocking(True)
+                try:
+                    conn.sock.settimeout(1.0)
+                    socket.send_fds(conn.sock, [frame], [t.fd])
+                finally:
+                    conn.sock.setblocking(False)
+        except KVStoreError as e:
+            self._send(conn, protocol.error(e))
+        except OSError as e:
+            conn.closing = f"gone mid-reply ({e.strerror or e})"
+            self._close(conn, conn.closing)
+
+    def _stats(self):
+        st = maintenance.stats(self.store.env)
+        st.update(backing=self.segment.backing, segment_path=self.segment.path, pid=os.getpid(),
+                  connected=sum(1 for c in self.conns.values() if c.cid is not None),
+                  held_extents=int(len(self._held())), uptime=time.monotonic() - self.started,
+                  incarnation=self.store.incarnation, table_buckets=self.store.table.capacity,
+                  table_live=self.store.table.live)
+        return st
 
     def _send(self, conn, frame):
         if conn.sock.fileno() < 0:
@@ -411,43 +450,71 @@ class Daemon:
             self.conns.pop(fd, None)
             conn.sock.close()
         if conn.cid is not None:
-            holds, creations = self.index.drop_client(conn.cid)
-            log.info("client %d (pid %d) %s: released %d holds, reclaimed %d unsealed objects",
-                     conn.cid, conn.pid, why, holds, creations)
-            conn.cid = None
+            cid, conn.cid = conn.cid, None
+            self._drop_client(cid, conn.pid, why)
+
+    def _drop_client(self, cid, pid, why):
+        """Forget a client that hung up or died: its holds, its creations, the unused
+        space of its arenas, its slot."""
+        slot = self.slot_of.pop(cid, -1)
+        if 0 <= slot < self.slots.nslots:
+            self.slots.scrub(slot)            # its holds go first: nothing it held is in use now
+        with self.store.batch() as b:
+            creations, freed = maintenance.drop_client(self.store, b, cid)
+        self._update_high()
+        self.store.doomed_added = True
+        log.info("client %d (pid %s) %s: reclaimed %d unsealed objects and %d bytes of unused space",
+                 cid, pid, why, creations, freed)
 
     # ---- background duties ------------------------------------------------------------
+    def _reclaim(self):
+        with self.store.batch() as b:
+            maintenance.reclaim(self.store, b)
+        self.store.doomed_added = maintenance.doomed_count(self.store.env) > 0
+
+    def _over_watermark(self):
+        return maintenance.used(self.store.env) > self.cfg.high_watermark * self.segment.size
+
     def _sweep_watermark(self):
         size = self.segment.size
-        if self.index.used() <= self.cfg.high_watermark * size:
+        if not self._over_watermark():
             return
         target = int(self.cfg.low_watermark * size)
-        total, deadline = 0, time.monotonic() + 0.005
-        while time.monotonic() < deadline:
-            n, used = self.index.evict_to(target)
-            total += n
-            if n == 0 or used <= target:
-                break
-        if total:
-            log.debug("evicted %d objects; used %d of %d bytes", total, used, size)
+        with self.store.batch() as b:
+            n = self.store.evict(b, target_used=target)
+        if n:
+            log.debug("evicted %d objects toward %d of %d bytes", n, target, size)
 
     def _check_liveness(self, now):
         for conn in list(self.conns.values()):
             if conn.cid is None and now - conn.opened > HANDSHAKE_TIMEOUT:
                 self._close(conn, "no HELLO in time")
         by_cid = {c.cid: c for c in self.conns.values() if c.cid is not None}
-        for cid, info in self.index.dead_clients().items():
+        for cid, info in maintenance.dead_clients(self.store.env).items():
             conn = by_cid.get(cid)
             if conn is not None:        # its process died but a child inherited the socket
                 self._close(conn, "died (its socket lives on in a child)")
+            else:
+                self._drop_client(cid, info["pid"], "is gone")
+        self._settle_counters(by_cid)
+
+    def _settle_counters(self, by_cid):
+        """A client whose ``sent`` is ahead of what it sent (all its bytes read, nothing
+        left to apply) would make readers wait for seals that never come: set its
+        ``applied`` level with it."""
+        sent, applied = self.slots.sent, self.slots.applied
+        for cid, conn in by_cid.items():
+            s = conn.slot
+            if s < 0 or int(sent[s]) <= int(applied[s]) or conn.reader.pending:
                 continue
-            holds, creations = self.index.drop_client(cid)
-            log.info("client %d (pid %d) is gone: released %d holds, reclaimed %d unsealed objects",
-                     cid, info["pid"], holds, creations)
-        try:
-            self.index.env.reader_check()
-        except Exception:  # reader_check is advisory; never let it stop the daemon
-            pass
+            try:
+                import fcntl
+                import termios
+                waiting = struct.unpack("i", fcntl.ioctl(conn.sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+            except OSError:
+                continue
+            if waiting == 0 and int(sent[s]) > int(applied[s]):
+                applied[s] = sent[s]
 
     # ---- stop -------------------------------------------------------------------------
     def stop(self):
@@ -455,15 +522,18 @@ class Daemon:
             fd = conn.sock.fileno()
             self.conns.pop(fd, None)
             conn.sock.close()
+        seg_path = self.segment.path if getattr(self, "segment", None) else "segment"
+        discard = self.cfg.discard_on_exit and self.opened is not None and self.opened.segment is not None
+        reserved = self.opened.segment.reserved_pages if discard else 0
         self._close_resources()
-        if self.cfg.discard_on_exit and self.segment is not None:
-            destroy_store(self.cfg.data_dir, self.segment.path)
-            if self.segment.reserved_pages:
-                segment.unreserve_huge_pages(self.segment.reserved_pages)
+        if discard:
+            startup.remove_files(self.cfg, None)
+            if reserved:
+                segment.unreserve_huge_pages(reserved)
             log.info("stopped; segment and index discarded (discard_on_exit)")
         else:
             log.info("stopped; %s and the index in %s are kept for the next start",
-                     self.segment.path if self.segment else "segment", self.cfg.data_dir)
+                     seg_path, self.cfg.data_dir)
 
     def _close_resources(self):
         if self.listener is not None:
@@ -477,14 +547,14 @@ class Daemon:
                 os.unlink(self.cfg.socket)
             except OSError:
                 pass
-        if self.index is not None:
-            self.index.close()
-            self.index = None
-        if self.segment is not None:
-            self.segment.close()
+        if self.opened is not None:
+            self.opened.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+_AFTER = object()
 
 
 def _raise_fd_limit(want):
@@ -500,21 +570,6 @@ def _raise_fd_limit(want):
             log.warning("file descriptor limit %d is below the %d that max_clients needs", new, want)
 
 
-def _fs_type(path):
-    """File system type of the mount holding path (longest mount-point prefix)."""
-    real, best, kind = os.path.realpath(path), "", "unknown"
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                parts = line.split()
-                mnt = parts[1]
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, kind = mnt, parts[2]
-    except OSError:
-        pass
-    return kind
-
-
 def _safe_peer_pid(sock):
     try:
         return _peer_pid(sock)
@@ -522,35 +577,6 @@ def _safe_peer_pid(sock):
         return "?"
 
 
-def destroy_store(data_dir, segment_path=None):
-    """Remove a stopped store's segment and index. Refuses while a daemon uses data_dir."""
-    lock = os.path.join(data_dir, "daemon.lock")
-    if os.path.exists(lock):
-        fd = os.open(lock, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and segment_path is None:
-                raise DaemonStartError(f"a daemon is running on {data_dir}; stop it first") from None
-        finally:
-            os.close(fd)
-    index_path = os.path.join(data_dir, "index")
-    if segment_path is None and os.path.exists(os.path.join(index_path, "data.mdb")):
-        try:
-            idx = Index(index_path, 1 << 20)
-            desc = idx.describe()
-            idx.close()
-            segment_path = desc[3] if desc else None
-        except (KVStoreError, OSError):
-            segment_path = None           # an unreadable index: fall back to the default names
-    if segment_path:
-        segment.remove(segment_path)
-    else:
-        name = segment.segment_name(data_dir)
-        segment.remove("/dev/shm/" + name)
-        segment.remove(os.path.join("/dev/hugepages", name + ".seg"))
-    shutil.rmtree(index_path, ignore_errors=True)
-    try:
-        os.unlink(lock)
-    except OSError:
-        pass
+def destroy_store(cfg):
+    """Remove a stopped store (``kvstore-daemon --destroy``)."""
+    startup.destroy_store(cfg)

@@ -2,38 +2,23 @@
 
 Owns: every setting, its default, its parsing from a TOML file, the environment
 (KVSTORE_<FIELD>) and command-line flags (in that order of precedence, flags winning),
-and validation at start-up with messages that name the bad field.
+and validation at start-up with messages that name the bad field. Sizes are read by
+kvstore.sizes (every unit a power of 1024: "4GB" is 4 GiB, as in Mooncake); the
+defaults' names live in kvstore.defaults.
 Must never: let a bad value through to run time; start from a half-valid config.
 """
 
 import dataclasses
 import os
-import re
-import tomllib
 
+try:
+    import tomllib
+except ModuleNotFoundError:     # Python 3.10: tomllib is 3.11+; tomli is the same parser
+    import tomli as tomllib
+
+from .defaults import DEFAULT_DATA_DIR, DEFAULT_HUGETLBFS_DIR, DEFAULT_SOCKET, ENV_PREFIX
 from .errors import ConfigError
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
-          "mb": 1000 ** 2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000 ** 3, "gib": 1 << 30,
-          "t": 1 << 40, "tb": 1000 ** 4, "tib": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(value, field="size"):
-    """Bytes from an int or a string such as '2GiB', '512MiB', '64k'."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{field}: {value!r} is not a size; use bytes or e.g. '2GiB'")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE_RE.match(str(value))
-        unit = m.group(2).lower() if m else None
-        if not m or unit not in _UNITS:
-            raise ConfigError(f"{field}: {value!r} is not a size; use bytes or e.g. '2GiB', '512MiB'")
-        n = int(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise ConfigError(f"{field}: {value!r} must be more than 0 bytes")
-    return n
+from .sizes import parse_size  # noqa: F401  (re-exported: callers import it from here)
 
 
 def _parse_bool(value, field):
@@ -103,16 +88,16 @@ def _size_or_auto(value, field):
 class Config:
     """Daemon settings. Sizes are bytes once validated."""
 
-    socket: str = "/tmp/kvstore.sock"
+    socket: str = DEFAULT_SOCKET
     size: int = 1 << 30
     #: holds the LMDB index; tmpfs is best: the index need only outlive processes, not
     #: reboots (the segment does not survive one either), and disk writeback stalls it
-    data_dir: str = "/dev/shm/kvstore-data"
+    data_dir: str = DEFAULT_DATA_DIR
     #: auto: huge pages when they can be had, else /dev/shm; require: fail without them; off
     hugepages: str = "auto"
     #: as root, raise vm.nr_hugepages and mount hugetlbfs_dir when needed
     reserve_hugepages: bool = False
-    hugetlbfs_dir: str = "/dev/hugepages"
+    hugetlbfs_dir: str = DEFAULT_HUGETLBFS_DIR
     #: eviction starts when used bytes exceed high_watermark * size, stops at low_watermark
     high_watermark: float = 0.9
     low_watermark: float = 0.8
@@ -185,7 +170,7 @@ def load_config(file=None, env=None, overrides=None):
             raw[k] = v
     env = os.environ if env is None else env
     for k in FIELDS:
-        v = env.get("KVSTORE_" + k.upper())
+        v = env.get(ENV_PREFIX + k.upper())
         if v is not None and v != "":
             raw[k] = v
     for k, v in (overrides or {}).items():

@@ -107,6 +107,12 @@ class ChecksumMismatch(KVStoreError):
     code = 24
 
 
+class TooManyHolds(KVStoreError):
+    """A client holds as many objects at once as its hold table has room for."""
+
+    code = 25
+
+
 class ProtocolError(KVStoreError):
     """A frame on the daemon's socket that is not a valid kvstore message."""
 
@@ -140,7 +146,7 @@ class DaemonStartError(KVStoreError):
 _BY_CODE = {cls.code: cls for cls in (
     KVStoreError, InvalidKey, InvalidKeyType, InvalidSize, ValueTooLarge, InvalidValue,
     ObjectExists, ObjectNotFound, AlreadySealed, NotCreator, NotSealed, StoreFull, IndexFull,
-    GetTimeout, ReadOnlyView, ChecksumMismatch, ProtocolError, ClientClosed, StoreUnavailable, ConfigError,
+    GetTimeout, ReadOnlyView, ChecksumMismatch, TooManyHolds, ProtocolError, ClientClosed, StoreUnavailable, ConfigError,
     DaemonStartError)}
 
 

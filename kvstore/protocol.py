@@ -1,14 +1,21 @@
-"""The daemon's socket protocol: frames and the messages they carry.
+"""The daemon's socket protocol: frames and the messages they carry, each an encode/decode pair.
 
-Owns: the frame format (4-byte little-endian payload length, 1-byte message type,
-payload of at most MAX_PAYLOAD bytes of UTF-8 JSON), every message type with its
-encode/decode pair, and the incremental FrameReader the daemon uses so that a peer
-sending garbage, a huge length prefix or half a frame never blocks or crashes it.
-The socket is the control plane only: hello (with the segment fd passed by
-SCM_RIGHTS; a reconnecting client adds resume {cid, segment_id} to keep its id),
-stats, ping. A client's hang-up is how the daemon learns it is gone. Object data and index operations never cross it.
+Owns: the frame format (4-byte little-endian payload length, 1-byte message type, a
+payload of at most MAX_PAYLOAD bytes), every message type with its encoder and decoder,
+and the incremental FrameReader the daemon uses so that a peer sending garbage, a huge
+length prefix or half a frame never blocks or crashes it. Control messages (hello,
+welcome, stats, check, errors) carry UTF-8 JSON objects; the messages on the write path
+carry fixed binary layouts (struct), since a put sends one.
+
+The socket is how clients ask the daemon to change the store: SEAL (one-way: a batch
+of objects a client wrote into its arena; the client numbers them, see kvstore.slots),
+GRANT (space for puts), RETURN (give space back), CREATE/ABORT (Plasma's two-step
+path), DELETE, PIN, DROP (an object found corrupt), KEYS (list a namespace), TABLE (the
+fd of the current published table). Reads never cross it: clients look objects up in
+the published table and read the segment directly. A client's hang-up is how the
+daemon learns it is gone.
 Must never: allocate what a length prefix claims before checking it, or accept a
-payload that is not a JSON object.
+payload that does not decode completely.
 """
 
 import json
@@ -17,30 +24,57 @@ import socket
 import struct
 
 from .errors import ProtocolError, StoreUnavailable, from_code
+from .keys import MAX_KEY_BYTES, MAX_NAMESPACE_BYTES
 
-VERSION = 2     # 2: resume in HELLO, segment_id in WELCOME
+VERSION = 3     # 3: the daemon is the only index writer (seal/grant/create/... messages)
 MAGIC = "kvstore"
 MAX_PAYLOAD = 64 << 10
 
 _HEADER = struct.Struct("<IB")
+HEADER_SIZE = _HEADER.size
 
 HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG = 1, 2, 3, 4, 5, 6, 7
-_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
-          STATS_REPLY: "STATS_REPLY", PING: "PING", PONG: "PONG"}
+SEAL, GRANT, GRANTED, RETURN, CREATE, CREATED, ABORT, DONE = 10, 11, 12, 13, 14, 15, 16, 17
+DELETE, PIN, DROP, KEYS, KEYS_REPLY, CHECK, CHECK_REPLY, TABLE, TABLE_REPLY = 18, 19, 20, 21, 22, 23, 24, 25, 26
+
+NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
+         STATS_REPLY: "STATS_REPLY", PING: "PING", PONG: "PONG", SEAL: "SEAL", GRANT: "GRANT",
+         GRANTED: "GRANTED", RETURN: "RETURN", CREATE: "CREATE", CREATED: "CREATED",
+         ABORT: "ABORT", DONE: "DONE", DELETE: "DELETE", PIN: "PIN", DROP: "DROP", KEYS: "KEYS",
+         KEYS_REPLY: "KEYS_REPLY", CHECK: "CHECK", CHECK_REPLY: "CHECK_REPLY", TABLE: "TABLE",
+         TABLE_REPLY: "TABLE_REPLY"}
+JSON_TYPES = frozenset((HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG, CHECK, CHECK_REPLY,
+                        TABLE, TABLE_REPLY))
+#: Messages a client may send (the daemon refuses the others from a client).
+CLIENT_TYPES = frozenset((HELLO, STATS, PING, SEAL, GRANT, RETURN, CREATE, ABORT, DELETE, PIN,
+                          DROP, KEYS, CHECK, TABLE))
+
+_SEAL_ITEM = struct.Struct("<QQQQBBHH")   # seq, offset, size, checksum, flags, _, replicas, key length
+_U64 = struct.Struct("<Q")
+_U64x2 = struct.Struct("<QQ")
+_CREATE = struct.Struct("<QB")
+_CREATED = struct.Struct("<BQ")
+_U8 = struct.Struct("<B")
+_KEYS = struct.Struct("<IHH")             # limit, prefix length, after length
+_KLEN = struct.Struct("<H")
+#: Most bytes of seal items in one SEAL frame.
+SEAL_ITEM_OVERHEAD = _SEAL_ITEM.size
 
 
-def encode(mtype, body):
-    payload = json.dumps(body, separators=(",", ":")).encode()
+def frame(mtype, payload):
     if len(payload) > MAX_PAYLOAD:
-        raise ProtocolError(f"{_NAMES.get(mtype, mtype)} message of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+        raise ProtocolError(f"{NAMES.get(mtype, mtype)} message of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     return _HEADER.pack(len(payload), mtype) + payload
 
 
-def decode_payload(mtype, payload):
-    if mtype not in _NAMES:
-        raise ProtocolError(f"unknown message type {mtype}; is this a kvstore client?")
+def encode(mtype, body):
+    """A JSON control message."""
+    return frame(mtype, json.dumps(body, separators=(",", ":")).encode())
+
+
+def decode_json(mtype, payload):
     try:
-        body = json.loads(payload.decode("utf-8"))
+        body = json.loads(bytes(payload).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("payload is not UTF-8 JSON; is this a kvstore client?") from None
     if not isinstance(body, dict):
@@ -49,7 +83,8 @@ def decode_payload(mtype, payload):
 
 
 class FrameReader:
-    """Feed bytes as they arrive; get complete (type, body) messages out."""
+    """Feed bytes as they arrive; get complete (type, payload) messages out (payloads of
+    JSON types decoded to dicts, binary ones as bytes)."""
 
     def __init__(self):
         self._buf = bytearray()
@@ -57,18 +92,22 @@ class FrameReader:
     def feed(self, data):
         self._buf += data
         out = []
-        while len(self._buf) >= _HEADER.size:
-            length, mtype = _HEADER.unpack_from(self._buf)
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= HEADER_SIZE:
+            length, mtype = _HEADER.unpack_from(buf, pos)
             if length > MAX_PAYLOAD:
                 raise ProtocolError(f"frame length {length} exceeds {MAX_PAYLOAD}; is this a kvstore client?")
-            if mtype not in _NAMES:
+            if mtype not in NAMES:
                 raise ProtocolError(f"unknown message type {mtype}; is this a kvstore client?")
-            end = _HEADER.size + length
-            if len(self._buf) < end:
+            end = pos + HEADER_SIZE + length
+            if len(buf) < end:
                 break
-            payload = bytes(self._buf[_HEADER.size:end])
-            del self._buf[:end]
-            out.append((mtype, decode_payload(mtype, payload)))
+            payload = bytes(buf[pos + HEADER_SIZE:end])
+            pos = end
+            out.append((mtype, decode_json(mtype, payload) if mtype in JSON_TYPES else payload))
+        if pos:
+            del buf[:pos]
         return out
 
     @property
@@ -76,7 +115,18 @@ class FrameReader:
         return len(self._buf)
 
 
-# ---- message pairs ---------------------------------------------------------------------
+def _key(payload, at, n, what):
+    if n == 0 or n > MAX_KEY_BYTES + MAX_NAMESPACE_BYTES + 1 or at + n > len(payload):
+        raise ProtocolError(f"{what}: bad key length {n}")
+    return bytes(payload[at:at + n])
+
+
+def _exact(payload, size, what):
+    if len(payload) < size:
+        raise ProtocolError(f"{what} message too short ({len(payload)} bytes)")
+
+
+# ---- hello / welcome -----------------------------------------------------------------------
 def hello(pid, namespace="", resume=None):
     """resume: {"cid", "segment_id"} of a client reconnecting after a daemon restart."""
     body = {"magic": MAGIC, "version": VERSION, "pid": pid, "namespace": namespace}
@@ -95,8 +145,8 @@ def read_hello(body):
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         raise ProtocolError("HELLO pid must be a positive integer")
     ns = body.get("namespace", "")
-    if not isinstance(ns, str) or len(ns) > 64:
-        raise ProtocolError("HELLO namespace must be a string of at most 64 characters")
+    if not isinstance(ns, str) or len(ns.encode("utf-8", "surrogatepass")) > MAX_NAMESPACE_BYTES:
+        raise ProtocolError(f"HELLO namespace must be a string of at most {MAX_NAMESPACE_BYTES} bytes")
     resume = body.get("resume")
     if resume is not None:
         if not (isinstance(resume, dict) and isinstance(resume.get("cid"), int)
@@ -106,10 +156,10 @@ def read_hello(body):
     return pid, ns, resume
 
 
-def welcome(cid, segment_size, backing, index_path, index_map_size, max_readers, segment_id):
-    return encode(WELCOME, {"cid": cid, "segment_size": segment_size, "backing": backing,
-                            "index_path": index_path, "index_map_size": index_map_size,
-                            "max_readers": max_readers, "segment_id": segment_id})
+def welcome(**fields):
+    """cid, slot, segment_size, backing, segment_id, slots (layout), incarnation; the fds
+    of the segment, the published table and the slots file travel with it."""
+    return encode(WELCOME, fields)
 
 
 def error(exc):
@@ -120,30 +170,157 @@ def raise_error(body):
     raise from_code(body.get("code", 1), body.get("message", "unknown error from the daemon"))
 
 
-# ---- client side: blocking request/reply --------------------------------------------------
+# ---- the write path ------------------------------------------------------------------------
+def seal_item(seq, key, offset, size, checksum, flags=0, replicas=1):
+    return _SEAL_ITEM.pack(seq, offset, size, checksum, flags, 0, replicas, len(key)) + key
+
+
+def seal(items):
+    """A SEAL frame of encoded seal_item()s (their total must fit MAX_PAYLOAD)."""
+    return frame(SEAL, b"".join(items))
+
+
+def read_seal(payload):
+    """[(seq, key, offset, size, checksum, flags, replicas)]"""
+    out = []
+    pos, n = 0, len(payload)
+    while pos < n:
+        if n - pos < _SEAL_ITEM.size:
+            raise ProtocolError("SEAL: truncated item")
+        seq, off, size, csum, flags, _, replicas, klen = _SEAL_ITEM.unpack_from(payload, pos)
+        pos += _SEAL_ITEM.size
+        key = _key(payload, pos, klen, "SEAL")
+        pos += klen
+        out.append((seq, key, off, size, csum, flags, replicas))
+    if not out:
+        raise ProtocolError("SEAL without items")
+    return out
+
+
+def grant(want, least):
+    return frame(GRANT, _U64x2.pack(want, least))
+
+
+def read_grant(payload):
+    _exact(payload, _U64x2.size, "GRANT")
+    return _U64x2.unpack_from(payload)
+
+
+def granted(offset, size):
+    return frame(GRANTED, _U64x2.pack(offset, size))
+
+
+def read_granted(payload):
+    _exact(payload, _U64x2.size, "GRANTED")
+    return _U64x2.unpack_from(payload)
+
+
+def give_back(start):
+    return frame(RETURN, _U64.pack(start))
+
+
+def read_give_back(payload):
+    _exact(payload, _U64.size, "RETURN")
+    return _U64.unpack_from(payload)[0]
+
+
+def create(key, size, pinned):
+    return frame(CREATE, _CREATE.pack(size, 1 if pinned else 0) + key)
+
+
+def read_create(payload):
+    _exact(payload, _CREATE.size + 1, "CREATE")
+    size, pinned = _CREATE.unpack_from(payload)
+    return _key(payload, _CREATE.size, len(payload) - _CREATE.size, "CREATE"), size, bool(pinned)
+
+
+def created(status, offset):
+    """status 0: created at offset; else the state of the existing object."""
+    return frame(CREATED, _CREATED.pack(status, offset))
+
+
+def read_created(payload):
+    _exact(payload, _CREATED.size, "CREATED")
+    return _CREATED.unpack_from(payload)
+
+
+def keyed(mtype, key, flag=0, offset=0):
+    """ABORT, DELETE, PIN (flag: pinned), DROP (offset): a key and a little more."""
+    return frame(mtype, _U64.pack(offset) + _U8.pack(flag) + key)
+
+
+def read_keyed(payload, what="request"):
+    _exact(payload, 10, what)
+    (offset,) = _U64.unpack_from(payload)
+    return _key(payload, 9, len(payload) - 9, what), payload[8], offset
+
+
+def done(result):
+    return frame(DONE, _U8.pack(1 if result else 0))
+
+
+def read_done(payload):
+    _exact(payload, 1, "DONE")
+    return bool(payload[0])
+
+
+def keys(prefix, after, limit):
+    return frame(KEYS, _KEYS.pack(limit, len(prefix), len(after)) + prefix + after)
+
+
+def read_keys(payload):
+    _exact(payload, _KEYS.size, "KEYS")
+    limit, plen, alen = _KEYS.unpack_from(payload)
+    if _KEYS.size + plen + alen != len(payload):
+        raise ProtocolError("KEYS: lengths do not add up")
+    p = _KEYS.size
+    return bytes(payload[p:p + plen]), bytes(payload[p + plen:]), limit
+
+
+def keys_reply(found, more):
+    return frame(KEYS_REPLY, _U8.pack(1 if more else 0) + b"".join(_KLEN.pack(len(k)) + k for k in found))
+
+
+def read_keys_reply(payload):
+    _exact(payload, 1, "KEYS_REPLY")
+    out, pos = [], 1
+    while pos < len(payload):
+        if pos + 2 > len(payload):
+            raise ProtocolError("KEYS_REPLY: truncated")
+        (n,) = _KLEN.unpack_from(payload, pos)
+        pos += 2
+        out.append(_key(payload, pos, n, "KEYS_REPLY"))
+        pos += n
+    return out, bool(payload[0])
+
+
+# ---- client side: blocking request/reply -----------------------------------------------------
 def recv_message(sock, with_fds=0):
-    """Read one whole message from a blocking socket; returns (type, body, fds)."""
+    """Read one whole message from a blocking socket; returns (type, payload, fds)
+    (payload decoded for JSON types). An ERROR reply raises its typed error."""
     fds = []
     header = b""
-    while len(header) < _HEADER.size:
+    while len(header) < HEADER_SIZE:
         if with_fds and not fds:
-            chunk, got, _, _ = socket.recv_fds(sock, _HEADER.size - len(header), with_fds)
+            chunk, got, _, _ = socket.recv_fds(sock, HEADER_SIZE - len(header), with_fds)
             fds.extend(got)
         else:
-            chunk = sock.recv(_HEADER.size - len(header))
+            chunk = sock.recv(HEADER_SIZE - len(header))
         if not chunk:
+            for fd in fds:
+                _close_quietly(fd)
             raise StoreUnavailable("the daemon closed the connection; is it still running?")
         header += chunk
     length, mtype = _HEADER.unpack(header)
-    if length > MAX_PAYLOAD:
-        raise ProtocolError(f"daemon sent a frame of {length} bytes; is that a kvstore daemon?")
+    if length > MAX_PAYLOAD or mtype not in NAMES:
+        raise ProtocolError(f"daemon sent a frame of {length} bytes, type {mtype}; is that a kvstore daemon?")
     payload = bytearray()
     while len(payload) < length:
         chunk = sock.recv(length - len(payload))
         if not chunk:
             raise StoreUnavailable("the daemon closed the connection mid-message")
         payload += chunk
-    body = decode_payload(mtype, bytes(payload))
+    body = decode_json(mtype, payload) if mtype in JSON_TYPES else bytes(payload)
     if mtype == ERROR:
         for fd in fds:
             _close_quietly(fd)
@@ -158,9 +335,12 @@ def _close_quietly(fd):
         pass
 
 
-def request(sock, frame, expect):
-    sock.sendall(frame)
-    mtype, body, _ = recv_message(sock)
+def request(sock, frame_bytes, expect, with_fds=0):
+    """Send a request and read its reply (which must be of type ``expect``)."""
+    sock.sendall(frame_bytes)
+    mtype, body, fds = recv_message(sock, with_fds)
     if mtype != expect:
-        raise ProtocolError(f"expected {_NAMES[expect]}, daemon sent {_NAMES.get(mtype, mtype)}")
-    return body
+        for fd in fds:
+            _close_quietly(fd)
+        raise ProtocolError(f"expected {NAMES[expect]}, daemon sent {NAMES.get(mtype, mtype)}")
+    return (body, fds) if with_fds else body

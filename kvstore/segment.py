@@ -4,7 +4,12 @@ Owns: choosing the backing (a file on hugetlbfs when huge pages can be had, else
 POSIX shared-memory object under /dev/shm), reserving huge pages and mounting
 hugetlbfs when the config allows it, pre-faulting every page at start-up, and
 reopening the same segment after a restart. Both backings are named files, so the
-bytes outlive the daemon process (a crash loses no sealed object).
+bytes outlive the daemon process (a crash loses no sealed object). A segment's
+backing ("hugetlbfs" or "shm") is recorded where it is known (``Segment.backing``,
+the ``backing`` arguments of ``reopen`` and ``remove``); where it is not, it is read
+from the file system the path lies on (kvstore.host), never guessed from the path.
+``default_paths`` names the two places a store's segment can be, for the configured
+hugetlbfs mount.
 Must never: fail silently. Every choice and fallback is logged with its reason;
 ``hugepages = "require"`` turns a fallback into a start-up error.
 """
@@ -17,21 +22,10 @@ import subprocess
 
 import posix_ipc
 
+from . import host
 from .errors import DaemonStartError
 
 log = logging.getLogger("kvstore.segment")
-
-
-def meminfo():
-    """/proc/meminfo as {field: value in bytes (or a plain count for HugePages_*)}."""
-    out = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            name, rest = line.split(":", 1)
-            parts = rest.split()
-            n = int(parts[0])
-            out[name] = n * 1024 if len(parts) > 1 and parts[1] == "kB" else n
-    return out
 
 
 def segment_name(data_dir):
@@ -39,13 +33,17 @@ def segment_name(data_dir):
     return "kvstore-" + hashlib.sha1(os.path.realpath(data_dir).encode()).hexdigest()[:16]
 
 
-def _is_hugetlbfs(path):
-    try:
-        with open("/proc/mounts") as f:
-            real = os.path.realpath(path)
-            return any(l.split()[1] == real and l.split()[2] == "hugetlbfs" for l in f)
-    except OSError:
-        return False
+def default_paths(cfg_or_hugetlbfs_dir, name):
+    """[(path, backing)] of the two places the segment called name can be: a file on
+    the configured hugetlbfs mount, and a POSIX shared-memory object. Takes a Config
+    (its hugetlbfs_dir) or the hugetlbfs dir itself."""
+    d = getattr(cfg_or_hugetlbfs_dir, "hugetlbfs_dir", cfg_or_hugetlbfs_dir)
+    return [(os.path.join(d, name + ".seg"), "hugetlbfs"), (os.path.join(host.SHM_DIR, name), "shm")]
+
+
+def backing_of(path):
+    """The backing of an existing segment file, from its file system's type."""
+    return "hugetlbfs" if host.fs_type(path) == "hugetlbfs" else "shm"
 
 
 class Segment:
@@ -65,7 +63,7 @@ class Segment:
         """Close and remove the backing file, giving its memory back (and the huge
         pages this process reserved for it back to the kernel)."""
         self.close()
-        remove(self.path)
+        remove(self.path, self.backing)
         if self.reserved_pages:
             unreserve_huge_pages(self.reserved_pages)
             self.reserved_pages = 0
@@ -77,23 +75,25 @@ class Segment:
         return mmap.mmap(self.fd, self.size, flags=flags, prot=prot)
 
 
-def remove(path):
+def remove(path, backing=None):
+    """Remove a segment file, giving its memory back once nobody maps it; a missing
+    file is not an error. Both backings are files, and shm_unlink(name) is
+    unlink(SHM_DIR/name), so unlinking the recorded path is right for either; the
+    backing (read from the file system when not given) only tells the log which."""
+    backing = backing or backing_of(path)
     try:
-        if path.startswith("/dev/shm/"):
-            posix_ipc.unlink_shared_memory("/" + os.path.basename(path))
-        else:
-            os.unlink(path)
-    except (OSError, posix_ipc.ExistentialError):
-        pass
-
-
-def _huge_page_size():
-    return meminfo().get("Hugepagesize", 2 << 20)
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        log.warning("could not remove the %s segment %s: %s", backing, path, e.strerror)
+        return
+    log.debug("removed the %s segment %s", backing, path)
 
 
 def unreserve_huge_pages(pages):
     try:
-        total = meminfo().get("HugePages_Total", 0)
+        total = host.total_huge_pages()
         with open("/proc/sys/vm/nr_hugepages", "w") as f:
             f.write(str(max(0, total - pages)))
         log.info("gave back %d huge pages: vm.nr_hugepages %d -> %d", pages, total, max(0, total - pages))
@@ -104,7 +104,7 @@ def unreserve_huge_pages(pages):
 def _reserve_huge_pages(cfg, pages_needed):
     """Make sure pages_needed free huge pages exist; reserve more if allowed.
     -> (reason or None, pages added to vm.nr_hugepages)"""
-    info = meminfo()
+    info = host.meminfo()
     free = info.get("HugePages_Free", 0)
     if free >= pages_needed:
         return None, 0
@@ -120,7 +120,7 @@ def _reserve_huge_pages(cfg, pages_needed):
             f.write(str(want))
     except OSError as e:
         return f"cannot raise vm.nr_hugepages to {want}: {e.strerror}", 0
-    after = meminfo()
+    after = host.meminfo()
     added = max(0, after.get("HugePages_Total", 0) - total)
     got = after.get("HugePages_Free", 0)
     if got < pages_needed:
@@ -133,7 +133,7 @@ def _reserve_huge_pages(cfg, pages_needed):
 
 def _ensure_hugetlbfs(cfg):
     d = cfg.hugetlbfs_dir
-    if _is_hugetlbfs(d):
+    if host.is_hugetlbfs(d):
         return None
     if not (cfg.reserve_hugepages and os.geteuid() == 0):
         return f"{d} is not a hugetlbfs mount (set reserve_hugepages as root to mount it)"
@@ -158,7 +158,7 @@ def _open_huge(cfg, name, size, mode):
     """Create a hugetlbfs segment file; returns (Segment, None) or (None, reason)."""
     if cfg.hugepages == "off":
         return None, "hugepages = off"
-    hp = _huge_page_size()
+    hp = host.huge_page_size()
     size = (size + hp - 1) // hp * hp
     reason = _ensure_hugetlbfs(cfg)
     if reason:
@@ -166,7 +166,7 @@ def _open_huge(cfg, name, size, mode):
     reason, added = _reserve_huge_pages(cfg, size // hp)
     if reason:
         return None, reason
-    path = os.path.join(cfg.hugetlbfs_dir, name + ".seg")
+    path = default_paths(cfg, name)[0][0]
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         os.fchmod(fd, mode)
@@ -188,9 +188,9 @@ def check_memory(cfg, name):
     """Refuse early (before anything is written) a size that memory cannot hold.
 
     An existing segment file of this store is reused, so it needs no new memory."""
-    if os.path.exists("/dev/shm/" + name) or os.path.exists(os.path.join(cfg.hugetlbfs_dir, name + ".seg")):
+    if any(os.path.exists(path) for path, _ in default_paths(cfg, name)):
         return
-    info = meminfo()
+    info = host.meminfo()
     avail = info.get("MemAvailable", 0)
     if cfg.hugepages != "off":
         avail += info.get("HugePages_Free", 0) * info.get("Hugepagesize", 2 << 20)
@@ -200,22 +200,26 @@ def check_memory(cfg, name):
 
 
 def _open_shm(name, size, mode):
-    avail = meminfo().get("MemAvailable", 0)
+    avail = host.meminfo().get("MemAvailable", 0)
     if size > avail:
         raise DaemonStartError(
             f"size {size} bytes exceeds available memory ({avail} bytes); start with a smaller --size")
+    path = os.path.join(host.SHM_DIR, name)      # where shm_open("/" + name) puts it
     try:
         shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=mode, size=size)
         os.fchmod(shm.fd, mode)
     except posix_ipc.Error as e:
-        raise DaemonStartError(f"cannot create shared memory /dev/shm/{name}: {e}") from None
+        raise DaemonStartError(f"cannot create shared memory {path}: {e}") from None
     fd = shm.fd
-    _prefault(fd, size, f"/dev/shm/{name}")
-    return Segment(fd, size, "shm", "/dev/shm/" + name, reused=False)
+    _prefault(fd, size, path)
+    return Segment(fd, size, "shm", path, reused=False)
 
 
-def reopen(path, size):
-    """Reopen a segment left by an earlier daemon; None if it is gone or the wrong size."""
+def reopen(path, size, backing=None):
+    """Reopen a segment left by an earlier daemon; None if it is gone or the wrong size.
+
+    ``backing`` is the one recorded when it was created; None reads it from the file
+    system the path lies on."""
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError:
@@ -223,15 +227,14 @@ def reopen(path, size):
     if os.fstat(fd).st_size != size:
         os.close(fd)
         return None
-    backing = "hugetlbfs" if not path.startswith("/dev/shm/") else "shm"
+    backing = backing or backing_of(path)
     return Segment(fd, size, backing, path, reused=True)
 
 
 def create(cfg, name, mode=0o600):
     """A fresh, pre-faulted segment of at least cfg.size bytes, huge pages first."""
-    for stale in (os.path.join(cfg.hugetlbfs_dir, name + ".seg"), "/dev/shm/" + name):
-        if os.path.exists(stale):
-            remove(stale)
+    for stale, backing in default_paths(cfg, name):
+        remove(stale, backing)
     seg, reason = _open_huge(cfg, name, cfg.size, mode)
     if seg is not None:
         log.info("segment: %d bytes of huge pages in %s (pre-faulted)", seg.size, seg.path)

@@ -6,8 +6,9 @@ import sys
 import numpy as np
 
 from kvstore.client import Client
+from kvstore.defaults import socket_path
 
-sock = sys.argv[1] if len(sys.argv) > 1 else "/tmp/kvstore.sock"
+sock = socket_path(sys.argv[1] if len(sys.argv) > 1 else None)
 with Client(sock) as c:
     block = np.random.default_rng(0).standard_normal((16, 1024), dtype=np.float32)
     key = b"kv-block-" + bytes(8)

@@ -104,14 +104,16 @@ def reader(slot, sock, logdir, ops, verified, corrupted, max_wait, stop_at):
 
 
 def start_daemon(sock, data_dir, size, log):
+    from kvstore.retry import Backoff
     p = subprocess.Popen([sys.executable, "-m", "kvstore.daemon", "--socket", sock, "--size", size,
                           "--data-dir", data_dir, "--high-watermark", "1.0", "--low-watermark", "0.99",
                           "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(sock) and time.monotonic() < deadline:
+    wait = Backoff(initial=0.02, cap=0.02, deadline=30)     # a steady poll: the restart time is measured
+    while not os.path.exists(sock):
         if p.poll() is not None:
             sys.exit(f"soak: the daemon exited with {p.returncode}")
-        time.sleep(0.02)
+        if not wait.sleep():
+            break           # not up after 30 s: the clients' reconnect waits will show it
     return p
 
 
@@ -129,7 +131,7 @@ def main():
     os.makedirs(logdir)
     dlog = open(os.path.join(tmp, "daemon.log"), "ab")
     ctx = mp.get_context("spawn")
-    from kvstore.config import parse_size
+    from kvstore.sizes import parse_size
     slots = args.writers + args.readers          # writers use slots 0.., readers after them
     # 60% of the segment in all: no eviction is ever needed, so every logged key must survive
     budget = ctx.RawArray("q", [int(parse_size(args.size) * 0.6) // max(1, args.writers)] * slots)
@@ -176,6 +178,7 @@ def main():
         # Final account, with every soak client gone.
         from kvstore.allocator import extent_size
         from kvstore.client import Client
+        from kvstore.retry import Backoff
         keys = _logged_keys(logdir)
         lost = bad = 0
         with Client(sock) as c:
@@ -186,12 +189,13 @@ def main():
                     continue
                 bad += bytes(v) != payload(k, size_of(k))
                 c.release(k)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:          # the daemon cleans up dead clients
+            wait = Backoff(initial=0.05, cap=0.5, deadline=10)
+            while True:                                  # the daemon cleans up dead clients
                 st = c.stats()
                 if st["clients"] == 1 and st["creating"] == 0 and st["held_extents"] == 0 and not st["doomed"]:
                     break
-                time.sleep(0.1)
+                if not wait.sleep():
+                    break           # still busy after 10 s: the report below shows what is left
             sealed = 0
             with c._index.env.begin(db=c._index.dbs.objects) as txn:
                 for _, raw in txn.cursor():

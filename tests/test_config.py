@@ -30,7 +30,7 @@ def write(tmp_path, text, name="kvstore.toml"):
     ("1G", GiB),
     ("1.5k", 1536),
     (" 3 MiB ", 3 * MiB),
-    ("2gb", 2 * 1000 ** 3),
+    ("2gb", 2 * GiB),                  # every unit is binary, as in Mooncake (kvstore.sizes)
     ("4096", 4096),
     (4096, 4096),
     (1, 1),

@@ -17,9 +17,12 @@ LMCache calls ``KVStoreConnector(loop=, local_cpu_backend=, config=)`` and uses 
 ``CacheEngineKey.to_string()`` (the string names the model, world size, worker id,
 chunk hash, kv dtype and, for layer-wise keys, the layer), holding a small header
 (shapes, dtypes, memory format, byte count) padded to 64 bytes, then the chunk's raw
-bytes. A get reads the header first, allocates a MemoryObj of that shape from the
-local CPU backend and copies the bytes straight into its tensor (checksum-verified by
-the Client), so no intermediate buffer is made.
+bytes. A key longer than kvstore allows is stored under kvstore.keys.fit_key's
+shortened form (``#sha256:`` and a digest of the key string); its header keeps the
+full key string, so ``list()`` can still name it. A get reads the header first,
+allocates a MemoryObj of that shape from the local CPU backend and copies the bytes
+straight into its tensor (checksum-verified by the Client), so no intermediate buffer
+is made.
 
 Must never: call ``memory_obj.ref_count_down()`` on a put (LMCache's
 InstrumentedRemoteConnector already does: a second call double-frees), keep or hand
@@ -31,10 +34,8 @@ write raises (LMCache logs it and counts it) and is logged as a warning here too
 """
 
 import asyncio
-import hashlib
 import json
 import logging
-import os
 import struct
 from typing import List, Optional
 
@@ -45,11 +46,12 @@ from lmcache.v1.memory_management import MemoryFormat, MemoryObj
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
 from kvstore.client import Client
+from kvstore.defaults import DEFAULT_SOCKET, socket_path  # noqa: F401  (DEFAULT_SOCKET: old callers)
 from kvstore.errors import KVStoreError
+from kvstore.keys import DIGEST_MARK, fit_key
 
 log = logging.getLogger("kvstore.adapters.lmcache")
 
-DEFAULT_SOCKET = "/tmp/kvstore.sock"
 DEFAULT_NAMESPACE = "lmcache"
 #: Header: magic, layout version, JSON length; the JSON follows, then zero padding
 #: up to a multiple of HEADER_ALIGN so the chunk's bytes start aligned in the segment.
@@ -57,9 +59,9 @@ _MAGIC = b"KVLC"
 _VERSION = 1
 _PREFIX = struct.Struct("<4sHI")
 HEADER_ALIGN = 64
-#: kvstore keys are at most 256 bytes; longer LMCache keys are stored under a digest
-#: (the full key string is kept in the header, so list() can still name them).
-MAX_KEY = 256
+#: How a shortened key starts (fit_key with no prefix): list() reads such a key's
+#: name from its header.
+_DIGESTED = DIGEST_MARK.encode()
 
 
 class KVStoreConnector(RemoteConnector):
@@ -74,7 +76,7 @@ class KVStoreConnector(RemoteConnector):
             super().__init__(getattr(local_cpu_backend, "config", None) or config, meta)
         self.loop = loop
         self.local_cpu_backend = local_cpu_backend
-        self.socket_path = str(extra.get("kvstore.socket") or os.environ.get("KVSTORE_SOCKET") or DEFAULT_SOCKET)
+        self.socket_path = str(socket_path(extra.get("kvstore.socket")))
         self.namespace = str(extra.get("kvstore.namespace", DEFAULT_NAMESPACE))
         self.get_timeout = float(extra.get("kvstore.get_timeout", 5.0))
         self.client = Client(self.socket_path, namespace=self.namespace,
@@ -87,10 +89,7 @@ class KVStoreConnector(RemoteConnector):
     # ---- keys and headers --------------------------------------------------------------
     @staticmethod
     def _key(key) -> bytes:
-        s = key.to_string().encode()
-        if len(s) <= MAX_KEY:
-            return s
-        return b"#sha256:" + hashlib.sha256(s).hexdigest().encode()
+        return fit_key(key.to_string().encode())
 
     @staticmethod
     def _header(key, memory_obj, nbytes) -> bytes:
@@ -176,7 +175,7 @@ class KVStoreConnector(RemoteConnector):
     def _list_sync(self):
         out = []
         for k in self.client.keys():
-            if not k.startswith(b"#sha256:"):
+            if not k.startswith(_DIGESTED):
                 out.append(k.decode(errors="replace"))
                 continue
             v = self.client.get(k, timeout=0)

@@ -8,10 +8,11 @@ dynamic backend::
       "class_name": "KVStoreHiCacheStorage", "interface_v1": 1,
       "socket": "/tmp/kvstore.sock"}'
 
-Our own options in that extra config: ``socket`` (else $KVSTORE_SOCKET, else the
-Client's default), ``namespace`` (a kvstore namespace), ``timeout`` and
-``reconnect_timeout`` (seconds, passed to the Client), ``extra_backend_tag`` (mixed
-into the keys, as SGLang's Mooncake backend does, to keep tenants apart).
+Our own options in that extra config: ``socket`` (else $KVSTORE_SOCKET, else
+/tmp/kvstore.sock: kvstore.defaults.socket_path), ``namespace`` (a kvstore
+namespace), ``timeout`` and ``reconnect_timeout`` (seconds, passed to the Client),
+``extra_backend_tag`` (mixed into the keys, as SGLang's Mooncake backend does, to
+keep tenants apart).
 
 It owns the mapping from SGLang's page hashes to store keys, and the copies between
 the registered host pool's pages and the store. One object per page holds the page's
@@ -28,7 +29,8 @@ every TP rank, as in SGLang's file and Mooncake backends), pp, attention-cp and 
 rank and size, and, once the host pool is registered, its class, dtype, page size,
 layout and per-token geometry. Keys written before ``register_mem_pool_host`` (the
 legacy get/set with no pool) therefore live under a different shard digest than
-those written after it.
+those written after it. A page hash too long for a kvstore key is shortened by
+kvstore.keys.fit_key (the prefix, then a digest of the whole key).
 
 Must never: reach the store other than through kvstore.client.Client, copy a page
 through numpy or an intermediate buffer, report a page it did not store or load as
@@ -40,7 +42,6 @@ code (only ``hicache_storage``; the metrics class is imported lazily).
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from typing import Any, List, Optional
@@ -50,12 +51,11 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageExtraInfo
 
 from kvstore.client import Client
+from kvstore.defaults import socket_path
 from kvstore.errors import KVStoreError
+from kvstore.keys import fit_key
 
 logger = logging.getLogger(__name__)
-
-#: Store keys are at most this many bytes (kvstore's limit).
-_MAX_KEY = 256
 
 
 def _digest(obj) -> str:
@@ -83,12 +83,12 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         if kwargs:
             extra.update({k: v for k, v in kwargs.items() if k not in extra})
         self.storage_config = storage_config
-        self.socket = extra.get("socket") or os.environ.get("KVSTORE_SOCKET") or None
+        self.socket = socket_path(extra.get("socket"))
         client_kw = {"namespace": str(extra.get("namespace", ""))}
         for opt in ("timeout", "reconnect_timeout"):
             if extra.get(opt) is not None:
                 client_kw[opt] = float(extra[opt])
-        self._client = Client(self.socket, **client_kw) if self.socket else Client(**client_kw)
+        self._client = Client(self.socket, **client_kw)
 
         cfg = storage_config
         self.is_mla = bool(getattr(cfg, "is_mla_model", False))
@@ -118,7 +118,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self._prefetch_pgs, self._backup_pgs = [], []
         self._prefetch_bw, self._backup_bw = [], []
         logger.info("kvstore HiCache backend on %s, key prefix %s",
-                    self.socket or "the default socket", self._prefix)
+                    self.socket, self._prefix)
 
     # ---- keys ----------------------------------------------------------------------------
     def _set_prefix(self, pool):
@@ -141,11 +141,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
     def _key(self, key) -> str:
         if not isinstance(key, str):
             raise TypeError(f"HiCache keys are page-hash strings, not {type(key).__name__}")
-        k = self._prefix + key
-        if len(k.encode()) > _MAX_KEY:
-            # still one key per page hash, just a fixed-size one
-            k = self._prefix + "h:" + hashlib.sha256(key.encode()).hexdigest()
-        return k
+        return fit_key(key, prefix=self._prefix)
 
     def _keys(self, keys) -> List[str]:
         return [self._key(k) for k in keys]

@@ -6,6 +6,8 @@ Load it with::
         "kv_connector_module_path": "kvstore.client.adapters.vllm", "kv_role": "kv_both",
         "kv_connector_extra_config": {"socket": "/run/kv.sock", "namespace": ""}}'
 
+(``socket`` defaults to $KVSTORE_SOCKET, else /tmp/kvstore.sock.)
+
 Owns: vLLM's ``KVConnectorBase_V1`` interface for a prefix cache shared by every engine
 on the host. The scheduler side looks prefixes up (``get_num_new_matched_tokens``) and
 plans per-step loads and saves (``build_connector_meta``); the worker side copies FULL
@@ -18,7 +20,9 @@ Keys: ``vllm/<identity>/<block hash>/<rank>/<layer>``, where the block hash is v
 chained ``request.block_hashes`` entry of the block's last token (identical across
 processes with the default sha256 prefix hashing) and ``identity`` digests what makes
 bytes interchangeable: model, revision, model dtype, cache dtype, block size, KV spec
-(heads, head size, dtype, class) and TP/PP world sizes. Each worker writes its own
+(heads, head size, dtype, class) and TP/PP world sizes. A key longer than kvstore
+allows (a very long layer name) is shortened by kvstore.keys.fit_key: everything up
+to the layer name stays, then a digest of the whole key. Each worker writes its own
 rank's objects; a block's objects are stored in vLLM's logical per-layer order
 ``[H, N, C]`` (``cache[block]``), whatever the physical layout, so layouts that differ
 only in strides share objects. After every layer of a block is stored,
@@ -51,14 +55,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvstore.client import Client
+from kvstore.defaults import socket_path
 from kvstore.errors import KVStoreError
+from kvstore.keys import fit_key
 
 log = logging.getLogger("kvstore.adapters.vllm")
 
 #: Bytes of the per-block completion marker (its presence is what counts).
 _MARKER = b"kvstore-vllm-block-complete"
-#: Layer names longer than this are digested so a key stays under 256 bytes.
-_MAX_LAYER_PART = 96
 
 
 class KVStoreConfigError(ValueError):
@@ -143,7 +147,7 @@ class KVStoreConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self._socket = extra.get("socket", "/tmp/kvstore.sock")
+        self._socket = socket_path() if extra.get("socket") is None else extra["socket"]
         if not isinstance(self._socket, str) or not self._socket:
             raise KVStoreConfigError("kv_connector_extra_config['socket'] must be the daemon's socket path")
         self._namespace = str(extra.get("namespace", ""))
@@ -169,7 +173,6 @@ class KVStoreConnector(KVConnectorBase_V1):
         # worker side
         self._rank = _worker_rank()
         self._layers = {}               # layer name -> per-block view [num_blocks, ...]
-        self._layer_part = {}           # layer name -> key component
         self._num_blocks = getattr(kv_cache_config, "num_blocks", None)
         self._pending_saves = {}        # block hash -> (block_id, {layer: ok})
         self._load_errors = set()
@@ -188,7 +191,7 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     def _layer_key(self, block_hash, layer):
         r = self._rank
-        return f"vllm/{self._ident}/{block_hash}/t{r[0]}p{r[1]}/{self._layer_part[layer]}"
+        return fit_key(layer, prefix=f"vllm/{self._ident}/{block_hash}/t{r[0]}p{r[1]}/")
 
     def _block_hash(self, request, i):
         """Hash key of manager block i of the request (None if the block is not full)."""
@@ -294,7 +297,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         """Remember each layer's cache as a per-block view. vLLM gives every layer a
         logical [B, H, N, C] view whatever the physical layout (B is dim 0); with
         kernel-block splitting B is num_blocks * ratio, grouped back here."""
-        self._layers, self._layer_part = {}, {}
+        self._layers = {}
         for name, cache in kv_caches.items():
             if not isinstance(cache, torch.Tensor) or cache.dim() < 2:
                 raise KVStoreConfigError(f"layer {name}: expected a KV cache tensor with a block dim, "
@@ -306,9 +309,6 @@ class KVStoreConnector(KVConnectorBase_V1):
                                              f"into {n} manager blocks")
                 cache = cache.unflatten(0, (n, -1))
             self._layers[name] = cache
-            part = name if len(name) <= _MAX_LAYER_PART and "/" not in name else \
-                hashlib.sha256(name.encode()).hexdigest()[:32]
-            self._layer_part[name] = part
         self._store()   # connect now: a missing daemon shows at start-up, in the log
 
     def start_load_kv(self, forward_context, **kwargs):

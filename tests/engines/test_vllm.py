@@ -132,7 +132,7 @@ class Engine:
                 else:
                     self.block_ids[rid].extend(c.new_block_ids[i][0])
             positions[rid] = c.num_computed_tokens[i]
-        # the model runner's order (../shared/ENGINES.md)
+        # the model runner's order (docs/engines.md)
         w.bind_connector_metadata(out.kv_connector_metadata)
         w.start_load_kv(None)
         for name in self.layers:

@@ -1,0 +1,343 @@
+"""The client's write path: put, put_many, create, seal, abort.
+
+Owns: this client's arena (space the daemon granted it, filled from the front with no
+round trip), copying and hashing values into the segment, numbering seals and sending
+them (one-way, many per frame), and ``pending``: seals sent and not yet applied, which
+this client already reads as its own (read-your-writes).
+
+A put returns once the bytes are in the segment and the seal is on the daemon's socket;
+the daemon publishes it within its next loop turn. Readers in other processes that would
+miss the key meanwhile wait for it (kvstore.slots, seal counters), so a put that
+returned is never missed by a get that starts after it. ``put(strict=True)`` also waits
+for the daemon's verdict: if two clients put one key at the same moment, one copy is
+kept and the other client gets ObjectExists (without strict both return True; keys are
+content hashes, so both copies hold the same bytes).
+Must never: write outside space granted to this client, send a seal for bytes not yet
+completely written, or report a put done before its seal is on the socket.
+"""
+
+import time
+
+import numpy as np
+
+from kvstore import protocol
+from kvstore.checksum import checksum, copy_and_hash
+from kvstore.errors import (AlreadySealed, InvalidSize, NotCreator, ObjectExists, ObjectNotFound,
+                            StoreUnavailable, ValueTooLarge)
+from kvstore.keys import user_key
+from kvstore.record import State
+from kvstore.retry import Backoff
+from kvstore.store.allocator import extent_size
+from kvstore.table import SEALED
+
+from . import buffers, device_copy
+
+#: First arena a client asks for, and the largest (it doubles while puts keep coming).
+ARENA_FIRST = 1 << 20
+ARENA_MAX = 64 << 20
+#: Values at least this large get space of their own instead of arena space.
+OWN_SPACE = 4 << 20
+#: Seal items per SEAL frame are limited by the frame size.
+_FRAME_ROOM = protocol.MAX_PAYLOAD - 64
+
+
+def nbytes(piece):
+    """Bytes of a piece of a value or target: a flat memoryview, or a flat uint8 device tensor."""
+    return piece.nbytes if type(piece) is memoryview else piece.numel()
+
+
+def check_size(n):
+    if type(n) is not int:
+        if isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+            n = int(n)
+        else:
+            raise InvalidSize(f"size must be an int, not {type(n).__name__}")
+    if n < 0:
+        raise InvalidSize(f"size {n} is negative; give the object's size in bytes")
+    return n
+
+
+def exists_msg(k, state, op):
+    what = "is sealed" if state == SEALED else "is being created by a client"
+    return f"{op} of {user_key(k)!r}: the key {what}; get() it, or put(strict=False) to accept existing keys"
+
+
+class Writer:
+    def __init__(self, conn):
+        self.conn = conn
+        self.pending = {}            # key -> (offset, size, checksum, seq)
+        self.creating = {}           # key -> (offset, size): create()d, not sealed
+        self.seq = 0                 # last seal number sent
+        self._arena = None           # [start, next free, end]
+        self._chunk = ARENA_FIRST
+        conn.on_fresh_store.append(self._fresh_store)
+        conn.on_resume.append(self._resend)
+
+    # ---- space --------------------------------------------------------------------------
+    def _take(self, n):
+        """Offset of an extent for n bytes: arena space, or space of its own."""
+        ext = extent_size(n)
+        a = self._arena
+        if a is not None and a[1] + ext <= a[2]:
+            off = a[1]
+            a[1] += ext
+            return off
+        if ext >= OWN_SPACE:
+            off, size = self._grant(ext, ext)
+            return off
+        self._give_back()
+        want = max(self._chunk, ext)
+        self._chunk = min(self._chunk * 2, ARENA_MAX, max(ARENA_FIRST, self.conn.att.size // 16))
+        off, size = self._grant(want, ext)
+        self._arena = [off, off + ext, off + size]
+        return off
+
+    def _grant(self, want, least):
+        body = self.conn.request(protocol.grant(want, least), protocol.GRANTED)
+        return protocol.read_granted(body)
+
+    def _untake(self, off, n):
+        """Give back the last extent taken (a put that failed before its seal)."""
+        a = self._arena
+        if a is not None and a[1] == off + extent_size(n):
+            a[1] = off
+        elif a is None or not a[0] <= off < a[2]:      # space of its own
+            try:
+                self.conn.send(protocol.give_back(off))
+            except StoreUnavailable:
+                pass
+
+    def _give_back(self):
+        a, self._arena = self._arena, None
+        if a is not None and a[1] < a[2]:
+            self.conn.send(protocol.give_back(a[0]))
+
+    def give_back_quietly(self):
+        try:
+            self._give_back()
+        except Exception:
+            pass
+
+    # ---- seals -----------------------------------------------------------------------------
+    def _send_seals(self, items, last):
+        """Send encoded seal items in as few frames as fit, then publish the count."""
+        frames, cur, room = [], [], 0
+        for it in items:
+            if room + len(it) > _FRAME_ROOM and cur:
+                frames.append(protocol.seal(cur))
+                cur, room = [], 0
+            cur.append(it)
+            room += len(it)
+        if cur:
+            frames.append(protocol.seal(cur))
+        self.conn.send(b"".join(frames))
+        self.conn.att.slot.note_sent(last)
+
+    def in_flight(self, k):
+        """This client's own seal of k, if the daemon has not applied it yet."""
+        p = self.pending.get(k)
+        if p is None:
+            return None
+        if p[3] <= self.conn.att.slot.applied_mine():
+            del self.pending[k]
+            return None
+        return p
+
+    def prune(self):
+        if self.pending:
+            applied = self.conn.att.slot.applied_mine()
+            if self.seq <= applied:
+                self.pending.clear()
+            elif len(self.pending) > 256:
+                for k in [k for k, p in self.pending.items() if p[3] <= applied]:
+                    del self.pending[k]
+
+    def wait_applied(self, seq):
+        """Wait until the daemon has applied our seals up to seq."""
+        slot = self.conn.att.slot
+        backoff = Backoff(initial=20e-6, cap=2e-3, deadline=self.conn.timeout)
+        while slot.applied_mine() < seq:
+            if backoff.expired():
+                raise StoreUnavailable(f"the daemon at {self.conn.socket_path} did not apply a "
+                                       f"seal within {self.conn.timeout} s")
+            self.conn.ready()
+            backoff.sleep()
+
+    def _resend(self):
+        """After reconnecting to the same store: seals the old daemon had not applied."""
+        with self.conn.lock:
+            applied = self.conn.att.slot.applied_mine()
+            left = sorted((p[3], k, p) for k, p in self.pending.items() if p[3] > applied)
+            if left:
+                items = [protocol.seal_item(seq, k, p[0], p[1], p[2]) for seq, k, p in left]
+                try:
+                    self._send_seals(items, self.seq)
+                except StoreUnavailable:
+                    pass
+
+    def _fresh_store(self, old_att):
+        self.pending.clear()
+        self.creating.clear()
+        self._arena = None
+        self.seq = 0
+
+    # ---- put ---------------------------------------------------------------------------------
+    def parts(self, value):
+        """(pieces, total bytes, any on a device): flat byte memoryviews, and flat uint8
+        tensors for device tensors."""
+        if type(value) in (list, tuple):
+            ps = [_part(v) for v in value]
+        else:
+            ps = [_part(value)]
+        if len(ps) == 1 and type(ps[0]) is memoryview:
+            return ps, self.check_fits(ps[0].nbytes), False
+        return ps, self.check_fits(sum(map(nbytes, ps))), any(type(p) is not memoryview for p in ps)
+
+    def check_fits(self, n):
+        size = self.conn.att.size
+        if n > size:
+            raise ValueTooLarge(f"{n} bytes can never fit in the {size}-byte segment; "
+                                f"split the value or start the daemon with a larger --size")
+        return n
+
+    def _existing(self, k):
+        """State of an existing object under k (SEALED, CREATING), or None."""
+        if self.in_flight(k) is not None:
+            return SEALED
+        e = self.conn.att.table.lookup(k)
+        return None if e is None else e.state
+
+    def put_many(self, ks, partss, strict, pin, lookup_state):
+        """Store each value (parts, n, on_device). Returns [bool]; the caller holds the lock."""
+        flags = 1 if pin else 0
+        out = [False] * len(ks)
+        items, mine, dev = [], [], []
+        rw = self.conn.att.rw
+        try:
+            for i, (k, (parts, n, on_device)) in enumerate(zip(ks, partss)):
+                state = lookup_state(k)
+                if state is not None or k in self.creating:
+                    if strict:
+                        raise ObjectExists(exists_msg(k, state or State.CREATING, "put"))
+                    continue
+                if on_device:
+                    dev.append(i)
+                    continue
+                off = self._take(n)
+                try:
+                    csum = copy_and_hash(parts, rw, off)
+                except BaseException:
+                    self._untake(off, n)
+                    raise
+                self.seq += 1
+                items.append(protocol.seal_item(self.seq, k, off, n, csum, flags))
+                self.pending[k] = (off, n, csum, self.seq)
+                mine.append(i)
+                out[i] = True
+            if dev:
+                self._put_device(ks, partss, dev, flags, items, mine, out)
+        finally:
+            if items:
+                self._send_seals(items, self.seq)
+        if strict and mine:
+            self.wait_applied(self.seq)
+            table = self.conn.att.table
+            for i in mine:
+                off = self.pending.get(ks[i], (None,))[0]
+                e = table.lookup(ks[i])
+                if e is None or e.offset != off:
+                    raise ObjectExists(exists_msg(ks[i], SEALED, "put"))
+        return out
+
+    def _put_device(self, ks, partss, dev, flags, items, mine, out):
+        """Device tensors: take space for each, issue every copy (non-blocking from the
+        device into the pinned segment), wait once, then hash and seal each."""
+        att = self.conn.att
+        copies = device_copy.CopyBatch(lambda v: _mapping_of(att, v))
+        taken = []
+        try:
+            for i in dev:
+                parts, n, _ = partss[i]
+                off = self._take(n)
+                taken.append((i, off, n))
+                pos = off
+                for p in parts:
+                    e = pos + nbytes(p)
+                    if type(p) is memoryview:
+                        att.rw[pos:e] = p
+                    else:
+                        copies.to_segment(att.rw[pos:e], p)
+                    pos = e
+            copies.wait()
+        except BaseException:
+            copies.wait_quietly()                 # no copy may land in space given back
+            for i, off, n in reversed(taken):
+                self._untake(off, n)
+            raise
+        for i, off, n in taken:
+            csum = checksum(att.ro[off:off + n])
+            self.seq += 1
+            items.append(protocol.seal_item(self.seq, ks[i], off, n, csum, flags))
+            self.pending[ks[i]] = (off, n, csum, self.seq)
+            mine.append(i)
+            out[i] = True
+
+    # ---- create / seal / abort --------------------------------------------------------------
+    def create(self, k, n, pin):
+        body = self.conn.request(protocol.create(k, n, pin), protocol.CREATED)
+        status, off = protocol.read_created(body)
+        if status:
+            raise ObjectExists(exists_msg(k, status, "create"))
+        self.creating[k] = (off, n)
+        return self.conn.att.rw[off:off + n]
+
+    def seal(self, k, lookup):
+        got = self.creating.get(k)
+        if got is None:
+            e = lookup(k)
+            if e is None and self.in_flight(k) is None:
+                raise ObjectNotFound(f"seal of {user_key(k)!r}: no such object; create() it first")
+            if e is None or e.state == SEALED:
+                raise AlreadySealed(f"seal of {user_key(k)!r}: already sealed; seal each object once")
+            raise NotCreator(f"seal of {user_key(k)!r}: another client is creating it; "
+                             f"only its creator may seal it")
+        off, n = got
+        # the bytes are private to their creator until seal: hash them now
+        csum = checksum(self.conn.att.ro[off:off + n])
+        self.seq += 1
+        self.pending[k] = (off, n, csum, self.seq)
+        del self.creating[k]
+        self._send_seals([protocol.seal_item(self.seq, k, off, n, csum)], self.seq)
+
+    def abort(self, k):
+        self.conn.request(protocol.keyed(protocol.ABORT, k), protocol.DONE)
+        self.creating.pop(k, None)
+
+    def abort_all_quietly(self):
+        for k in list(self.creating):
+            try:
+                self.abort(k)
+            except Exception:
+                pass
+
+
+def _part(v):
+    if device_copy.is_device_tensor(v):
+        return device_copy.flat_bytes(v)
+    return buffers.as_bytes_view(v)
+
+
+def _mapping_of(att, view):
+    """(base address, size, read_only) of the segment mapping view lies in."""
+    addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    lo, hi = att.ro_range
+    if lo <= addr < hi:
+        return lo, hi - lo, True
+    return att.rw_range[0], att.rw_range[1] - att.rw_range[0], False
+
+
+def mapping_of(att, view):
+    return _mapping_of(att, view)
+
+
+_ = time

@@ -1,0 +1,216 @@
+"""Client slots: what each client publishes to the daemon without a lock or a message.
+
+Owns: the layout of the slots file (one per store, in /dev/shm, kept across daemon
+restarts like the segment) and both sides of its two protocols.
+
+1. Holds. Each client slot has a hold table: an array of extent offsets (stored +1,
+   0 = empty) that only that client writes. A client takes a hold by writing the
+   offset into a free entry, then (after a full fence) re-checking that the published
+   table still names that extent for the key; the daemon frees an extent only after
+   unpublishing its record, fencing, and finding it in no hold table. Either the
+   daemon sees the hold, or the client sees the change and lets go: the hazard-pointer
+   protocol, with no lock on either side. A client that freezes while holding keeps
+   just what it holds; nobody waits for it.
+2. Seal counters. A client numbers the seals it sends and stores the last number in
+   ``sent[slot]`` after the message is on the socket; the daemon stores in
+   ``applied[slot]`` the last number it has published. A reader that misses a key while
+   some ``sent > applied`` waits for those seals before answering "missing", so a put
+   that returned is never missed by a get that starts after it.
+
+Layout: a 4 KiB header; ``sent`` and ``applied`` (one u64 per slot each, page-aligned);
+then one region per slot: a 64-byte head (count, cid) and ``hold_capacity`` u64 entries.
+Must never: be written by a client outside its own region and its own ``sent`` word,
+or let a hold be taken without the fence between writing it and re-checking.
+"""
+
+import mmap
+import os
+import struct
+import threading
+
+import numpy as np
+
+MAGIC = b"KVSSLOTS"
+VERSION = 1
+HEADER_SIZE = 4096
+REGION_HEAD = 64
+#: Distinct extents one client may hold at once (views not yet released).
+HOLD_CAPACITY = 1 << 16
+
+_HEADER = struct.Struct("<8sIIQQQQQ")   # magic, version, _, nslots, capacity, region, sent_at, applied_at
+_HIGH_AT = 64
+_U64 = struct.Struct("<Q")
+
+_fence_lock = threading.Lock()
+
+
+def fence():
+    """A full memory barrier: acquiring and releasing a lock executes locked instructions
+    (x86-64: a full fence), so the hold written before it is visible to the daemon
+    before the published table is read again after it."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def _page(n):
+    return (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+
+
+def layout(nslots, capacity=HOLD_CAPACITY):
+    """(sent offset, applied offset, regions offset, region size, file size)."""
+    sent_at = HEADER_SIZE
+    applied_at = sent_at + _page(8 * nslots)
+    regions_at = applied_at + _page(8 * nslots)
+    region = _page(REGION_HEAD + 8 * capacity)
+    return sent_at, applied_at, regions_at, region, regions_at + nslots * region
+
+
+class SlotsFile:
+    """The daemon's handle: creates or adopts the file, assigns and scrubs slots, reads
+    every client's holds and seal counters."""
+
+    def __init__(self, path, nslots, mode=0o600, capacity=HOLD_CAPACITY):
+        sent_at, applied_at, regions_at, region, size = layout(nslots, capacity)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+        try:
+            os.fchmod(fd, mode)
+            hdr = os.pread(fd, _HEADER.size, 0)
+            self.adopted = (len(hdr) == _HEADER.size and hdr[:8] == MAGIC
+                            and _HEADER.unpack(hdr)[3:5] == (nslots, capacity)
+                            and os.fstat(fd).st_size == size)
+            if not self.adopted:
+                os.ftruncate(fd, 0)          # sparse: only pages clients touch use memory
+                os.ftruncate(fd, size)
+            self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self.path, self.nslots, self.capacity = fd, path, nslots, capacity
+        self.region, self.regions_at = region, regions_at
+        _HEADER.pack_into(self.mm, 0, MAGIC, VERSION, 0, nslots, capacity, region, sent_at, applied_at)
+        self.sent = np.frombuffer(self.mm, np.uint64, nslots, sent_at)
+        self.applied = np.frombuffer(self.mm, np.uint64, nslots, applied_at)
+
+    def describe(self):
+        """What a client needs to map its parts (sent with WELCOME)."""
+        return {"slots": self.nslots, "hold_capacity": self.capacity, "region": self.region,
+                "regions_at": self.regions_at, "sent_at": HEADER_SIZE,
+                "applied_at": layout(self.nslots, self.capacity)[1]}
+
+    def set_high(self, high):
+        """Slots below ``high`` may be in use (readers scan only those counters)."""
+        _U64.pack_into(self.mm, _HIGH_AT, high)
+
+    def _region_at(self, slot):
+        return self.regions_at + slot * self.region
+
+    def scrub(self, slot):
+        """Empty a slot for its next client: no holds, counters equal."""
+        at = self._region_at(slot)
+        count = min(_U64.unpack_from(self.mm, at)[0], self.capacity)
+        self.mm[at:at + REGION_HEAD + 8 * count] = bytes(REGION_HEAD + 8 * count)
+        self.sent[slot] = 0
+        self.applied[slot] = 0
+
+    def settle(self, slot):
+        """Forget seals a client sent but will never have applied (it is gone)."""
+        self.applied[slot] = self.sent[slot]
+
+    def held(self, slots):
+        """Sorted unique extent offsets held by the clients in ``slots``."""
+        parts = []
+        mm, region, cap = self.mm, self.region, self.capacity
+        for slot in slots:
+            at = self.regions_at + slot * region
+            count = min(_U64.unpack_from(mm, at)[0], cap)
+            if count:
+                parts.append(np.frombuffer(mm, np.uint64, count, at + REGION_HEAD))
+        if not parts:
+            return np.empty(0, np.uint64)
+        arr = np.concatenate(parts)
+        arr = arr[arr != 0]
+        return np.unique(arr) - np.uint64(1)
+
+    def close(self):
+        self.sent = self.applied = None
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
+
+
+class ClientSlot:
+    """A client's mapping of its own region and of the seal counters."""
+
+    def __init__(self, fd, desc, slot):
+        self.slot = slot
+        self.capacity = desc["hold_capacity"]
+        at = desc["regions_at"] + slot * desc["region"]
+        self._region = mmap.mmap(fd, desc["region"], offset=at, flags=mmap.MAP_SHARED)
+        self.holds = np.frombuffer(self._region, np.uint64, self.capacity, REGION_HEAD)
+        self._count_arr = np.frombuffer(self._region, np.uint64, 1, 0)
+        ctr_len = desc["applied_at"] + _page(8 * desc["slots"])
+        self._ctr = mmap.mmap(fd, ctr_len, flags=mmap.MAP_SHARED)
+        self.sent = np.frombuffer(self._ctr, np.uint64, desc["slots"], desc["sent_at"])
+        self.applied = np.frombuffer(self._ctr, np.uint64, desc["slots"], desc["applied_at"])
+        self._sent_bytes = (desc["sent_at"], desc["applied_at"])
+        # entries in use are those below count; freed entries are reused first
+        self.count = int(self._count_arr[0])
+        self._free = [i for i in range(self.count) if self.holds[i] == 0]
+
+    # ---- holds (caller holds the client lock) ---------------------------------------------
+    def hold(self, offset):
+        """Publish a hold on the extent at offset; returns its entry index."""
+        if self._free:
+            i = self._free.pop()
+            self.holds[i] = offset + 1
+            return i
+        i = self.count
+        if i >= self.capacity:
+            from kvstore.errors import TooManyHolds
+            raise TooManyHolds(f"this client holds {i} objects at once, the limit; release "
+                               f"views you no longer need")
+        self.holds[i] = offset + 1
+        self.count = i + 1
+        self._count_arr[0] = i + 1          # after the entry: the daemon reads count first
+        return i
+
+    def unhold(self, i):
+        self.holds[i] = 0
+        self._free.append(i)
+
+    def clear(self):
+        """Drop every hold (close, or the store moved on)."""
+        n = self.count
+        self.holds[:n] = 0
+        self._free = list(range(n))
+
+    # ---- seal counters -----------------------------------------------------------------------
+    def note_sent(self, n):
+        self.sent[self.slot] = n
+
+    def applied_mine(self):
+        return int(self.applied[self.slot])
+
+    def in_flight(self):
+        """{slot: last seal sent} of every client with seals not yet applied, or {}."""
+        hi = _U64.unpack_from(self._ctr, _HIGH_AT)[0] or len(self.sent)
+        s, a = self._sent_bytes
+        if self._ctr[s:s + 8 * hi] == self._ctr[a:a + 8 * hi]:
+            return {}
+        sent, applied = self.sent[:hi], self.applied[:hi]
+        idx = np.flatnonzero(sent > applied)
+        return {int(i): int(sent[i]) for i in idx}
+
+    def caught_up(self, want):
+        applied = self.applied
+        return all(int(applied[s]) >= n for s, n in want.items())
+
+    def close(self):
+        self.holds = self._count_arr = self.sent = self.applied = None
+        for m in (self._region, self._ctr):
+            try:
+                m.close()
+            except BufferError:
+                pass

@@ -1,0 +1,404 @@
+"""What clients ask of the store, applied by the daemon: seal, create, abort, delete, pin,
+space grants; and the one order of effects that keeps lock-free readers safe.
+
+Owns: ``Store`` (the daemon's LMDB index, the published table and the slots file seen as
+one) and ``Batch`` (one LMDB write transaction and the table changes it implies).
+
+The order of effects, the whole safety argument of the store:
+- An object becomes visible only after its record is committed: ``Batch.show`` queues the
+  table entry, published after the commit.
+- An object stops being visible before anything else happens to it: ``Batch.hide``
+  unpublishes it at once, inside the transaction (restored if the transaction aborts).
+- An extent is freed only after its record is hidden, a full fence, and a scan of every
+  client's hold table that does not find it (kvstore.slots explains the client's half);
+  an extent still held goes to ``doomed`` and is freed by a later ``reclaim``.
+
+Space for puts: a client is granted an arena (``grant``) and fills it from the front
+without asking; each seal must lie at or after the arena's frontier. Space the client
+skipped (a put that failed after taking space) is freed when a later seal passes it,
+and the rest of the arena when the client gives it back or goes away.
+Must never: publish an object before its commit, free an extent a hold table names, or
+accept a seal outside the space granted to its client.
+"""
+
+import time
+
+from kvstore import record, table as table_mod
+from kvstore.errors import (AlreadySealed, NotCreator, ObjectNotFound, StoreFull)
+from kvstore.keys import user_key
+from kvstore.record import Flag, Record, State
+from kvstore.slots import fence
+
+from . import allocator
+from .policy import Advice, Candidate, ClockPolicy
+from .schema import ARENA, LE64, U64, pack64
+
+extent_size = allocator.extent_size
+
+
+class SealResult:
+    SEALED, DUPLICATE, EXISTS, INVALID = "sealed", "duplicate", "exists", "invalid"
+
+
+class Batch:
+    """One write transaction of the daemon, with the table changes it implies."""
+
+    def __init__(self, store):
+        self.store = store
+        self.publish = {}
+        self.hidden = []
+        self._held = None
+
+    def __enter__(self):
+        self._write = self.store.env.write()
+        self.txn = self._write.__enter__()
+        return self
+
+    def __exit__(self, etype, exc, tb):
+        try:
+            self._write.__exit__(etype, exc, tb)
+        except BaseException:
+            self._restore()
+            raise
+        if etype is not None:
+            self._restore()
+            return False
+        for key, rec in self.publish.items():
+            self.store.publish(key, rec)
+        return False
+
+    def _restore(self):
+        """The transaction did not commit: what it hid is still in the index; show it again."""
+        if not self.hidden:
+            return
+        s = self.store
+        with s.env.read() as txn:
+            for key in self.hidden:
+                raw = txn.get(key, db=s.dbs.objects)
+                if raw is not None:
+                    s.publish(key, record.unpack(raw))
+
+    def hide(self, key):
+        self.publish.pop(key, None)
+        if self.store.table.unpublish(key):
+            self.hidden.append(key)
+
+    def show(self, key, rec):
+        self.publish[key] = rec
+
+    def held(self, rescan=False):
+        """Offsets held by any client (a set): scanned after a full fence, so every hold
+        taken before that point is seen."""
+        if self._held is None or rescan:
+            fence()
+            self._held = set(self.store.held_offsets().tolist())
+        return self._held
+
+
+class Store:
+    """The daemon's store: LMDB index (truth), published table (what readers see), slots."""
+
+    def __init__(self, env, table, held_offsets, incarnation=0):
+        self.env, self.dbs, self.table = env, env.dbs, table
+        self.held_offsets = held_offsets          # () -> sorted uint64 array, from kvstore.slots
+        self.policy = ClockPolicy()
+        self.incarnation = incarnation
+        self.grow_table = None                    # set by the daemon: (needed entries) -> None
+        self.doomed_added = False                 # an extent went to doomed: reclaim soon
+
+    def batch(self):
+        return Batch(self)
+
+    def publish(self, key, rec):
+        if not self.table.publish(key, rec):
+            self.grow_table(self.table.live + 1)
+            if not self.table.publish(key, rec):
+                raise RuntimeError("the published table has no room after growing")
+
+    # ---- space --------------------------------------------------------------------------
+    def _free(self, txn, off, ext):
+        allocator.free(txn, self.dbs, off, ext)
+        self.env.add_used(txn, -ext)
+
+    def _release_extents(self, b, extents):
+        """Free extents whose records are already hidden, unless a client holds them
+        (those are doomed: freed by a later reclaim)."""
+        if not extents:
+            return
+        held = b.held(rescan=True)
+        for off, ext in extents:
+            if off in held:
+                b.txn.put(pack64(off), LE64.pack(ext), db=self.dbs.doomed)
+                self.doomed_added = True
+            else:
+                self._free(b.txn, off, ext)
+
+    def allocate(self, b, ext):
+        """An extent of ext bytes, evicting least-recently-used objects if needed."""
+        txn = b.txn
+        off = allocator.alloc(txn, self.dbs, ext)
+        while off is None:
+            if not self.evict(b, need=ext):
+                raise StoreFull(
+                    f"no room for {ext} bytes: everything left is held, pinned, being created "
+                    f"or granted to clients; release or delete objects, or start the daemon "
+                    f"with a larger --size")
+            off = allocator.alloc(txn, self.dbs, ext)
+        self.env.add_used(txn, ext)
+        return off
+
+    def evict(self, b, need=0, target_used=None, max_objects=256):
+        """Walk the CLOCK order asking the policy; evict until ``need`` bytes were freed
+        (or used <= target_used). Returns the number of objects evicted."""
+        txn, d, table = b.txn, self.dbs, self.table
+        held = b.held()
+        freed, victims, gone = 0, [], []
+        cur = txn.cursor(db=d.lru)
+        rewalk = False
+        cur.first()
+        used = self.env.meta_int(txn, "used")
+        while len(victims) < max_objects:
+            entry = cur.key()
+            if not entry:
+                if not rewalk:
+                    break
+                rewalk = False
+                cur.first()
+                continue
+            key = entry[8:]
+            raw = txn.get(key, db=d.objects)
+            if raw is None:                       # defensive: an entry without its object
+                cur.delete()
+                continue
+            rec = record.unpack(raw)
+            bucket = table.find(key)
+            referenced = bucket is not None and bool(table.marks[bucket])
+            advice = self.policy.advise(Candidate(key, rec.size, rec.offset in held, referenced))
+            if advice is Advice.SKIP:
+                cur.next()
+                continue
+            cur.delete()
+            if advice is Advice.SECOND_CHANCE:
+                table.marks[bucket] = 0
+                now = time.monotonic_ns()
+                rec = rec._replace(stamp=now)
+                txn.put(key, record.pack(rec), db=d.objects)
+                txn.put(pack64(now) + key, b"", db=d.lru)
+                rewalk = True
+                continue
+            txn.delete(key, db=d.objects)
+            b.hide(key)
+            ext = extent_size(rec.size)
+            victims.append((rec.offset, ext))
+            gone.append(key)
+            freed += ext
+            if need and freed >= need:
+                break
+            if target_used is not None and used - freed <= target_used:
+                break
+        self._release_extents(b, victims)
+        return len(victims)
+
+    def grant(self, b, cid, want, least):
+        """Give a client an arena of up to ``want`` bytes (at least ``least``)."""
+        txn = b.txn
+        want = extent_size(want)
+        least = extent_size(least)
+        off = allocator.alloc(txn, self.dbs, want)
+        size = want
+        if off is None and least < want:
+            off = allocator.alloc(txn, self.dbs, least)
+            size = least
+        if off is None:
+            off = self.allocate(b, least)        # evicts; accounts used itself
+            size = least
+        else:
+            self.env.add_used(txn, size)
+        txn.put(pack64(off), ARENA.pack(cid, off + size, off), db=self.dbs.arenas)
+        return off, size
+
+    def give_back(self, b, cid, start):
+        """A client returns the unused rest of its arena that starts at ``start``
+        (everything past the frontier its seals reached). False if it has none there."""
+        txn = b.txn
+        raw = txn.get(pack64(start), db=self.dbs.arenas)
+        if raw is None:
+            return False
+        owner, end, frontier = ARENA.unpack(raw)
+        if owner != cid:
+            return False
+        txn.delete(pack64(start), db=self.dbs.arenas)
+        if end > frontier:
+            self._free(txn, frontier, end - frontier)
+        return True
+
+    def _arena_of(self, txn, cid, off):
+        """(start, end, frontier) of cid's arena containing off, or None."""
+        cur = txn.cursor(db=self.dbs.arenas)
+        if cur.set_range(pack64(off + 1)):
+            if not cur.prev():
+                return None
+        elif not cur.last():
+            return None
+        start = U64.unpack(cur.key())[0]
+        owner, end, frontier = ARENA.unpack(cur.value())
+        if owner != cid or not start <= off < end:
+            return None
+        return start, end, frontier
+
+    # ---- objects ------------------------------------------------------------------------
+    def seal(self, b, cid, key, off, size, csum, flags=0, replicas=1):
+        """Seal a put (space from cid's arena) or a create() of cid. Returns a SealResult."""
+        txn, d = b.txn, self.dbs
+        raw = txn.get(key, db=d.objects)
+        ext = extent_size(size)
+        if raw is not None:
+            rec = record.unpack(raw)
+            if rec.offset == off and rec.creator == cid:
+                if rec.state == State.SEALED:
+                    return SealResult.DUPLICATE          # re-sent after a reconnect
+                if rec.size == size:                     # sealing its own create()
+                    rec = rec._replace(state=State.SEALED, checksum=csum, stamp=time.monotonic_ns(),
+                                       incarnation=self.incarnation)
+                    txn.put(key, record.pack(rec), db=d.objects)
+                    txn.delete(pack64(cid) + key, db=d.creating)
+                    if not rec.pinned:
+                        txn.put(pack64(rec.stamp) + key, b"", db=d.lru)
+                    b.show(key, rec)
+                    return SealResult.SEALED
+            self._drop_arena_space(b, cid, off, ext)     # the key exists: the copy goes
+            return SealResult.EXISTS
+        arena = self._arena_of(txn, cid, off)
+        if arena is None or off < arena[2] or off + ext > arena[1]:
+            return SealResult.INVALID
+        if self.table.find(key) is not None:
+            return SealResult.INVALID                    # a digest collision: never in practice
+        self._advance(txn, arena, off + ext, gap_end=off)
+        stamp = time.monotonic_ns()
+        rec = Record(off, size, cid, stamp, csum, State.SEALED, Flag(flags), self.incarnation, replicas)
+        txn.put(key, record.pack(rec), db=d.objects)
+        if not rec.pinned:
+            txn.put(pack64(stamp) + key, b"", db=d.lru)
+        b.show(key, rec)
+        return SealResult.SEALED
+
+    def _advance(self, txn, arena, new_frontier, gap_end):
+        """Move an arena's frontier past an object; free what the client skipped."""
+        start, end, frontier = arena
+        if gap_end > frontier:
+            self._free(txn, frontier, gap_end - frontier)
+        d = self.dbs
+        if new_frontier >= end:
+            txn.delete(pack64(start), db=d.arenas)
+        else:
+            owner = ARENA.unpack(txn.get(pack64(start), db=d.arenas))[0]
+            txn.put(pack64(start), ARENA.pack(owner, end, new_frontier), db=d.arenas)
+
+    def _drop_arena_space(self, b, cid, off, ext):
+        """A rejected seal's extent: the client may hold it (it read its own put), so
+        it goes through the hold check like any unpublished extent."""
+        arena = self._arena_of(b.txn, cid, off)
+        if arena is None or off < arena[2] or off + ext > arena[1]:
+            return
+        self._advance(b.txn, arena, off + ext, gap_end=off)
+        self._release_extents(b, [(off, ext)])
+
+    def create(self, b, cid, key, size, pinned=False):
+        """Reserve space for create(). Returns (offset, None) or (None, existing state)."""
+        txn, d = b.txn, self.dbs
+        raw = txn.get(key, db=d.objects)
+        if raw is not None:
+            return None, record.unpack(raw).state
+        if self.table.find(key) is not None:
+            return None, State.SEALED
+        off = self.allocate(b, extent_size(size))
+        rec = Record(off, size, cid, 0, 0, State.CREATING, Flag.PINNED if pinned else Flag.NONE,
+                     self.incarnation)
+        txn.put(key, record.pack(rec), db=d.objects)
+        txn.put(pack64(cid) + key, b"", db=d.creating)
+        b.show(key, rec)
+        return off, None
+
+    def _own_creation(self, txn, cid, key, op):
+        raw = txn.get(key, db=self.dbs.objects)
+        if raw is None:
+            raise ObjectNotFound(f"{op} of {user_key(key)!r}: no such object; create() it first")
+        rec = record.unpack(raw)
+        if rec.sealed:
+            hint = "seal each object once" if op == "seal" else "use delete() instead"
+            raise AlreadySealed(f"{op} of {user_key(key)!r}: already sealed; {hint}")
+        if rec.creator != cid:
+            raise NotCreator(f"{op} of {user_key(key)!r}: another client is creating it; "
+                             f"only its creator may {op} it")
+        return rec
+
+    def check_seal(self, b, cid, key):
+        """Raise what seal() of key by cid would be refused for (create() path)."""
+        self._own_creation(b.txn, cid, key, "seal")
+
+    def abort(self, b, cid, key):
+        rec = self._own_creation(b.txn, cid, key, "abort")
+        b.txn.delete(pack64(cid) + key, db=self.dbs.creating)
+        self._drop(b, key, rec)
+
+    def _drop(self, b, key, rec):
+        """Remove an object: hidden now, its extent freed now or once unheld."""
+        txn = b.txn
+        txn.delete(key, db=self.dbs.objects)
+        if rec.sealed and not rec.pinned:
+            txn.delete(pack64(rec.stamp) + key, db=self.dbs.lru)
+        b.hide(key)
+        self._release_extents(b, [(rec.offset, extent_size(rec.size))])
+
+    def delete(self, b, key):
+        """Delete a sealed object. False if there was none."""
+        raw = b.txn.get(key, db=self.dbs.objects)
+        if raw is None:
+            return False
+        rec = record.unpack(raw)
+        if not rec.sealed:
+            return False
+        self._drop(b, key, rec)
+        return True
+
+    def drop_if_at(self, b, key, off):
+        """Drop a sealed object if it still lives at off (found corrupt by a reader)."""
+        raw = b.txn.get(key, db=self.dbs.objects)
+        if raw is None:
+            return False
+        rec = record.unpack(raw)
+        if rec.offset != off or not rec.sealed:
+            return False
+        self._drop(b, key, rec)
+        return True
+
+    def set_pinned(self, b, key, pinned):
+        txn, d = b.txn, self.dbs
+        raw = txn.get(key, db=d.objects)
+        if raw is None:
+            raise ObjectNotFound(f"pin of {user_key(key)!r}: no such object")
+        rec = record.unpack(raw)
+        if rec.pinned == pinned:
+            return
+        rec = rec._replace(flags=(rec.flags | Flag.PINNED) if pinned else (rec.flags & ~Flag.PINNED))
+        txn.put(key, record.pack(rec), db=d.objects)
+        if rec.sealed:
+            if pinned:
+                txn.delete(pack64(rec.stamp) + key, db=d.lru)
+            else:
+                txn.put(pack64(rec.stamp) + key, b"", db=d.lru)
+        b.show(key, rec)
+
+    def keys(self, prefix, after, limit):
+        """Up to limit sealed keys starting with prefix, after the key ``after``."""
+        out = []
+        with self.env.read() as txn:
+            cur = txn.cursor(db=self.dbs.objects)
+            start = after + b"\x00" if after else prefix
+            if cur.set_range(start):
+                for k, v in cur:
+                    if not k.startswith(prefix) or len(out) >= limit:
+                        break
+                    if v[40] == State.SEALED:            # the state byte of a packed record
+                        out.append(k)
+        return out
