@@ -42,6 +42,17 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def connect(sock, path, timeout):
+    """connect(), retrying while the daemon's accept backlog is full (EAGAIN)."""
+    backoff = Backoff(initial=0.002, cap=0.05, deadline=timeout)
+    while True:
+        try:
+            return sock.connect(path)
+        except BlockingIOError:
+            if not backoff.sleep():
+                raise
+
+
 class Attachment:
     """This process's mappings of one store, from one WELCOME."""
 
@@ -65,8 +76,9 @@ class Attachment:
         self.slot = ClientSlot(slots_fd, body["slots"], self.slot_no)
 
     def new_table(self, fd):
-        old, self.table = self.table, TableReader(fd)
-        old.close()
+        # the old table is not closed: a lookup in flight may still read it (it is
+        # retired, so it re-checks and retries); it is unmapped when unreferenced
+        self.table = TableReader(fd)
 
     def close(self):
         self.slot.close()
@@ -74,7 +86,15 @@ class Attachment:
         if self.cow_fd >= 0:
             os.close(self.cow_fd)
             self.cow_fd = -1
-        # the segment mappings stay: views handed out may still point into them
+        # Unmap the segment now unless views handed out still point into it (then it is
+        # unmapped when the last of them goes).
+        for view in (self.rw, self.ro):
+            view.release()
+        for m in (self.rw_map, self.ro_map):
+            try:
+                m.close()
+            except BufferError:
+                pass
 
 
 class Connection:
@@ -137,7 +157,7 @@ class Connection:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             try:
-                sock.connect(path)
+                connect(sock, path, self.timeout)
                 sock.sendall(protocol.hello(os.getpid(), self.namespace,
                                             None if resume is None else
                                             {"cid": resume[0], "segment_id": resume[1]}))
@@ -273,6 +293,8 @@ class Connection:
         with self.io_lock:
             self.sock.close()
         self.att.close()
+        self.on_fresh_store.clear()     # no cycles through the writer and reader
+        self.on_resume.clear()
 
 
 def _watch(ref):

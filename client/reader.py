@@ -33,12 +33,13 @@ SETTLE_WAIT = 1.0
 
 
 class Held:
-    """One published hold: [offset, size, count, checksum, bucket, hold entry]."""
-    __slots__ = ("offset", "size", "count", "checksum", "bucket", "entry")
+    """One published hold: offset, size, count, checksum, table bucket and its sequence
+    when held, and the hold entry in this client's slot."""
+    __slots__ = ("offset", "size", "count", "checksum", "bucket", "seq", "entry")
 
-    def __init__(self, offset, size, checksum, bucket, entry):
+    def __init__(self, offset, size, checksum, bucket, seq, entry):
         self.offset, self.size, self.count, self.checksum = offset, size, 1, checksum
-        self.bucket, self.entry = bucket, entry
+        self.bucket, self.seq, self.entry = bucket, seq, entry
 
 
 class Reader:
@@ -166,6 +167,10 @@ class Reader:
         if not fresh:
             return None
         fence()                                  # our holds are visible before we re-check
+        if att.table is not table:               # moved to a new table during the pass
+            for i, k, e, entry in fresh:
+                slot.unhold(entry)
+            return [i for i, _, _, _ in fresh]
         retry = None
         for i, k, e, entry in fresh:
             if e.bucket >= 0:
@@ -184,7 +189,7 @@ class Reader:
                 h.count += 1
                 slot.unhold(entry)
             else:
-                held.setdefault(k, []).append(Held(e.offset, e.size, e.checksum, e.bucket, entry))
+                held.setdefault(k, []).append(Held(e.offset, e.size, e.checksum, e.bucket, e.seq, entry))
             out[i] = ro[e.offset:e.offset + e.size]
         return retry
 
@@ -210,6 +215,7 @@ class Reader:
                     raise ObjectNotFound(f"release of {user_key(k)!r}: this client {what} (get() it first)")
             att = self.conn.att
             slot, table = att.slot, att.table
+            gone = False
             for k in ks:
                 hs = held[k]
                 h = hs[-1]
@@ -222,6 +228,17 @@ class Reader:
                 slot.unhold(h.entry)
                 if h.bucket >= 0:
                     table.mark(h.bucket)          # a use, for the CLOCK sweep
+                    if not gone and not table.same_seq(h.bucket, h.seq):
+                        e = self.lookup(k)        # deleted or replaced while we held it?
+                        gone = e is None or e.offset != h.offset
+        if gone:
+            # its extent waits for the last holder: tell the daemon now, so the space is
+            # free when release() returns (it would otherwise be freed on its next turn)
+            fence()
+            try:
+                self.conn.request(protocol.reclaim(), protocol.DONE)
+            except KVStoreError:
+                pass
 
     def _release_views(self, ks, out):
         """Undo the holds a failed get_many took (the caller holds the lock)."""

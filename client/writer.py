@@ -68,6 +68,7 @@ class Writer:
         self.pending = {}            # key -> (offset, size, checksum, seq)
         self.creating = {}           # key -> (offset, size): create()d, not sealed
         self.seq = 0                 # last seal number sent
+        self._failed_seen = conn.att.slot.failed_mine()
         self._arena = None           # [start, next free, end]
         self._chunk = ARENA_FIRST
         conn.on_fresh_store.append(self._fresh_store)
@@ -133,6 +134,18 @@ class Writer:
         self.conn.send(b"".join(frames))
         self.conn.att.slot.note_sent(last)
 
+    def _check_failed(self):
+        """Raise the error of a seal the daemon could not apply since the last check."""
+        failed = self.conn.att.slot.failed_mine()
+        if failed > self._failed_seen:
+            self._failed_seen = failed
+            lost = [k for k, p in self.pending.items() if p[3] <= failed and self.conn.att.table.lookup(k) is None]
+            for k in lost:
+                del self.pending[k]
+            from kvstore.errors import IndexFull
+            raise IndexFull(f"the daemon could not record {len(lost) or 'some'} earlier put(s) of this "
+                            f"client: the index is full; restart the daemon with a larger index_map_size")
+
     def in_flight(self, k):
         """This client's own seal of k, if the daemon has not applied it yet."""
         p = self.pending.get(k)
@@ -180,6 +193,7 @@ class Writer:
         self.creating.clear()
         self._arena = None
         self.seq = 0
+        self._failed_seen = 0
 
     # ---- put ---------------------------------------------------------------------------------
     def parts(self, value):
@@ -210,6 +224,7 @@ class Writer:
     def put_many(self, ks, partss, strict, pin, lookup_state):
         """Store each value (parts, n, on_device). Returns [bool]; the caller holds the lock."""
         flags = 1 if pin else 0
+        self._check_failed()
         out = [False] * len(ks)
         items, mine, dev = [], [], []
         rw = self.conn.att.rw
@@ -239,6 +254,9 @@ class Writer:
         finally:
             if items:
                 self._send_seals(items, self.seq)
+        if mine and self.conn.att.slot.sync_puts():
+            self.wait_applied(self.seq)           # the index is nearly full: hear the verdict
+            self._check_failed()
         if strict and mine:
             self.wait_applied(self.seq)
             table = self.conn.att.table

@@ -29,7 +29,7 @@ import struct
 import time
 
 from kvstore import protocol, segment, table as table_mod
-from kvstore.errors import DaemonStartError, KVStoreError, ProtocolError
+from kvstore.errors import DaemonStartError, IndexFull, KVStoreError, ProtocolError
 from kvstore.record import State
 from kvstore.slots import fence
 from kvstore.store import maintenance
@@ -43,10 +43,12 @@ HANDSHAKE_TIMEOUT = 10.0      # seconds a connection may stay without a complete
 MAX_OUTBOX = 1 << 20          # bytes of unread replies before a client is dropped
 IDLE_TICK = 0.05              # seconds between duty checks when nothing is pending
 BUSY_TICK = 0.005             # ... while doomed extents wait or usage is over the watermark
+SWEEP_EVERY = 0.01            # seconds between watermark checks
 LIVENESS_EVERY = 1.0          # seconds between checks of registered clients' pids
 MAX_HANDSHAKING = 256         # connections beyond max_clients that may be mid-handshake
 RECV_BYTES = 256 << 10        # most bytes read from one client per loop turn (fairness)
 KEYS_PAGE = 512               # keys per KEYS reply
+SYNC_PUTS_AT = 0.9            # index map fill at which puts wait for their verdict
 WARN_EVERY = 10.0             # seconds between two warnings of one kind (rate limit)
 
 
@@ -93,6 +95,9 @@ class Daemon:
             self.store = Store(o.env, o.table, self._held, o.incarnation)
             self.store.grow_table = self._grow_table
             self.store.doomed_added = True        # reclaim what the last run left, if anything
+            self._psize = o.env.env.stat()["psize"]
+            self._sync_puts = None
+            self._check_index_fill()
             self._update_high()
             self._listen()
         except BaseException:
@@ -164,8 +169,9 @@ class Daemon:
 
     def serve(self):
         next_liveness = time.monotonic() + LIVENESS_EVERY
+        next_sweep = 0.0
         while not self.stopping:
-            busy = self.store.doomed_added or self._over_watermark()
+            busy = self.store.doomed_added
             batch, closing = [], []
             for key, events in self.selector.select(BUSY_TICK if busy else IDLE_TICK):
                 if key.data is None:
@@ -182,7 +188,9 @@ class Daemon:
                 self.selector.register(self.listener, selectors.EVENT_READ, None)
             if self.store.doomed_added:
                 self._duty(self._reclaim)
-            self._duty(self._sweep_watermark)
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_EVERY
+                self._duty(self._sweep_watermark)
             if now >= next_liveness:
                 next_liveness = now + LIVENESS_EVERY
                 self._duty(self._check_liveness, now)
@@ -310,31 +318,45 @@ class Daemon:
     # ---- applying requests -----------------------------------------------------------------
     def _apply(self, batch):
         """Apply one loop turn's requests in one transaction; then publish, then the seal
-        counters, then the replies (kvstore.store.objects explains the order)."""
-        store = self.store
-        replies, after, applied = [], [], {}
-        try:
-            with store.batch() as b:
-                for conn, mtype, body in batch:
-                    if conn.cid is None:
-                        continue
-                    try:
-                        reply = self._request(b, conn, mtype, body, applied)
-                    except ProtocolError as e:
-                        reply = protocol.error(e)
-                        conn.closing = "protocol error"
-                    except KVStoreError as e:
-                        reply = protocol.error(e)
-                    if reply is _AFTER:
-                        after.append((conn, mtype, body))
-                    elif reply is not None:
-                        replies.append((conn, reply))
-        except KVStoreError as e:       # the commit failed (IndexFull): nothing applied
-            self._warn("commit", "applying %d requests failed: %s", len(batch), e)
-            replies = [(c, protocol.error(e)) for c, m, _ in batch if m not in (protocol.SEAL, protocol.RETURN)]
+        counters, then the replies (kvstore.store.objects explains the order). A request
+        that fails may have changed the transaction half-way (an eviction before a
+        StoreFull): the transaction is then abandoned and the turn applied again without
+        it, so a refused request changes nothing. If the commit itself fails (the index
+        is full), each request is applied on its own, so as many as fit get in; a seal
+        that does not is recorded in its client's ``failed`` word."""
+        failed = {}
+        got = self._apply_together(batch, failed)
+        if got is None:
+            got = ([], [], {})
+            for i, item in enumerate(batch):
+                if i in failed:
+                    continue
+                one = self._apply_together([item], {})
+                if one is None:           # this one alone does not fit
+                    conn, mtype, body = item
+                    if mtype == protocol.SEAL:
+                        seq = _last_seq(body)
+                        got[2][conn.slot] = max(got[2].get(conn.slot, 0), seq)
+                        self.slots.failed[conn.slot] = seq
+                    elif mtype != protocol.RETURN:
+                        failed[i] = protocol.error(IndexFull(
+                            "the index is full; restart the daemon with a larger index_map_size"))
+                    continue
+                for part, more in zip(got, one):
+                    if isinstance(part, dict):
+                        for k, v in more.items():
+                            part[k] = max(part.get(k, 0), v)
+                    else:
+                        part.extend(more)
+            self._warn("commit", "the index is full: some requests were refused; restart the "
+                       "daemon with a larger index_map_size")
+        replies, after, applied = got
+        self._check_index_fill()
         fence()
         for slot, seq in applied.items():
             self.slots.applied[slot] = max(int(self.slots.applied[slot]), seq)
+        for i, reply in failed.items():
+            replies.append((batch[i][0], reply))
         for conn, reply in replies:
             self._send(conn, reply)
         for conn, mtype, body in after:
@@ -342,6 +364,45 @@ class Daemon:
         for conn, _, _ in batch:
             if conn.closing == "protocol error" and conn.sock.fileno() >= 0:
                 self._close(conn, conn.closing)
+
+    def _check_index_fill(self):
+        """Past 90% of the index's map, clients wait for each put's verdict (slots)."""
+        info = self.store.env.env.info()
+        full = (info["last_pgno"] + 1) * self._psize >= SYNC_PUTS_AT * info["map_size"]
+        if full != self._sync_puts:
+            self._sync_puts = full
+            self.slots.set_sync_puts(full)
+            if full:
+                self._warn("fill", "the index is over %d%% of its map; puts now wait for the "
+                           "daemon (restart it with a larger index_map_size)", int(SYNC_PUTS_AT * 100))
+
+    def _apply_together(self, batch, failed):
+        """(replies, read-only requests, seal counters) of batch applied in one
+        transaction, or None if its commit failed (IndexFull). Requests that fail go
+        into ``failed`` (index -> error reply) and are left out."""
+        while True:
+            replies, after, applied = [], [], {}
+            try:
+                with self.store.batch() as b:
+                    for i, (conn, mtype, body) in enumerate(batch):
+                        if conn.cid is None or i in failed:
+                            continue
+                        try:
+                            reply = self._request(b, conn, mtype, body, applied)
+                        except KVStoreError as e:
+                            if isinstance(e, ProtocolError):
+                                conn.closing = "protocol error"
+                            failed[i] = protocol.error(e)
+                            raise _Retry() from None
+                        if reply is _AFTER:
+                            after.append((conn, mtype, body))
+                        elif reply is not None:
+                            replies.append((conn, reply))
+            except _Retry:
+                continue
+            except IndexFull:
+                return None
+            return replies, after, applied
 
     def _request(self, b, conn, mtype, body, applied):
         store, cid = self.store, conn.cid
@@ -366,6 +427,9 @@ class Daemon:
             key, size, pinned = protocol.read_create(body)
             off, state = store.create(b, cid, key, size, pinned)
             return protocol.created(0, off) if off is not None else protocol.created(int(state), 0)
+        if mtype == protocol.RECLAIM:
+            maintenance.reclaim(store, b)
+            return protocol.done(True)
         if mtype in (protocol.ABORT, protocol.DELETE, protocol.PIN, protocol.DROP):
             key, flag, off = protocol.read_keyed(body, protocol.NAMES[mtype])
             if mtype == protocol.ABORT:
@@ -555,6 +619,17 @@ class Daemon:
 
 
 _AFTER = object()
+
+
+class _Retry(Exception):
+    """Abandon this turn's transaction and apply the turn again (a request failed)."""
+
+
+def _last_seq(body):
+    try:
+        return max(item[0] for item in protocol.read_seal(body))
+    except ProtocolError:
+        return 0
 
 
 def _raise_fd_limit(want):

@@ -185,13 +185,18 @@ def _fresh(o, cfg, name, mode, nslots, old_desc):
         o.segment = None
     o.env.close()
     o.env = None
-    shutil.rmtree(index_path(cfg), ignore_errors=True)
+    old = index_path(cfg) + f".old-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(index_path(cfg), old)      # the new files must not reuse the old inodes
+    except OSError:
+        old = index_path(cfg)
     for stale in ("slots",):
         try:
             os.unlink(shm_path(name, stale))
         except OSError:
             pass
     o.env, o.map_size = open_index(cfg, mode)
+    shutil.rmtree(old, ignore_errors=True)
     o.segment = segment.create(cfg, name, mode)
     o.segment_id = uuid.uuid4().hex
     o.incarnation = (old_desc or {}).get("incarnation", 0) + 1
@@ -249,6 +254,7 @@ def _adopt(o, cfg, desc, name, mode, nslots):
         view.release()
     finally:
         m.close()
+    bad_names = [user_key(keys[i]) for i in bad[:5]]
     if bad:
         with store.batch() as b:
             for i in bad:
@@ -265,8 +271,8 @@ def _adopt(o, cfg, desc, name, mode, nslots):
                          slots_path=o.slots.path, segment_id=o.segment_id, backing=o.segment.backing)
     st = maintenance.stats(o.env)
     creating = int(np.count_nonzero(recs["state"] == 1)) if len(recs) else 0
-    o.recovered = (len(keys) - creating, st["used"], time.monotonic() - t0, creating, len(dead), bad and
-                   [user_key(keys[i]) for i in bad[:5]], len(bad))
+    o.recovered = (len(keys) - creating, st["used"], time.monotonic() - t0, creating, len(dead),
+                   bad_names, len(bad))
     log.info("recovered %d objects (%d bytes) from %s in %.3f s, checksums verified; %d still "
              "being created by live clients; cleaned up after %d dead clients",
              len(keys) - creating, st["used"], o.segment.path, o.recovered[2], creating, len(dead))

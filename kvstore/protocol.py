@@ -11,7 +11,8 @@ The socket is how clients ask the daemon to change the store: SEAL (one-way: a b
 of objects a client wrote into its arena; the client numbers them, see kvstore.slots),
 GRANT (space for puts), RETURN (give space back), CREATE/ABORT (Plasma's two-step
 path), DELETE, PIN, DROP (an object found corrupt), KEYS (list a namespace), TABLE (the
-fd of the current published table). Reads never cross it: clients look objects up in
+fd of the current published table), RECLAIM (free now what the caller's release
+left unheld). Reads never cross it: clients look objects up in
 the published table and read the segment directly. A client's hang-up is how the
 daemon learns it is gone.
 Must never: allocate what a length prefix claims before checking it, or accept a
@@ -36,18 +37,19 @@ HEADER_SIZE = _HEADER.size
 HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG = 1, 2, 3, 4, 5, 6, 7
 SEAL, GRANT, GRANTED, RETURN, CREATE, CREATED, ABORT, DONE = 10, 11, 12, 13, 14, 15, 16, 17
 DELETE, PIN, DROP, KEYS, KEYS_REPLY, CHECK, CHECK_REPLY, TABLE, TABLE_REPLY = 18, 19, 20, 21, 22, 23, 24, 25, 26
+RECLAIM = 27
 
 NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
          STATS_REPLY: "STATS_REPLY", PING: "PING", PONG: "PONG", SEAL: "SEAL", GRANT: "GRANT",
          GRANTED: "GRANTED", RETURN: "RETURN", CREATE: "CREATE", CREATED: "CREATED",
          ABORT: "ABORT", DONE: "DONE", DELETE: "DELETE", PIN: "PIN", DROP: "DROP", KEYS: "KEYS",
          KEYS_REPLY: "KEYS_REPLY", CHECK: "CHECK", CHECK_REPLY: "CHECK_REPLY", TABLE: "TABLE",
-         TABLE_REPLY: "TABLE_REPLY"}
+         TABLE_REPLY: "TABLE_REPLY", RECLAIM: "RECLAIM"}
 JSON_TYPES = frozenset((HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG, CHECK, CHECK_REPLY,
                         TABLE, TABLE_REPLY))
 #: Messages a client may send (the daemon refuses the others from a client).
 CLIENT_TYPES = frozenset((HELLO, STATS, PING, SEAL, GRANT, RETURN, CREATE, ABORT, DELETE, PIN,
-                          DROP, KEYS, CHECK, TABLE))
+                          DROP, KEYS, CHECK, TABLE, RECLAIM))
 
 _SEAL_ITEM = struct.Struct("<QQQQBBHH")   # seq, offset, size, checksum, flags, _, replicas, key length
 _U64 = struct.Struct("<Q")
@@ -253,6 +255,10 @@ def read_keyed(payload, what="request"):
     _exact(payload, 10, what)
     (offset,) = _U64.unpack_from(payload)
     return _key(payload, 9, len(payload) - 9, what), payload[8], offset
+
+
+def reclaim():
+    return frame(RECLAIM, b"")
 
 
 def done(result):

@@ -17,7 +17,13 @@ restarts like the segment) and both sides of its two protocols.
    some ``sent > applied`` waits for those seals before answering "missing", so a put
    that returned is never missed by a get that starts after it.
 
-Layout: a 4 KiB header; ``sent`` and ``applied`` (one u64 per slot each, page-aligned);
+3. Refused seals. A seal the daemon could not apply (its index is full) is recorded in
+   ``failed[slot]`` (the seal's number); the client raises the error on its next put.
+   Once the index is nearly full the daemon sets ``sync_puts`` in the header, and puts
+   wait for their verdict, so the put that does not fit is the one that fails.
+
+Layout: a 4 KiB header; ``sent``, ``applied`` and ``failed`` (one u64 per slot each,
+page-aligned);
 then one region per slot: a 64-byte head (count, cid) and ``hold_capacity`` u64 entries.
 Must never: be written by a client outside its own region and its own ``sent`` word,
 or let a hold be taken without the fence between writing it and re-checking.
@@ -39,6 +45,7 @@ HOLD_CAPACITY = 1 << 16
 
 _HEADER = struct.Struct("<8sIIQQQQQ")   # magic, version, _, nslots, capacity, region, sent_at, applied_at
 _HIGH_AT = 64
+_SYNC_AT = 72       # nonzero: the index is nearly full, puts wait for their verdict
 _U64 = struct.Struct("<Q")
 
 _fence_lock = threading.Lock()
@@ -57,10 +64,11 @@ def _page(n):
 
 
 def layout(nslots, capacity=HOLD_CAPACITY):
-    """(sent offset, applied offset, regions offset, region size, file size)."""
+    """(sent offset, applied offset, regions offset, region size, file size); the failed
+    words follow the applied ones."""
     sent_at = HEADER_SIZE
     applied_at = sent_at + _page(8 * nslots)
-    regions_at = applied_at + _page(8 * nslots)
+    regions_at = applied_at + 2 * _page(8 * nslots)
     region = _page(REGION_HEAD + 8 * capacity)
     return sent_at, applied_at, regions_at, region, regions_at + nslots * region
 
@@ -90,6 +98,7 @@ class SlotsFile:
         _HEADER.pack_into(self.mm, 0, MAGIC, VERSION, 0, nslots, capacity, region, sent_at, applied_at)
         self.sent = np.frombuffer(self.mm, np.uint64, nslots, sent_at)
         self.applied = np.frombuffer(self.mm, np.uint64, nslots, applied_at)
+        self.failed = np.frombuffer(self.mm, np.uint64, nslots, applied_at + _page(8 * nslots))
 
     def describe(self):
         """What a client needs to map its parts (sent with WELCOME)."""
@@ -101,6 +110,9 @@ class SlotsFile:
         """Slots below ``high`` may be in use (readers scan only those counters)."""
         _U64.pack_into(self.mm, _HIGH_AT, high)
 
+    def set_sync_puts(self, on):
+        _U64.pack_into(self.mm, _SYNC_AT, 1 if on else 0)
+
     def _region_at(self, slot):
         return self.regions_at + slot * self.region
 
@@ -111,6 +123,7 @@ class SlotsFile:
         self.mm[at:at + REGION_HEAD + 8 * count] = bytes(REGION_HEAD + 8 * count)
         self.sent[slot] = 0
         self.applied[slot] = 0
+        self.failed[slot] = 0
 
     def settle(self, slot):
         """Forget seals a client sent but will never have applied (it is gone)."""
@@ -132,7 +145,7 @@ class SlotsFile:
         return np.unique(arr) - np.uint64(1)
 
     def close(self):
-        self.sent = self.applied = None
+        self.sent = self.applied = self.failed = None
         try:
             self.mm.close()
         except BufferError:
@@ -150,10 +163,12 @@ class ClientSlot:
         self._region = mmap.mmap(fd, desc["region"], offset=at, flags=mmap.MAP_SHARED)
         self.holds = np.frombuffer(self._region, np.uint64, self.capacity, REGION_HEAD)
         self._count_arr = np.frombuffer(self._region, np.uint64, 1, 0)
-        ctr_len = desc["applied_at"] + _page(8 * desc["slots"])
+        ctr_len = desc["applied_at"] + 2 * _page(8 * desc["slots"])
         self._ctr = mmap.mmap(fd, ctr_len, flags=mmap.MAP_SHARED)
         self.sent = np.frombuffer(self._ctr, np.uint64, desc["slots"], desc["sent_at"])
         self.applied = np.frombuffer(self._ctr, np.uint64, desc["slots"], desc["applied_at"])
+        self.failed = np.frombuffer(self._ctr, np.uint64, desc["slots"],
+                                    desc["applied_at"] + _page(8 * desc["slots"]))
         self._sent_bytes = (desc["sent_at"], desc["applied_at"])
         # entries in use are those below count; freed entries are reused first
         self.count = int(self._count_arr[0])
@@ -193,6 +208,13 @@ class ClientSlot:
     def applied_mine(self):
         return int(self.applied[self.slot])
 
+    def sync_puts(self):
+        """The daemon's index is nearly full: wait for each put's verdict."""
+        return _U64.unpack_from(self._ctr, _SYNC_AT)[0] != 0
+
+    def failed_mine(self):
+        return int(self.failed[self.slot])
+
     def in_flight(self):
         """{slot: last seal sent} of every client with seals not yet applied, or {}."""
         hi = _U64.unpack_from(self._ctr, _HIGH_AT)[0] or len(self.sent)
@@ -208,7 +230,7 @@ class ClientSlot:
         return all(int(applied[s]) >= n for s, n in want.items())
 
     def close(self):
-        self.holds = self._count_arr = self.sent = self.applied = None
+        self.holds = self._count_arr = self.sent = self.applied = self.failed = None
         for m in (self._region, self._ctr):
             try:
                 m.close()

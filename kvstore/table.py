@@ -159,6 +159,9 @@ class TableReader:
         return (_SEQ.unpack_from(self._mm, HEADER_SIZE + (entry.bucket << 6))[0] == entry.seq
                 and not self.retired())
 
+    def same_seq(self, bucket, seq):
+        return _SEQ.unpack_from(self._mm, HEADER_SIZE + (bucket << 6))[0] == seq
+
     def mark(self, bucket):
         """Record a use of the object in ``bucket`` for the CLOCK sweep."""
         self._marks[bucket] = 1

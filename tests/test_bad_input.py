@@ -59,7 +59,7 @@ def test_bad_sizes_and_values(daemon):
             c.put("str", "a str is not bytes")
         with pytest.raises(InvalidSize):
             c.put_many(["a", "b"], [b"1"])
-        assert c.stats()["objects"] == 0 and c._index.check() == []
+        assert c.stats()["objects"] == 0 and c.verify() == []
 
 
 def test_life_cycle_misuse(daemon):
@@ -80,7 +80,7 @@ def test_life_cycle_misuse(daemon):
             c.abort("once")
         with pytest.raises(ObjectNotFound):
             c.pin("unknown")
-        assert c._index.check() == []
+        assert c.verify() == []
 
 
 def test_calls_after_close(daemon):
@@ -112,7 +112,7 @@ def test_client_used_after_fork_refuses_in_child(daemon):
 
 
 def _raw(sock_path):
-    from kvstore.client.client import _connect
+    from kvstore.client.connection import connect as _connect
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(5)
     _connect(s, sock_path, 5)

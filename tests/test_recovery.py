@@ -35,7 +35,7 @@ def test_daemon_sigkill_then_restart_recovers_every_sealed_object(make_daemon):
             for k, h in digests.items():
                 assert hashlib.sha256(fresh.get(k)).digest() == h, k
             assert not fresh.contains("mid-creation")         # never half-visible
-            assert fresh._index.check() == []
+            assert fresh.verify() == []
         c.seal("mid-creation")                                # its creator lives on: it may finish
     with d.client() as fresh:
         assert bytes(fresh.get("mid-creation")[:5]) == b"half!"
@@ -60,7 +60,7 @@ def test_creations_of_clients_that_died_with_the_daemon_are_reclaimed(make_daemo
         assert st["creating"] == 0 and st["held_extents"] == 0 and st["clients"] == 1
         assert bytes(c.get("kept")) == b"sealed before the crash" and not c.contains("orphan")
         assert "cleaned up after 1 dead clients" in d.read_log()
-        assert c._index.check() == []
+        assert c.verify() == []
 
 
 def test_repeated_daemon_kills_lose_nothing(make_daemon):
@@ -81,7 +81,7 @@ def test_repeated_daemon_kills_lose_nothing(make_daemon):
         with d.client() as fresh:
             for k, h in digests.items():
                 assert hashlib.sha256(fresh.get(k)).digest() == h, k
-            assert fresh._index.check() == []
+            assert fresh.verify() == []
 
 
 def test_client_reconnects_by_itself_and_keeps_its_holds(make_daemon):
@@ -193,7 +193,7 @@ def test_checksums_catch_corruption_on_copy_and_on_recovery(make_daemon):
         assert "dropped 1 objects whose bytes no longer matched their checksum: b'b'" in log
     with d.client() as fresh:
         assert not fresh.contains("b") and fresh.read("c") == b"c" * 100000
-        assert fresh._index.check() == []
+        assert fresh.verify() == []
 
 
 def test_segment_removed_while_daemon_down_gives_a_clean_start(make_daemon):
@@ -208,7 +208,7 @@ def test_segment_removed_while_daemon_down_gives_a_clean_start(make_daemon):
     assert "of the previous daemon is gone (reboot?); starting empty" in d.read_log()
     with d.client() as c:
         assert not c.contains("x") and c.stats()["objects"] == 0
-        assert c.put("x", b"2") and c._index.check() == []
+        assert c.put("x", b"2") and c.verify() == []
 
 
 def test_restart_with_a_new_size_starts_fresh_in_new_files_and_clients_follow(make_daemon):
@@ -228,17 +228,17 @@ def test_restart_with_a_new_size_starts_fresh_in_new_files_and_clients_follow(ma
         assert c.put("new", b"2") and not c.contains("old")
         with d.client() as other:
             assert other.cid != c.cid and bytes(other.get("new")) == b"2"
-            assert other._index.check() == []
+            assert other.verify() == []
 
 
 def test_an_index_of_an_older_schema_is_not_adopted(make_daemon):
     import os
-    from kvstore.index import SCHEMA, Index
+    from kvstore.store.schema import SCHEMA, Env
     d = make_daemon(size="64MiB")
     with d.client() as c:
         c.put("k", b"v")
     d.stop()
-    idx = Index(os.path.join(d.data_dir, "index"), 64 << 20)
+    idx = Env(os.path.join(d.data_dir, "index"), 64 << 20)
     with idx.env.begin(write=True) as txn:
         txn.put(b"schema", str(SCHEMA - 1).encode(), db=idx.dbs.meta)
     idx.close()
