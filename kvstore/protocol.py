@@ -169,7 +169,9 @@ def error(exc):
 
 
 def raise_error(body):
-    raise from_code(body.get("code", 1), body.get("message", "unknown error from the daemon"))
+    code = body.get("code", 1)
+    message = body.get("message", "unknown error from the daemon")
+    raise from_code(code if type(code) is int else 1, str(message))
 
 
 # ---- the write path ------------------------------------------------------------------------

@@ -290,9 +290,6 @@ def test_raise_error_of_unknown_code_is_kvstore_error():
     assert type(info.value) is KVStoreError
 
 
-@pytest.mark.xfail(reason="raise_error passes the wire 'code' to a dict lookup unchecked: an "
-                          "unhashable code (a list or object from a bad peer) raises TypeError, "
-                          "not a KVStoreError", strict=True)
 @pytest.mark.parametrize("code", [[1], {"a": 1}])
 def test_raise_error_of_unhashable_code_is_still_a_kvstore_error(code):
     with pytest.raises(KVStoreError):
