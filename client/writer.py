@@ -27,6 +27,7 @@ from kvstore.errors import (AlreadySealed, InvalidSize, NotCreator, ObjectExists
 from kvstore.keys import user_key
 from kvstore.record import State
 from kvstore.retry import Backoff
+from kvstore.slots import fence
 from kvstore.store.allocator import extent_size
 from kvstore.table import SEALED
 
@@ -37,8 +38,6 @@ ARENA_FIRST = 1 << 20
 ARENA_MAX = 64 << 20
 #: Values at least this large get space of their own instead of arena space.
 OWN_SPACE = 4 << 20
-#: Seal items per SEAL frame are limited by the frame size.
-_FRAME_ROOM = protocol.MAX_PAYLOAD - 64
 
 
 def nbytes(piece):
@@ -121,18 +120,33 @@ class Writer:
 
     # ---- seals -----------------------------------------------------------------------------
     def _send_seals(self, items, last):
-        """Send encoded seal items in as few frames as fit, then publish the count."""
-        frames, cur, room = [], [], 0
-        for it in items:
-            if room + len(it) > _FRAME_ROOM and cur:
-                frames.append(protocol.seal(cur))
-                cur, room = [], 0
-            cur.append(it)
-            room += len(it)
-        if cur:
-            frames.append(protocol.seal(cur))
-        self.conn.send(b"".join(frames))
-        self.conn.att.slot.note_sent(last)
+        """Put encoded seal items into this client's seal ring (no system call), then
+        publish the count; ring the doorbell only if the daemon is going to sleep. A full
+        ring waits (bounded) for the daemon to drain it."""
+        slot = self.conn.att.slot
+        i, n = 0, len(items)
+        backoff = None
+        while i < n:
+            room = slot.ring_room()
+            j, size = i, 0
+            while j < n and size + len(items[j]) <= room:
+                size += len(items[j])
+                j += 1
+            if j == i:                            # full: wake the daemon and wait for room
+                self.conn.send(protocol.doorbell())
+                if backoff is None:
+                    backoff = Backoff(initial=20e-6, cap=2e-3, deadline=self.conn.timeout)
+                if not backoff.sleep():
+                    raise StoreUnavailable(f"the daemon at {self.conn.socket_path} did not take "
+                                           f"this client's seals within {self.conn.timeout} s")
+                self.conn.ready()
+                continue
+            slot.ring_write(b"".join(items[i:j]))
+            i = j
+        slot.note_sent(last)
+        fence()
+        if slot.daemon_asleep():
+            self.conn.send(protocol.doorbell())
 
     def _check_failed(self):
         """Raise the error of a seal the daemon could not apply since the last check."""
@@ -177,16 +191,12 @@ class Writer:
             backoff.sleep()
 
     def _resend(self):
-        """After reconnecting to the same store: seals the old daemon had not applied."""
-        with self.conn.lock:
-            applied = self.conn.att.slot.applied_mine()
-            left = sorted((p[3], k, p) for k, p in self.pending.items() if p[3] > applied)
-            if left:
-                items = [protocol.seal_item(seq, k, p[0], p[1], p[2]) for seq, k, p in left]
-                try:
-                    self._send_seals(items, self.seq)
-                except StoreUnavailable:
-                    pass
+        """After reconnecting to the same store: nothing to re-send (seals wait in the
+        ring, which outlives the daemon), but a daemon that restarted sleeps: wake it."""
+        try:
+            self.conn.send(protocol.doorbell())
+        except StoreUnavailable:
+            pass
 
     def _fresh_store(self, old_att):
         self.pending.clear()

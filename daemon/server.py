@@ -28,6 +28,8 @@ import socket
 import struct
 import time
 
+import numpy as np
+
 from kvstore import protocol, segment, table as table_mod
 from kvstore.errors import DaemonStartError, IndexFull, KVStoreError, ProtocolError
 from kvstore.record import State
@@ -42,6 +44,8 @@ log = logging.getLogger("kvstore.daemon")
 HANDSHAKE_TIMEOUT = 10.0      # seconds a connection may stay without a complete HELLO
 MAX_OUTBOX = 1 << 20          # bytes of unread replies before a client is dropped
 IDLE_TICK = 0.05              # seconds between duty checks when nothing is pending
+POLL_TICK = 0.0002            # seconds between looks at the seal rings while clients put
+ACTIVE_FOR = 0.02             # ... for this long after the last seal seen
 BUSY_TICK = 0.005             # ... while doomed extents wait or usage is over the watermark
 SWEEP_EVERY = 0.01            # seconds between watermark checks
 LIVENESS_EVERY = 1.0          # seconds between checks of registered clients' pids
@@ -170,16 +174,33 @@ class Daemon:
     def serve(self):
         next_liveness = time.monotonic() + LIVENESS_EVERY
         next_sweep = 0.0
+        active_until = 0.0
+        slots = self.slots
         while not self.stopping:
-            busy = self.store.doomed_added
+            now = time.monotonic()
+            if now < active_until:
+                timeout = POLL_TICK              # clients are putting: poll their rings
+            elif self.store.doomed_added:
+                timeout = BUSY_TICK
+            else:
+                slots.set_asleep(True)           # about to sleep: clients ring the doorbell
+                fence()
+                timeout = 0 if self._rings_waiting() else IDLE_TICK
+            events = self.selector.select(timeout)
+            slots.set_asleep(False)
             batch, closing = [], []
-            for key, events in self.selector.select(BUSY_TICK if busy else IDLE_TICK):
+            for key, ev in events:
                 if key.data is None:
                     self._accept()
                 else:
-                    self._service(key.data, events, batch, closing)
+                    self._service(key.data, ev, batch, closing)
+            batch, tails = self._with_rings(batch)
+            if tails:
+                active_until = time.monotonic() + ACTIVE_FOR
             if batch:
                 self._apply(batch)
+            for slot, tail in tails.items():
+                slots.consumed(slot, tail)
             for conn in closing:
                 self._close(conn, conn.closing)
             now = time.monotonic()
@@ -194,6 +215,36 @@ class Daemon:
             if now >= next_liveness:
                 next_liveness = now + LIVENESS_EVERY
                 self._duty(self._check_liveness, now)
+
+    def _rings_waiting(self):
+        """Whether some client has seals the daemon has not applied (sent > applied)."""
+        sent, applied = self.slots.sent, self.slots.applied
+        return bool((sent > applied).any())
+
+    def _with_rings(self, batch):
+        """This turn's requests with each client's seal ring put first: a client writes
+        its seals into its ring before anything it sends later (a RETURN of the arena
+        they lie in, a DELETE), so its ring is read after its socket and applied before.
+        Returns (batch, {slot: ring tail to mark consumed once applied})."""
+        sent, applied = self.slots.sent, self.slots.applied
+        ringing = set(np.flatnonzero(sent > applied).tolist())
+        ringing.update(c.slot for c, _, _ in batch if c.slot >= 0)
+        if not ringing:
+            return batch, {}
+        tails = {}
+        first = []
+        for conn in self.conns.values():
+            if conn.cid is None or conn.slot not in ringing or conn.closing:
+                continue
+            data, tail = self.slots.drain(conn.slot)
+            if data is None:
+                conn.closing = "corrupt seal ring"
+                self._close(conn, conn.closing)
+                continue
+            if data:
+                first.append((conn, protocol.SEAL, data))
+                tails[conn.slot] = tail
+        return first + batch, tails
 
     def _warn(self, kind, msg, *args):
         """A warning, at most once per WARN_EVERY seconds per kind (a flood of bad
@@ -427,6 +478,8 @@ class Daemon:
             key, size, pinned = protocol.read_create(body)
             off, state = store.create(b, cid, key, size, pinned)
             return protocol.created(0, off) if off is not None else protocol.created(int(state), 0)
+        if mtype == protocol.DOORBELL:
+            return None                  # its ring is read every turn anyway
         if mtype == protocol.RECLAIM:
             maintenance.reclaim(store, b)
             return protocol.done(True)
@@ -514,6 +567,11 @@ class Daemon:
             self.conns.pop(fd, None)
             conn.sock.close()
         if conn.cid is not None:
+            if 0 <= conn.slot < self.slots.nslots and why != "corrupt seal ring":
+                data, tail = self.slots.drain(conn.slot)
+                if data:                      # seals it wrote before it went: they count
+                    self._apply([(conn, protocol.SEAL, data)])
+                    self.slots.consumed(conn.slot, tail)
             cid, conn.cid = conn.cid, None
             self._drop_client(cid, conn.pid, why)
 
@@ -563,22 +621,18 @@ class Daemon:
         self._settle_counters(by_cid)
 
     def _settle_counters(self, by_cid):
-        """A client whose ``sent`` is ahead of what it sent (all its bytes read, nothing
-        left to apply) would make readers wait for seals that never come: set its
-        ``applied`` level with it."""
+        """A client whose ``sent`` is ahead of every seal in its ring (the ring empty,
+        everything applied) would make readers wait for seals that never come: set its
+        ``applied`` level with it (sent is read before the ring, so a seal written in
+        between is still in the ring)."""
         sent, applied = self.slots.sent, self.slots.applied
-        for cid, conn in by_cid.items():
+        for conn in by_cid.values():
             s = conn.slot
-            if s < 0 or int(sent[s]) <= int(applied[s]) or conn.reader.pending:
+            if s < 0:
                 continue
-            try:
-                import fcntl
-                import termios
-                waiting = struct.unpack("i", fcntl.ioctl(conn.sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
-            except OSError:
-                continue
-            if waiting == 0 and int(sent[s]) > int(applied[s]):
-                applied[s] = sent[s]
+            claimed = int(sent[s])
+            if claimed > int(applied[s]) and not self.slots.ring_pending(s):
+                applied[s] = claimed
 
     # ---- stop -------------------------------------------------------------------------
     def stop(self):

@@ -7,8 +7,10 @@ length prefix or half a frame never blocks or crashes it. Control messages (hell
 welcome, stats, check, errors) carry UTF-8 JSON objects; the messages on the write path
 carry fixed binary layouts (struct), since a put sends one.
 
-The socket is how clients ask the daemon to change the store: SEAL (one-way: a batch
-of objects a client wrote into its arena; the client numbers them, see kvstore.slots),
+The socket is how clients ask the daemon to change the store: SEAL items (a batch of
+objects a client wrote into its arena, numbered by the client; they travel in the
+client's seal ring, kvstore.slots, with the same encoding, and DOORBELL wakes a sleeping
+daemon to read them),
 GRANT (space for puts), RETURN (give space back), CREATE/ABORT (Plasma's two-step
 path), DELETE, PIN, DROP (an object found corrupt), KEYS (list a namespace), TABLE (the
 fd of the current published table), RECLAIM (free now what the caller's release
@@ -37,19 +39,20 @@ HEADER_SIZE = _HEADER.size
 HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG = 1, 2, 3, 4, 5, 6, 7
 SEAL, GRANT, GRANTED, RETURN, CREATE, CREATED, ABORT, DONE = 10, 11, 12, 13, 14, 15, 16, 17
 DELETE, PIN, DROP, KEYS, KEYS_REPLY, CHECK, CHECK_REPLY, TABLE, TABLE_REPLY = 18, 19, 20, 21, 22, 23, 24, 25, 26
-RECLAIM = 27
+RECLAIM, DOORBELL = 27, 28
 
 NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
          STATS_REPLY: "STATS_REPLY", PING: "PING", PONG: "PONG", SEAL: "SEAL", GRANT: "GRANT",
          GRANTED: "GRANTED", RETURN: "RETURN", CREATE: "CREATE", CREATED: "CREATED",
          ABORT: "ABORT", DONE: "DONE", DELETE: "DELETE", PIN: "PIN", DROP: "DROP", KEYS: "KEYS",
          KEYS_REPLY: "KEYS_REPLY", CHECK: "CHECK", CHECK_REPLY: "CHECK_REPLY", TABLE: "TABLE",
-         TABLE_REPLY: "TABLE_REPLY", RECLAIM: "RECLAIM"}
+         TABLE_REPLY: "TABLE_REPLY", RECLAIM: "RECLAIM",
+         DOORBELL: "DOORBELL"}
 JSON_TYPES = frozenset((HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG, CHECK, CHECK_REPLY,
                         TABLE, TABLE_REPLY))
 #: Messages a client may send (the daemon refuses the others from a client).
 CLIENT_TYPES = frozenset((HELLO, STATS, PING, SEAL, GRANT, RETURN, CREATE, ABORT, DELETE, PIN,
-                          DROP, KEYS, CHECK, TABLE, RECLAIM))
+                          DROP, KEYS, CHECK, TABLE, RECLAIM, DOORBELL))
 
 _SEAL_ITEM = struct.Struct("<QQQQBBHH")   # seq, offset, size, checksum, flags, _, replicas, key length
 _U64 = struct.Struct("<Q")
@@ -257,6 +260,11 @@ def read_keyed(payload, what="request"):
     _exact(payload, 10, what)
     (offset,) = _U64.unpack_from(payload)
     return _key(payload, 9, len(payload) - 9, what), payload[8], offset
+
+
+def doorbell():
+    """Wake a sleeping daemon: seals are waiting in the sender's ring (kvstore.slots)."""
+    return frame(DOORBELL, b"")
 
 
 def reclaim():

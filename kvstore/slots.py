@@ -1,7 +1,7 @@
 """Client slots: what each client publishes to the daemon without a lock or a message.
 
 Owns: the layout of the slots file (one per store, in /dev/shm, kept across daemon
-restarts like the segment) and both sides of its two protocols.
+restarts like the segment) and both sides of its protocols.
 
 1. Holds. Each client slot has a hold table: an array of extent offsets (stored +1,
    0 = empty) that only that client writes. A client takes a hold by writing the
@@ -11,8 +11,14 @@ restarts like the segment) and both sides of its two protocols.
    daemon sees the hold, or the client sees the change and lets go: the hazard-pointer
    protocol, with no lock on either side. A client that freezes while holding keeps
    just what it holds; nobody waits for it.
-2. Seal counters. A client numbers the seals it sends and stores the last number in
-   ``sent[slot]`` after the message is on the socket; the daemon stores in
+2. Seals. A put's seal is written into the client's seal ring (a single-producer,
+   single-consumer byte ring in its region: the client advances ``tail``, the daemon
+   ``head``), so a put makes no system call. The daemon drains every ring on each loop
+   turn; it polls while clients are busy, and before it sleeps it sets ``asleep`` in the
+   header, fences and looks once more, while a client that wrote a seal fences and rings
+   its doorbell (one byte on its socket) only if ``asleep`` is set: no seal waits for a
+   daemon that sleeps. A client numbers its seals and stores the last number in
+   ``sent[slot]`` once it is in the ring; the daemon stores in
    ``applied[slot]`` the last number it has published. A reader that misses a key while
    some ``sent > applied`` waits for those seals before answering "missing", so a put
    that returned is never missed by a get that starts after it.
@@ -22,9 +28,10 @@ restarts like the segment) and both sides of its two protocols.
    Once the index is nearly full the daemon sets ``sync_puts`` in the header, and puts
    wait for their verdict, so the put that does not fit is the one that fails.
 
-Layout: a 4 KiB header; ``sent``, ``applied`` and ``failed`` (one u64 per slot each,
-page-aligned);
-then one region per slot: a 64-byte head (count, cid) and ``hold_capacity`` u64 entries.
+Layout: a 4 KiB header (``high``, ``sync_puts``, ``asleep``); ``sent``, ``applied`` and
+``failed`` (one u64 per slot each, page-aligned); then one region per slot: a 64-byte
+head (hold count, cid, ring tail, ring head), ``hold_capacity`` u64 hold entries and the
+seal ring of RING_BYTES.
 Must never: be written by a client outside its own region and its own ``sent`` word,
 or let a hold be taken without the fence between writing it and re-checking.
 """
@@ -37,15 +44,19 @@ import threading
 import numpy as np
 
 MAGIC = b"KVSSLOTS"
-VERSION = 1
+VERSION = 2
 HEADER_SIZE = 4096
 REGION_HEAD = 64
+#: Bytes of a client's seal ring (about a thousand seals of short keys).
+RING_BYTES = 64 << 10
+_TAIL_AT, _HEAD_AT = 16, 24      # in a region head: ring tail (client), ring head (daemon)
 #: Distinct extents one client may hold at once (views not yet released).
 HOLD_CAPACITY = 1 << 16
 
 _HEADER = struct.Struct("<8sIIQQQQQ")   # magic, version, _, nslots, capacity, region, sent_at, applied_at
 _HIGH_AT = 64
 _SYNC_AT = 72       # nonzero: the index is nearly full, puts wait for their verdict
+_ASLEEP_AT = 80     # nonzero: the daemon is about to sleep; ring the doorbell
 _U64 = struct.Struct("<Q")
 
 _fence_lock = threading.Lock()
@@ -69,7 +80,7 @@ def layout(nslots, capacity=HOLD_CAPACITY):
     sent_at = HEADER_SIZE
     applied_at = sent_at + _page(8 * nslots)
     regions_at = applied_at + 2 * _page(8 * nslots)
-    region = _page(REGION_HEAD + 8 * capacity)
+    region = _page(REGION_HEAD + 8 * capacity) + RING_BYTES
     return sent_at, applied_at, regions_at, region, regions_at + nslots * region
 
 
@@ -116,11 +127,40 @@ class SlotsFile:
     def _region_at(self, slot):
         return self.regions_at + slot * self.region
 
+    def set_asleep(self, on):
+        _U64.pack_into(self.mm, _ASLEEP_AT, 1 if on else 0)
+
+    def ring_pending(self, slot):
+        at = self._region_at(slot)
+        return _U64.unpack_from(self.mm, at + _TAIL_AT)[0] != _U64.unpack_from(self.mm, at + _HEAD_AT)[0]
+
+    def drain(self, slot):
+        """The bytes of the seals in a slot's ring not taken yet (whole items only: the
+        client moves its tail past an item after writing all of it). The caller calls
+        ``consumed`` once they are applied."""
+        at = self._region_at(slot)
+        tail = _U64.unpack_from(self.mm, at + _TAIL_AT)[0]
+        head = _U64.unpack_from(self.mm, at + _HEAD_AT)[0]
+        if tail == head:
+            return b"", head
+        if tail < head or tail - head > RING_BYTES:
+            return None, tail                 # a corrupt ring: the caller drops the client
+        ring_at = at + self.region - RING_BYTES
+        h, t = head % RING_BYTES, tail % RING_BYTES
+        if h < t or tail - head == 0:
+            data = self.mm[ring_at + h:ring_at + t]
+        else:
+            data = self.mm[ring_at + h:ring_at + RING_BYTES] + self.mm[ring_at:ring_at + t]
+        return data, tail
+
+    def consumed(self, slot, tail):
+        _U64.pack_into(self.mm, self._region_at(slot) + _HEAD_AT, tail)
+
     def scrub(self, slot):
         """Empty a slot for its next client: no holds, counters equal."""
         at = self._region_at(slot)
         count = min(_U64.unpack_from(self.mm, at)[0], self.capacity)
-        self.mm[at:at + REGION_HEAD + 8 * count] = bytes(REGION_HEAD + 8 * count)
+        self.mm[at:at + REGION_HEAD + 8 * count] = bytes(REGION_HEAD + 8 * count)   # ring too
         self.sent[slot] = 0
         self.applied[slot] = 0
         self.failed[slot] = 0
@@ -162,6 +202,7 @@ class ClientSlot:
         at = desc["regions_at"] + slot * desc["region"]
         self._region = mmap.mmap(fd, desc["region"], offset=at, flags=mmap.MAP_SHARED)
         self.holds = np.frombuffer(self._region, np.uint64, self.capacity, REGION_HEAD)
+        self._ring_at = desc["region"] - RING_BYTES
         self._count_arr = np.frombuffer(self._region, np.uint64, 1, 0)
         ctr_len = desc["applied_at"] + 2 * _page(8 * desc["slots"])
         self._ctr = mmap.mmap(fd, ctr_len, flags=mmap.MAP_SHARED)
@@ -207,6 +248,28 @@ class ClientSlot:
 
     def applied_mine(self):
         return int(self.applied[self.slot])
+
+    # ---- the seal ring --------------------------------------------------------------------
+    def ring_room(self):
+        tail = _U64.unpack_from(self._region, _TAIL_AT)[0]
+        head = _U64.unpack_from(self._region, _HEAD_AT)[0]
+        return RING_BYTES - (tail - head)
+
+    def ring_write(self, data):
+        """Append whole seal items (the caller checked ring_room); the tail moves after
+        every byte is written, so the daemon never reads half an item."""
+        tail = _U64.unpack_from(self._region, _TAIL_AT)[0]
+        t = tail % RING_BYTES
+        n = len(data)
+        at = self._ring_at
+        first = min(n, RING_BYTES - t)
+        self._region[at + t:at + t + first] = data[:first]
+        if first < n:
+            self._region[at:at + n - first] = data[first:]
+        _U64.pack_into(self._region, _TAIL_AT, tail + n)
+
+    def daemon_asleep(self):
+        return _U64.unpack_from(self._ctr, _ASLEEP_AT)[0] != 0
 
     def sync_puts(self):
         """The daemon's index is nearly full: wait for each put's verdict."""

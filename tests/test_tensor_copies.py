@@ -88,8 +88,8 @@ def test_optimistic_read_never_returns_bytes_replaced_mid_copy(daemon, monkeypat
     with daemon.client() as c, daemon.client() as other:
         K, J, vk, vj = b"K" * 8, b"J" * 8, b"k" * 4096, b"j" * 4096
         c.put(K, vk)
-        reader, real_lookup, real_sum = c._reader, c._reader.lookup, ck.checksum
-        state = {"copied": False}
+        reader, real_lookup, real_sum = c._reader, c._reader.lookup, ck._h64
+        state = {"armed": False}
 
         def lookup(k):
             r = real_lookup(k)
@@ -99,16 +99,17 @@ def test_optimistic_read_never_returns_bytes_replaced_mid_copy(daemon, monkeypat
             buf[:] = vj
             other.seal(J)
             assert other._reader.lookup(other._ns + J).offset == r.offset   # J took K's extent
+            state["armed"] = True                 # the next hash is the reader's, after its copy
             return r
 
         def checksum(data):
-            if not state["copied"]:
-                state["copied"] = True
+            if state["armed"]:
+                state["armed"] = False
                 other.delete(J)
                 other.put(K, vk)
             return real_sum(data)
         monkeypatch.setattr(reader, "lookup", lookup)
-        monkeypatch.setattr(ck, "checksum", checksum)
+        monkeypatch.setattr(ck, "_h64", checksum)       # the hash of what landed
         out = bytearray(4096)
         assert c.read_many([K], [out]) == [4096]
         assert bytes(out) == vk

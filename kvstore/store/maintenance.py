@@ -18,7 +18,7 @@ import os
 import numpy as np
 import xxhash
 
-from kvstore import record, table as table_mod
+from kvstore import checksum, record, table as table_mod
 from kvstore.record import State
 
 from . import allocator
@@ -167,13 +167,13 @@ assert RECORD_DTYPE.itemsize == record.PACKED_SIZE
 
 def corrupt_objects(view, keys, recs):
     """Indices of sealed objects whose bytes no longer match their checksum."""
-    h = xxhash.xxh3_64_intdigest
+    h, big = xxhash.xxh3_64_intdigest, checksum.CHUNK
     bad = []
     sealed = recs["state"] == State.SEALED
     offs, sizes, sums = recs["offset"].tolist(), recs["size"].tolist(), recs["checksum"].tolist()
     for i in np.flatnonzero(sealed).tolist():
-        o = offs[i]
-        if h(view[o:o + sizes[i]]) != sums[i]:
+        o, n = offs[i], sizes[i]
+        if (h(view[o:o + n]) if n <= big else checksum.checksum(view[o:o + n])) != sums[i]:
             bad.append(i)
     return bad
 

@@ -4,7 +4,7 @@ Covers copy_and_hash (parts -> one destination at an offset) and copy_out_and_ha
 source -> several destinations) for sizes 0, 1, 64, CHUNK-1, CHUNK, CHUNK+1 and
 3*CHUNK+7, with one part / one destination and with several (including empty pieces and
 a last destination larger than needed): the bytes land where they should, nothing around
-them is touched, and the return value equals xxhash.xxh3_64_intdigest of the bytes.
+them is touched, and the return value equals the checksum of the bytes (see H).
 That they hash the DESTINATION is shown two ways: the return value always equals the
 checksum of the destination after the call, and with a source that overlaps its
 destination (so the bytes that land differ from the source's original bytes) the
@@ -19,7 +19,14 @@ import xxhash
 from kvstore.checksum import CHUNK, checksum, copy_and_hash, copy_out_and_hash
 
 SIZES = [0, 1, 64, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7]
-H = xxhash.xxh3_64_intdigest
+def H(data):
+    """The checksum's definition, written out independently: xxh3-64 up to CHUNK bytes,
+    above that xxh3-64 of the concatenated xxh3-64 digests of the CHUNK-sized pieces."""
+    data = bytes(data)
+    if len(data) <= CHUNK:
+        return xxhash.xxh3_64_intdigest(data)
+    return xxhash.xxh3_64_intdigest(b"".join(xxhash.xxh3_64_digest(data[o:o + CHUNK])
+                                             for o in range(0, len(data), CHUNK)))
 
 
 def data_of(n, seed=0):
@@ -35,8 +42,12 @@ def split(n, pieces, rng, allow_empty=True):
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def test_checksum_is_xxh3_64():
-    assert checksum is xxhash.xxh3_64_intdigest
+def test_checksum_is_xxh3_64_up_to_a_chunk_and_two_level_above():
+    for n in (0, 1, CHUNK - 1, CHUNK):
+        assert checksum(data_of(n)) == xxhash.xxh3_64_intdigest(data_of(n))
+    for n in (CHUNK + 1, 3 * CHUNK + 7):
+        assert checksum(data_of(n)) == H(data_of(n)) != xxhash.xxh3_64_intdigest(data_of(n))
+        assert checksum(memoryview(data_of(n))) == checksum(bytearray(data_of(n)))
     assert checksum(b"") == H(b"")
 
 
