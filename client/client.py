@@ -23,6 +23,7 @@ from kvstore import protocol
 from kvstore.defaults import DEFAULT_SOCKET
 from kvstore.errors import InvalidSize
 from kvstore.keys import encode_key, namespace_prefix, user_key
+from kvstore.table import Busy
 
 from . import buffers, views
 from .connection import Connection
@@ -228,8 +229,16 @@ class Client:
 
     def contains(self, key):
         """True if a sealed object exists under key (no hold is taken)."""
-        k = self._key(key)
-        return self._reader.contains(k)
+        conn = self._conn
+        if conn.down or conn.closed_why is not None:
+            conn.ready()
+        k = self._ns + encode_key(key)
+        try:
+            if conn.att.table.sealed(k):
+                return True
+        except Busy:
+            pass
+        return self._reader.contains(k)       # own puts in flight, settling a miss
 
     def size_of(self, key):
         """Size in bytes of a sealed object, or None."""

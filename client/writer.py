@@ -37,7 +37,7 @@ from . import buffers, device_copy
 ARENA_FIRST = 1 << 20
 ARENA_MAX = 64 << 20
 #: Values at least this large get space of their own instead of arena space.
-OWN_SPACE = 4 << 20
+OWN_SPACE = ARENA_MAX // 2
 
 
 def nbytes(piece):
@@ -86,7 +86,7 @@ class Writer:
             off, size = self._grant(ext, ext)
             return off
         self._give_back()
-        want = max(self._chunk, ext)
+        want = max(self._chunk, 2 * ext)
         self._chunk = min(self._chunk * 2, ARENA_MAX, max(ARENA_FIRST, self.conn.att.size // 16))
         off, size = self._grant(want, ext)
         self._arena = [off, off + ext, off + size]

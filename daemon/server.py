@@ -45,6 +45,7 @@ HANDSHAKE_TIMEOUT = 10.0      # seconds a connection may stay without a complete
 MAX_OUTBOX = 1 << 20          # bytes of unread replies before a client is dropped
 IDLE_TICK = 0.05              # seconds between duty checks when nothing is pending
 POLL_TICK = 0.0002            # seconds between looks at the seal rings while clients put
+POLL_MAX = 0.002              # ... doubling up to this while the looks find nothing
 ACTIVE_FOR = 0.02             # ... for this long after the last seal seen
 BUSY_TICK = 0.005             # ... while doomed extents wait or usage is over the watermark
 SWEEP_EVERY = 0.01            # seconds between watermark checks
@@ -175,11 +176,12 @@ class Daemon:
         next_liveness = time.monotonic() + LIVENESS_EVERY
         next_sweep = 0.0
         active_until = 0.0
+        poll = POLL_TICK
         slots = self.slots
         while not self.stopping:
             now = time.monotonic()
             if now < active_until:
-                timeout = POLL_TICK              # clients are putting: poll their rings
+                timeout = poll                   # clients are putting: poll their rings
             elif self.store.doomed_added:
                 timeout = BUSY_TICK
             else:
@@ -195,8 +197,11 @@ class Daemon:
                 else:
                     self._service(key.data, ev, batch, closing)
             batch, tails = self._with_rings(batch)
-            if tails:
+            if tails:                            # seals keep coming: look again soon
                 active_until = time.monotonic() + ACTIVE_FOR
+                poll = POLL_TICK
+            else:                                # a quiet look: look less often
+                poll = min(poll * 2, POLL_MAX)
             if batch:
                 self._apply(batch)
             for slot, tail in tails.items():

@@ -65,6 +65,8 @@ _COUNTS = struct.Struct("<QQ")
 _BUCKET = struct.Struct("<IBBHQQQQQQQ")
 _FIELDS = struct.Struct("<BBHQQQQQQQ")   # the bucket after its sequence word
 _SEQ = struct.Struct("<I")
+_HEAD = struct.Struct("<IBBHQQ")          # a bucket up to its digest
+_new = tuple.__new__                     # a NamedTuple without its Python-level __new__
 
 BUCKET_DTYPE = np.dtype([("seq", "<u4"), ("state", "u1"), ("flags", "u1"), ("pad", "<u2"),
                          ("dlo", "<u8"), ("dhi", "<u8"), ("offset", "<u8"), ("size", "<u8"),
@@ -149,9 +151,32 @@ class TableReader:
             if r[4] == lo and r[5] == hi and state != TOMBSTONE:
                 if seq_of(mm, p)[0] != seq:
                     continue                     # changed under us: read it again
-                return Entry((p - HEADER_SIZE) >> 6, seq, state, r[2], r[6], r[7], r[8], r[9])
+                return _new(Entry, ((p - HEADER_SIZE) >> 6, seq, state, r[2], r[6], r[7], r[8], r[9]))
             p += BUCKET_SIZE
         return None
+
+    def sealed(self, key, spins=2000):
+        """Whether key names a sealed object (lookup() without building an Entry)."""
+        h = digest(key)
+        lo, hi = h & _M64, h >> 64
+        mm, unpack = self._mm, _HEAD.unpack_from
+        p = HEADER_SIZE + ((lo & self.mask) << 6)
+        end = self._end
+        while p < end:
+            seq, state, _, _, dlo, dhi = unpack(mm, p)
+            if seq & 1:
+                spins -= 1
+                if spins <= 0 or self.retired():
+                    raise Busy()
+                continue
+            if state == EMPTY:
+                return False
+            if dlo == lo and dhi == hi and state != TOMBSTONE:
+                if _SEQ.unpack_from(mm, p)[0] != seq:
+                    continue
+                return state == SEALED
+            p += BUCKET_SIZE
+        return False
 
     def unchanged(self, entry):
         """True if the entry's bucket has not changed since the lookup (and the table is
