@@ -238,7 +238,8 @@ def _adopt(o, cfg, desc, name, mode, nslots):
             o.slots.scrub(info["slot"])
     with store.batch() as b:
         maintenance.reclaim(store, b)
-    problems = maintenance.check_extents(o.env)
+    keys, recs = maintenance.load_records(o.env)
+    problems = maintenance.check_extents(o.env, recs)
     if problems:
         log.error("index of segment %s is inconsistent (%s); starting empty", o.segment_id, problems[0])
         o.table.close(unlink=True)
@@ -246,7 +247,6 @@ def _adopt(o, cfg, desc, name, mode, nslots):
         o.slots.close()
         o.slots = None
         return False
-    keys, recs = maintenance.load_records(o.env)
     m = o.segment.map(writable=False)
     try:
         view = memoryview(m)

@@ -105,8 +105,8 @@ def layout(capacity):
 
 
 def capacity_for(entries):
-    """Home buckets for a table holding ``entries`` with room to grow (power of two)."""
-    want = max(4096, int(entries / (MAX_LOAD / 2)) + 1)
+    """Home buckets for a table holding ``entries`` at most half full (a power of two)."""
+    want = max(4096, 2 * entries)
     return 1 << (want - 1).bit_length()
 
 
@@ -305,11 +305,12 @@ class TableWriter:
         pos = np.maximum.accumulate(home[order] - idx) + idx
         if pos[-1] >= self.nbuckets or n > MAX_LOAD * self.capacity:
             return False
-        b = self.buckets
+        rows = np.zeros(n, BUCKET_DTYPE)          # built contiguous, then placed in one pass
         for name, col in (("state", state), ("flags", flags), ("dlo", dlo), ("dhi", dhi),
                           ("offset", offset), ("size", size), ("checksum", checksum), ("creator", creator)):
-            b[name][pos] = np.asarray(col)[order]
-        b["seq"][pos] = 2
+            rows[name] = np.asarray(col)[order]
+        rows["seq"] = 2
+        self.buckets[pos] = rows
         self.live = self.used = n
         self._counts()
         return True
@@ -344,14 +345,12 @@ def _split(h):
 
 
 def digests(keys):
-    """(lo, hi) uint64 arrays of the digests of keys (for fill)."""
-    lo = np.empty(len(keys), np.uint64)
-    hi = np.empty(len(keys), np.uint64)
-    for i, k in enumerate(keys):
-        h = digest(k)
-        lo[i] = h & _M64
-        hi[i] = h >> 64
-    return lo, hi
+    """(lo, hi) uint64 arrays of the digests of keys (for fill). The canonical 16-byte
+    digest is the 128-bit value big-endian: high half first."""
+    if not keys:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    both = np.frombuffer(b"".join(map(xxhash.xxh3_128_digest, keys)), dtype=">u8").reshape(-1, 2)
+    return both[:, 1].astype(np.uint64), both[:, 0].astype(np.uint64)
 
 
 def retire_file(path):

@@ -108,18 +108,24 @@ def bench_size(c, nbytes, label, count):
     return rows, puts_per_s, objs_per_s
 
 
-def bench_recovery(size):
-    """Recovery time (index check + checksum verification of every object) after a
-    daemon SIGKILL, for growing numbers of 4 KiB objects: should grow about linearly."""
+def bench_recovery(size, counts, obj_bytes):
+    """Recovery time (dead clients dropped, extents checked, every object's checksum
+    verified, the published index rebuilt) after a daemon SIGKILL, for growing numbers
+    of objects: should grow about linearly."""
     import re
     import signal
+    print(f"{obj_bytes}-byte objects")
     print(f"{'objects':>8} {'recovery':>10} {'per object':>11}")
-    for n in (1000, 10000, 50000, 100000):
+    for n in counts:
         proc, sock, tmp = start_daemon(size, False)
         try:
             c = Client(sock)
-            payload = b"r" * 4096
-            c.put_many([b"rec-%d" % i for i in range(n)], [payload] * n)
+            payload = b"r" * obj_bytes
+            for lo in range(0, n, 10000):
+                hi = min(n, lo + 10000)
+                c.put_many([b"rec-%d" % i for i in range(lo, hi)], [payload] * (hi - lo))
+            while c.stats()["objects"] < n:      # every seal applied before the kill
+                time.sleep(0.05)
             c.close()
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -215,6 +221,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     ap.add_argument("--recovery", action="store_true",
                     help="measure restart recovery after a daemon SIGKILL for growing object counts")
+    ap.add_argument("--recovery-counts", default="1000,10000,100000,1000000",
+                    help="object counts for --recovery (comma-separated)")
+    ap.add_argument("--recovery-bytes", type=int, default=1024, help="object size for --recovery")
     ap.add_argument("--mooncake-api", action="store_true",
                     help="the same sizes through the Mooncake-compatible facade (put_from / get_into)")
     ap.add_argument("--mooncake-reader", nargs=3, help=argparse.SUPPRESS)
@@ -224,7 +233,8 @@ def main():
         sock, nbytes, count = args.mooncake_reader
         return mooncake_reader(sock, int(nbytes), int(count))
     if args.recovery:
-        return bench_recovery(args.size)
+        return bench_recovery(args.size, [int(x) for x in args.recovery_counts.split(",")],
+                              args.recovery_bytes)
     proc = tmp = None
     sock = args.socket
     if sock is None:

@@ -535,3 +535,38 @@ def test_garbage_index_is_a_one_line_refusal_and_destroy_clears_it(make_daemon, 
     assert r.returncode == 0, r.stderr
     d.start()
     assert stats(d)["objects"] == 0
+
+
+def test_destroy_finds_the_segment_on_the_configured_hugetlbfs_mount_with_a_garbage_index(make_daemon, tmp_path):
+    """--destroy of a store whose index is unreadable looks for the segment at its default
+    names on /dev/shm and on the CONFIGURED hugetlbfs mount (it looked only in
+    /dev/hugepages), so the huge pages come back."""
+    if os.geteuid() != 0:
+        pytest.skip("reserving huge pages and mounting hugetlbfs needs root")
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        nr_before = int(f.read())
+    mnt = tmp_path / "hugetlbfs"
+    d = make_daemon(extra=["--hugepages", "require", "--reserve-hugepages", "--hugetlbfs-dir", str(mnt)],
+                    start=False)
+    try:
+        try:
+            d.start()
+        except RuntimeError:
+            pytest.skip(f"the kernel refused huge pages: {d.read_log()[-300:]}")
+        seg = stats(d)["segment_path"]
+        assert seg.startswith(str(mnt)) and os.path.exists(seg)
+        d.stop(signal.SIGKILL)
+        with open(os.path.join(d.data_dir, "index", "data.mdb"), "r+b") as f:
+            f.write(os.urandom(64 << 10))               # the index is garbage now
+        r = subprocess.run([sys.executable, "-m", "kvstore.daemon", "--data-dir", d.data_dir,
+                            "--hugetlbfs-dir", str(mnt), "--destroy"],
+                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.exists(seg), "the segment on the configured mount was left behind"
+        assert os.listdir(mnt) == []
+    finally:
+        d.destroy()
+        if is_mounted(mnt):
+            subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(nr_before))

@@ -149,13 +149,12 @@ def stats(env):
 
 # ---- recovery --------------------------------------------------------------------------------
 def load_records(env):
-    """(keys, records as a structured array) of every object, in key order."""
-    keys, raws = [], []
+    """(keys, records as a structured array) of every object, in key order (two C-level
+    walks of the table: a million records take a fraction of a second)."""
     with env.read() as txn:
-        for k, v in txn.cursor(db=env.dbs.objects):
-            keys.append(k)
-            raws.append(v)
-    recs = np.frombuffer(b"".join(raws), dtype=RECORD_DTYPE) if raws else np.empty(0, RECORD_DTYPE)
+        keys = list(txn.cursor(db=env.dbs.objects).iternext(keys=True, values=False))
+        raw = b"".join(txn.cursor(db=env.dbs.objects).iternext(keys=False, values=True))
+    recs = np.frombuffer(raw, dtype=RECORD_DTYPE) if raw else np.empty(0, RECORD_DTYPE)
     return keys, recs
 
 
@@ -168,14 +167,14 @@ assert RECORD_DTYPE.itemsize == record.PACKED_SIZE
 def corrupt_objects(view, keys, recs):
     """Indices of sealed objects whose bytes no longer match their checksum."""
     h, big = xxhash.xxh3_64_intdigest, checksum.CHUNK
-    bad = []
-    sealed = recs["state"] == State.SEALED
-    offs, sizes, sums = recs["offset"].tolist(), recs["size"].tolist(), recs["checksum"].tolist()
-    for i in np.flatnonzero(sealed).tolist():
-        o, n = offs[i], sizes[i]
-        if (h(view[o:o + n]) if n <= big else checksum.checksum(view[o:o + n])) != sums[i]:
-            bad.append(i)
-    return bad
+    idx = np.flatnonzero(recs["state"] == State.SEALED)
+    offs, sizes = recs["offset"][idx].tolist(), recs["size"][idx].tolist()
+    if sizes and max(sizes) <= big:
+        got = [h(view[o:o + n]) for o, n in zip(offs, sizes)]
+    else:
+        got = [checksum.checksum(view[o:o + n]) for o, n in zip(offs, sizes)]
+    bad = np.asarray(got, dtype=np.uint64) != recs["checksum"][idx]
+    return idx[bad].tolist()
 
 
 def fill_table(table, keys, recs):
