@@ -8,14 +8,15 @@ setup(
     python_requires=">=3.10",
     # The card's top-level folders daemon/ and client/ install inside the package, so
     # users write `from kvstore.client import Client` (a top-level `daemon` would clash).
-    packages=["kvstore", "kvstore.daemon", "kvstore.client", "kvstore.client.adapters"],
-    package_dir={"kvstore": "kvstore", "kvstore.daemon": "daemon", "kvstore.client": "client",
-                 "kvstore.client.adapters": "client/adapters"},
+    packages=["kvstore", "kvstore.store", "kvstore.daemon", "kvstore.client", "kvstore.client.adapters"],
+    package_dir={"kvstore": "kvstore", "kvstore.store": "kvstore/store", "kvstore.daemon": "daemon",
+                 "kvstore.client": "client", "kvstore.client.adapters": "client/adapters"},
     install_requires=[
-        "lmdb>=1.4",        # the index: multi-process, crash-safe, ~1 us reads
+        "lmdb>=1.4",        # the daemon's index: transactional, crash-safe, ~1 us reads
         "posix_ipc>=1.1",   # the /dev/shm segment when huge pages cannot be had
         "numpy>=1.24",      # zero-copy array views and fast copies
-        "xxhash>=3",        # xxh3_64 checksums at seal: ~59 GB/s here (crc32c: 23 GB/s)
+        "xxhash>=3",        # xxh3-64 checksums (~59 GB/s here, crc32c: 23 GB/s; releases the GIL,
+                            # so two threads hash a large put), xxh3-128 digests of keys
         # the TOML config parser: tomllib is in the standard library only from 3.11, and
         # tomli is the same parser for 3.10 (kvstore.config imports whichever is there)
         "tomli>=2; python_version < '3.11'",

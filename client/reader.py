@@ -35,11 +35,11 @@ SETTLE_WAIT = 1.0
 class Held:
     """One published hold: offset, size, count, checksum, table bucket and its sequence
     when held, and the hold entry in this client's slot."""
-    __slots__ = ("offset", "size", "count", "checksum", "bucket", "seq", "entry")
+    __slots__ = ("offset", "size", "count", "checksum", "bucket", "seq", "entry", "table")
 
-    def __init__(self, offset, size, checksum, bucket, seq, entry):
+    def __init__(self, offset, size, checksum, bucket, seq, entry, table):
         self.offset, self.size, self.count, self.checksum = offset, size, 1, checksum
-        self.bucket, self.seq, self.entry = bucket, seq, entry
+        self.bucket, self.seq, self.entry, self.table = bucket, seq, entry, table
 
 
 class Reader:
@@ -58,8 +58,7 @@ class Reader:
         try:
             e = self.conn.att.table.lookup(k)
         except Busy:
-            self._refresh()
-            e = self.conn.att.table.lookup(k)
+            e = self._lookup_busy(k)
         if e is not None and e.state == SEALED:
             return e
         if self.writer.pending:
@@ -68,13 +67,25 @@ class Reader:
                 return Entry(-1, p[3], SEALED, 0, p[0], p[1], p[2], self.conn.att.cid)
         return e
 
-    def _refresh(self):
-        """Our table was retired (the daemon grew it or restarted): map the current one."""
-        att = self.conn.att
-        if att.table.retired():
-            self.conn.refresh_table()
-        else:
-            time.sleep(0.001)      # a bucket mid-update for long: the daemon is busy or gone
+    def _lookup_busy(self, k):
+        """A bucket on the way stayed mid-update, or our table was retired: move to the
+        current table, or wait (bounded) for the daemon to finish its write."""
+        backoff = Backoff(initial=0.0005, cap=0.05, deadline=self.conn.reconnect_timeout)
+        while True:
+            att = self.conn.att
+            if att.table.retired() and not self.conn.down:
+                try:
+                    self.conn.refresh_table()
+                except StoreUnavailable:
+                    pass
+            try:
+                return self.conn.att.table.lookup(k)
+            except Busy:
+                pass
+            self.conn.ready()                     # the daemon went away: wait for it, bounded
+            if not backoff.sleep():
+                raise StoreUnavailable(f"the daemon at {self.conn.socket_path} left its table "
+                                       f"mid-update for {self.conn.reconnect_timeout} s; restart it")
 
     def settle(self, keys_missing):
         """A miss while seals are in flight: wait until those are applied (bounded), so
@@ -189,7 +200,7 @@ class Reader:
                 h.count += 1
                 slot.unhold(entry)
             else:
-                held.setdefault(k, []).append(Held(e.offset, e.size, e.checksum, e.bucket, e.seq, entry))
+                held.setdefault(k, []).append(Held(e.offset, e.size, e.checksum, e.bucket, e.seq, entry, table))
             out[i] = ro[e.offset:e.offset + e.size]
         return retry
 
@@ -198,7 +209,7 @@ class Reader:
         try:
             p = table.lookup(k)
         except Busy:
-            return False
+            return False                  # look again from the start
         return p is not None and p.state == SEALED and p.offset == e.offset
 
     def release_many(self, ks, lock):
@@ -227,8 +238,10 @@ class Reader:
                     del held[k]
                 slot.unhold(h.entry)
                 if h.bucket >= 0:
-                    table.mark(h.bucket)          # a use, for the CLOCK sweep
-                    if not gone and not table.same_seq(h.bucket, h.seq):
+                    same = h.table is table       # buckets are of the table the hold came from
+                    if same:
+                        table.mark(h.bucket)      # a use, for the CLOCK sweep
+                    if not gone and not (same and table.same_seq(h.bucket, h.seq)):
                         e = self.lookup(k)        # deleted or replaced while we held it?
                         gone = e is None or e.offset != h.offset
         if gone:

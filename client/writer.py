@@ -69,6 +69,8 @@ class Writer:
         self.seq = 0                 # last seal number sent
         self._failed_seen = conn.att.slot.failed_mine()
         self._arena = None           # [start, next free, end]
+        self._outbox = []            # encoded seals of this put_many not yet in the ring
+        self._retired = []           # arenas to give back once their seals are sent
         self._chunk = ARENA_FIRST
         conn.on_fresh_store.append(self._fresh_store)
         conn.on_resume.append(self._resend)
@@ -85,7 +87,7 @@ class Writer:
         if ext >= OWN_SPACE:
             off, size = self._grant(ext, ext)
             return off
-        self._give_back()
+        self._retire_arena()
         want = max(self._chunk, 2 * ext)
         self._chunk = min(self._chunk * 2, ARENA_MAX, max(ARENA_FIRST, self.conn.att.size // 16))
         off, size = self._grant(want, ext)
@@ -108,9 +110,25 @@ class Writer:
                 pass
 
     def _give_back(self):
+        self._retire_arena()
+        self.flush()
+
+    def _retire_arena(self):
+        """Stop taking space from the current arena; its unused rest goes back to the
+        daemon at the next flush, AFTER the seals of the values taken from it (the daemon
+        frees from the last seal it has seen to the arena's end)."""
         a, self._arena = self._arena, None
         if a is not None and a[1] < a[2]:
-            self.conn.send(protocol.give_back(a[0]))
+            self._retired.append(a[0])
+
+    def flush(self):
+        """Put the seals prepared so far into the ring, then give back retired arenas."""
+        if self._outbox:
+            items, self._outbox = self._outbox, []
+            self._send_seals(items, self.seq)
+        while self._retired:
+            self.conn.send(protocol.give_back(self._retired[0]))
+            self._retired.pop(0)
 
     def give_back_quietly(self):
         try:
@@ -202,6 +220,7 @@ class Writer:
         self.pending.clear()
         self.creating.clear()
         self._arena = None
+        self._outbox, self._retired = [], []
         self.seq = 0
         self._failed_seen = 0
 
@@ -236,7 +255,7 @@ class Writer:
         flags = 1 if pin else 0
         self._check_failed()
         out = [False] * len(ks)
-        items, mine, dev = [], [], []
+        mine, dev = [], []
         rw = self.conn.att.rw
         try:
             for i, (k, (parts, n, on_device)) in enumerate(zip(ks, partss)):
@@ -255,15 +274,14 @@ class Writer:
                     self._untake(off, n)
                     raise
                 self.seq += 1
-                items.append(protocol.seal_item(self.seq, k, off, n, csum, flags))
+                self._outbox.append(protocol.seal_item(self.seq, k, off, n, csum, flags))
                 self.pending[k] = (off, n, csum, self.seq)
                 mine.append(i)
                 out[i] = True
             if dev:
-                self._put_device(ks, partss, dev, flags, items, mine, out)
+                self._put_device(ks, partss, dev, flags, mine, out)
         finally:
-            if items:
-                self._send_seals(items, self.seq)
+            self.flush()
         if mine and self.conn.att.slot.sync_puts():
             self.wait_applied(self.seq)           # the index is nearly full: hear the verdict
             self._check_failed()
@@ -277,7 +295,7 @@ class Writer:
                     raise ObjectExists(exists_msg(ks[i], SEALED, "put"))
         return out
 
-    def _put_device(self, ks, partss, dev, flags, items, mine, out):
+    def _put_device(self, ks, partss, dev, flags, mine, out):
         """Device tensors: take space for each, issue every copy (non-blocking from the
         device into the pinned segment), wait once, then hash and seal each."""
         att = self.conn.att
@@ -305,7 +323,7 @@ class Writer:
         for i, off, n in taken:
             csum = checksum(att.ro[off:off + n])
             self.seq += 1
-            items.append(protocol.seal_item(self.seq, ks[i], off, n, csum, flags))
+            self._outbox.append(protocol.seal_item(self.seq, ks[i], off, n, csum, flags))
             self.pending[ks[i]] = (off, n, csum, self.seq)
             mine.append(i)
             out[i] = True

@@ -28,10 +28,12 @@ import socket
 import struct
 import time
 
+import lmdb
 import numpy as np
 
 from kvstore import protocol, segment, table as table_mod
-from kvstore.errors import DaemonStartError, IndexFull, KVStoreError, ProtocolError
+from kvstore.errors import (DaemonStartError, IndexFull, KVStoreError, ProtocolError, StoreFull,
+                            ValueTooLarge)
 from kvstore.record import State
 from kvstore.slots import fence
 from kvstore.store import maintenance
@@ -54,6 +56,7 @@ MAX_HANDSHAKING = 256         # connections beyond max_clients that may be mid-h
 RECV_BYTES = 256 << 10        # most bytes read from one client per loop turn (fairness)
 KEYS_PAGE = 512               # keys per KEYS reply
 SYNC_PUTS_AT = 0.9            # index map fill at which puts wait for their verdict
+MAX_RERUNS = 4               # re-runs of one turn after failed requests, then one by one
 WARN_EVERY = 10.0             # seconds between two warnings of one kind (rate limit)
 
 
@@ -230,25 +233,39 @@ class Daemon:
         """This turn's requests with each client's seal ring put first: a client writes
         its seals into its ring before anything it sends later (a RETURN of the arena
         they lie in, a DELETE), so its ring is read after its socket and applied before.
-        Returns (batch, {slot: ring tail to mark consumed once applied})."""
+        Rings of registered clients that are not connected (a daemon restarted while a
+        client was stopped) are drained too. A client whose ``sent`` is ahead of an
+        empty ring (it raised its own counter) is levelled at once, so no reader waits
+        for seals that never come. Returns (batch, {slot: ring tail to consume})."""
         sent, applied = self.slots.sent, self.slots.applied
         ringing = set(np.flatnonzero(sent > applied).tolist())
         ringing.update(c.slot for c, _, _ in batch if c.slot >= 0)
         if not ringing:
             return batch, {}
-        tails = {}
-        first = []
-        for conn in self.conns.values():
-            if conn.cid is None or conn.slot not in ringing or conn.closing:
+        tails, first, seen = {}, [], set()
+        by_slot = {c.slot: c for c in self.conns.values() if c.cid is not None and not c.closing}
+        for cid, slot in self.slot_of.items():
+            if slot not in ringing:
                 continue
-            data, tail = self.slots.drain(conn.slot)
+            conn = by_slot.get(slot) or _Ghost(cid, slot)
+            claimed = int(sent[slot])             # read before the ring (see slots.py)
+            data, tail = self.slots.drain(slot)
+            seen.add(slot)
             if data is None:
-                conn.closing = "corrupt seal ring"
-                self._close(conn, conn.closing)
+                if conn.sock is not None:
+                    conn.closing = "corrupt seal ring"
+                    self._close(conn, conn.closing)
+                else:
+                    self.slots.consumed(slot, tail)
                 continue
             if data:
                 first.append((conn, protocol.SEAL, data))
-                tails[conn.slot] = tail
+                tails[slot] = tail
+            elif claimed > int(applied[slot]):
+                applied[slot] = claimed           # nothing in its ring: nothing to wait for
+        for slot in ringing - seen:               # not a registered client's slot
+            if int(sent[slot]) > int(applied[slot]):
+                applied[slot] = sent[slot]
         return first + batch, tails
 
     def _warn(self, kind, msg, *args):
@@ -418,7 +435,7 @@ class Daemon:
         for conn, mtype, body in after:
             self._after(conn, mtype, body)
         for conn, _, _ in batch:
-            if conn.closing == "protocol error" and conn.sock.fileno() >= 0:
+            if conn.closing == "protocol error" and conn.sock is not None and conn.sock.fileno() >= 0:
                 self._close(conn, conn.closing)
 
     def _check_index_fill(self):
@@ -434,31 +451,68 @@ class Daemon:
 
     def _apply_together(self, batch, failed):
         """(replies, read-only requests, seal counters) of batch applied in one
-        transaction, or None if its commit failed (IndexFull). Requests that fail go
-        into ``failed`` (index -> error reply) and are left out."""
-        while True:
-            replies, after, applied = [], [], {}
-            try:
-                with self.store.batch() as b:
-                    for i, (conn, mtype, body) in enumerate(batch):
-                        if conn.cid is None or i in failed:
-                            continue
-                        try:
-                            reply = self._request(b, conn, mtype, body, applied)
-                        except KVStoreError as e:
-                            if isinstance(e, ProtocolError):
-                                conn.closing = "protocol error"
-                            failed[i] = protocol.error(e)
-                            raise _Retry() from None
-                        if reply is _AFTER:
-                            after.append((conn, mtype, body))
-                        elif reply is not None:
-                            replies.append((conn, reply))
-            except _Retry:
+        transaction, or None if its commit failed (IndexFull). A request that fails
+        before changing anything (most refusals) is just answered with its error; one
+        that may have changed the transaction half-way (StoreFull after evicting, an
+        internal error) makes the turn run again without it, at most MAX_RERUNS times,
+        then each request in a transaction of its own."""
+        for _ in range(MAX_RERUNS):
+            got = self._apply_once(batch, failed)
+            if got is not _Retry:
+                return got
+        replies, after, applied = [], [], {}
+        for i, item in enumerate(batch):
+            if i in failed:
                 continue
-            except IndexFull:
+            one = {}
+            got = self._apply_once([item], one)
+            while got is _Retry:
+                got = self._apply_once([item], one)
+            if one:
+                failed[i] = one[0]
+            if got is None:
                 return None
-            return replies, after, applied
+            replies += got[0]
+            after += got[1]
+            for k, v in got[2].items():
+                applied[k] = max(applied.get(k, 0), v)
+        return replies, after, applied
+
+    def _apply_once(self, batch, failed):
+        replies, after, applied = [], [], {}
+        try:
+            with self.store.batch() as b:
+                for i, (conn, mtype, body) in enumerate(batch):
+                    if conn.cid is None or i in failed:
+                        continue
+                    try:
+                        reply = self._request(b, conn, mtype, body, applied)
+                    except StoreFull as e:
+                        failed[i] = protocol.error(e)      # it may have evicted before failing
+                        raise _Retry() from None
+                    except (IndexFull, lmdb.Error):
+                        raise                              # the whole turn did not fit
+                    except KVStoreError as e:
+                        if isinstance(e, ProtocolError):
+                            conn.closing = "protocol error"
+                        failed[i] = protocol.error(e)      # refused before changing anything
+                        continue
+                    except Exception as e:                 # a bug of ours: refuse this one only
+                        self._warn("internal", "internal error applying %s from client %s: %r",
+                                   protocol.NAMES.get(mtype, mtype), conn.cid, e)
+                        failed[i] = protocol.error(KVStoreError(
+                            f"internal error in the daemon ({type(e).__name__}); the request "
+                            f"was refused and nothing changed"))
+                        raise _Retry() from None
+                    if reply is _AFTER:
+                        after.append((conn, mtype, body))
+                    elif reply is not None:
+                        replies.append((conn, reply))
+        except _Retry:
+            return _Retry
+        except IndexFull:
+            return None
+        return replies, after, applied
 
     def _request(self, b, conn, mtype, body, applied):
         store, cid = self.store, conn.cid
@@ -474,15 +528,19 @@ class Daemon:
             return None
         if mtype == protocol.GRANT:
             want, least = protocol.read_grant(body)
-            off, size = store.grant(b, cid, min(want, self.segment.size), least)
+            self._check_fits(least)
+            off, size = store.grant(b, cid, max(least, min(want, self.segment.size)), least)
             return protocol.granted(off, size)
         if mtype == protocol.RETURN:
             store.give_back(b, cid, protocol.read_give_back(body))
             return None
         if mtype == protocol.CREATE:
             key, size, pinned = protocol.read_create(body)
-            off, state = store.create(b, cid, key, size, pinned)
-            return protocol.created(0, off) if off is not None else protocol.created(int(state), 0)
+            self._check_fits(size)
+            got = store.create(b, cid, key, size, pinned)
+            if got.offset is not None:
+                return protocol.created(0, got.offset)
+            return protocol.created(int(got.existing), 0)
         if mtype == protocol.DOORBELL:
             return None                  # its ring is read every turn anyway
         if mtype == protocol.RECLAIM:
@@ -501,6 +559,11 @@ class Daemon:
             return protocol.done(store.drop_if_at(b, key, off))
         return _AFTER                    # read-only requests: answered after the commit
 
+    def _check_fits(self, n):
+        if n > self.segment.size:
+            raise ValueTooLarge(f"{n} bytes can never fit in the {self.segment.size}-byte segment; "
+                                f"split the value or start the daemon with a larger --size")
+
     def _after(self, conn, mtype, body):
         try:
             if mtype == protocol.PING:
@@ -518,12 +581,16 @@ class Daemon:
             elif mtype == protocol.TABLE:
                 t = self.store.table
                 frame = protocol.encode(protocol.TABLE_REPLY, {"table_generation": t.generation})
-                conn.sock.setblocking(True)
+                if conn.outbox:                  # the fd must ride on the reply's first byte
+                    self._close(conn, "not reading its replies")
+                    return
                 try:
-                    conn.sock.settimeout(1.0)
-                    socket.send_fds(conn.sock, [frame], [t.fd])
-                finally:
-                    conn.sock.setblocking(False)
+                    n = socket.send_fds(conn.sock, [frame], [t.fd])
+                except BlockingIOError:
+                    self._close(conn, "not reading its replies")
+                    return
+                if n < len(frame):
+                    self._send(conn, frame[n:])
         except KVStoreError as e:
             self._send(conn, protocol.error(e))
         except OSError as e:
@@ -540,7 +607,7 @@ class Daemon:
         return st
 
     def _send(self, conn, frame):
-        if conn.sock.fileno() < 0:
+        if conn.sock is None or conn.sock.fileno() < 0:
             return
         conn.outbox += frame
         self._flush(conn)
@@ -572,18 +639,19 @@ class Daemon:
             self.conns.pop(fd, None)
             conn.sock.close()
         if conn.cid is not None:
-            if 0 <= conn.slot < self.slots.nslots and why != "corrupt seal ring":
-                data, tail = self.slots.drain(conn.slot)
-                if data:                      # seals it wrote before it went: they count
-                    self._apply([(conn, protocol.SEAL, data)])
-                    self.slots.consumed(conn.slot, tail)
             cid, conn.cid = conn.cid, None
             self._drop_client(cid, conn.pid, why)
 
     def _drop_client(self, cid, pid, why):
         """Forget a client that hung up or died: its holds, its creations, the unused
         space of its arenas, its slot."""
-        slot = self.slot_of.pop(cid, -1)
+        slot = self.slot_of.get(cid, -1)
+        if 0 <= slot < self.slots.nslots and why != "corrupt seal ring":
+            data, tail = self.slots.drain(slot)
+            if data:                          # seals it wrote before it went: they count
+                self._apply([(_Ghost(cid, slot), protocol.SEAL, data)])
+                self.slots.consumed(slot, tail)
+        self.slot_of.pop(cid, None)
         if 0 <= slot < self.slots.nslots:
             self.slots.scrub(slot)            # its holds go first: nothing it held is in use now
         with self.store.batch() as b:
@@ -678,6 +746,14 @@ class Daemon:
 
 
 _AFTER = object()
+
+
+class _Ghost:
+    """Stands for a registered client that is not connected (its ring is still drained)."""
+    __slots__ = ("cid", "pid", "slot", "closing", "sock")
+
+    def __init__(self, cid, slot):
+        self.cid, self.slot, self.pid, self.closing, self.sock = cid, slot, "?", None, None
 
 
 class _Retry(Exception):

@@ -25,7 +25,7 @@ import uuid
 
 import numpy as np
 
-from kvstore import host, segment, table as table_mod
+from kvstore import host, protocol, segment, table as table_mod
 from kvstore.errors import DaemonStartError, KVStoreError
 from kvstore.keys import user_key
 from kvstore.slots import SlotsFile
@@ -231,13 +231,21 @@ def _adopt(o, cfg, desc, name, mode, nslots):
     slots_of = {cid: info.get("slot", -1) for cid, info in known.items() if cid not in dead}
     store = Store(o.env, o.table, lambda: o.slots.held([s for s in slots_of.values() if s >= 0]),
                   o.incarnation)
+    quiet = Store(o.env, _NoTable(), store.held_offsets, o.incarnation)   # the table is built below
     for cid, info in dead.items():
-        with store.batch() as b:
-            maintenance.drop_client(store, b, cid)
-        if 0 <= info.get("slot", -1) < o.slots.nslots:
-            o.slots.scrub(info["slot"])
-    with store.batch() as b:
-        maintenance.reclaim(store, b)
+        slot = info.get("slot", -1)
+        if 0 <= slot < o.slots.nslots:
+            data, tail = o.slots.drain(slot)  # puts it made before it died: they count
+            if data:
+                with quiet.batch() as b:
+                    for _, key, off, size, csum, flags, replicas in protocol.read_seal(data):
+                        quiet.seal(b, cid, key, off, size, csum, flags, replicas)
+        with quiet.batch() as b:
+            maintenance.drop_client(quiet, b, cid)
+        if 0 <= slot < o.slots.nslots:
+            o.slots.scrub(slot)
+    with quiet.batch() as b:
+        maintenance.reclaim(quiet, b)
     keys, recs = maintenance.load_records(o.env)
     problems = maintenance.check_extents(o.env, recs)
     if problems:

@@ -1,8 +1,10 @@
 """kvstore: a shared-memory KV-cache store for LLM inference.
 
-Layout: ``kvstore`` holds what the daemon and the clients share (config, errors, keys,
-segment, allocator, eviction, index, protocol); ``kvstore.daemon`` is the per-host
-daemon and ``kvstore.client`` the client handle.
+Layout: ``kvstore`` holds what the daemon and the clients share (record, table, slots,
+protocol, checksum, config, errors, keys, segment, sizes, defaults, host, retry);
+``kvstore.store`` is the daemon's LMDB index (schema, allocator, eviction policy, object
+operations, maintenance); ``kvstore.daemon`` is the per-host daemon and
+``kvstore.client`` the client handle. docs/design.md explains how they fit.
 """
 
 import os as _os

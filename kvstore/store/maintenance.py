@@ -46,6 +46,7 @@ def init_fresh(env, segment_size, info):
         env.set_meta(txn, "schema", str(SCHEMA))
         env.set_meta(txn, "size", segment_size)
         env.set_meta(txn, "used", 0)
+        env.set_meta(txn, "lru_bytes", 0)
         env.set_meta(txn, "next_cid", 1)
         for k, v in info.items():
             env.set_meta(txn, k, v)

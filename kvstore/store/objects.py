@@ -21,7 +21,9 @@ Must never: publish an object before its commit, free an extent a hold table nam
 accept a seal outside the space granted to its client.
 """
 
+import enum
 import time
+from typing import NamedTuple, Optional
 
 from kvstore import record, table as table_mod
 from kvstore.errors import (AlreadySealed, NotCreator, ObjectNotFound, StoreFull)
@@ -36,8 +38,17 @@ from .schema import ARENA, LE64, U64, pack64
 extent_size = allocator.extent_size
 
 
-class SealResult:
-    SEALED, DUPLICATE, EXISTS, INVALID = "sealed", "duplicate", "exists", "invalid"
+class SealResult(enum.Enum):
+    SEALED = "sealed"            # recorded and published
+    DUPLICATE = "duplicate"      # the same seal again (re-sent after a reconnect): nothing to do
+    EXISTS = "exists"            # the key was taken meanwhile: this copy's space goes back
+    INVALID = "invalid"          # outside the space granted to the client: ignored
+
+
+class Created(NamedTuple):
+    """What create() got: the offset reserved, or the state of the object already there."""
+    offset: Optional[int]
+    existing: Optional[State]
 
 
 class Batch:
@@ -103,6 +114,8 @@ class Store:
         self.held_offsets = held_offsets          # () -> sorted uint64 array, from kvstore.slots
         self.policy = ClockPolicy()
         self.incarnation = incarnation
+        with env.read() as txn:
+            self.segment_size = env.meta_int(txn, "size")
         self.grow_table = None                    # set by the daemon: (needed entries) -> None
         self.doomed_added = False                 # an extent went to doomed: reclaim soon
 
@@ -116,6 +129,10 @@ class Store:
                 raise RuntimeError("the published table has no room after growing")
 
     # ---- space --------------------------------------------------------------------------
+    def _lru_bytes(self, txn, delta):
+        """Bytes of the objects in the lru table (evictable unless held)."""
+        self.env.set_meta(txn, "lru_bytes", max(0, self.env.meta_int(txn, "lru_bytes") + delta))
+
     def _free(self, txn, off, ext):
         allocator.free(txn, self.dbs, off, ext)
         self.env.add_used(txn, -ext)
@@ -137,8 +154,12 @@ class Store:
         """An extent of ext bytes, evicting least-recently-used objects if needed."""
         txn = b.txn
         off = allocator.alloc(txn, self.dbs, ext)
-        while off is None:
-            if not self.evict(b, need=ext):
+        if off is None:
+            free = (self.segment_size & ~(allocator.ALIGN - 1)) - self.env.meta_int(txn, "used")
+            if ext > free + self.env.meta_int(txn, "lru_bytes"):
+                off = -1                          # evicting everything would not do: hide nothing
+        while off is None or off < 0:
+            if off is not None or not self.evict(b, need=ext):
                 raise StoreFull(
                     f"no room for {ext} bytes: everything left is held, pinned, being created "
                     f"or granted to clients; release or delete objects, or start the daemon "
@@ -189,6 +210,7 @@ class Store:
             txn.delete(key, db=d.objects)
             b.hide(key)
             ext = extent_size(rec.size)
+            self._lru_bytes(txn, -ext)
             victims.append((rec.offset, ext))
             gone.append(key)
             freed += ext
@@ -221,6 +243,8 @@ class Store:
         """A client returns the unused rest of its arena that starts at ``start``
         (everything past the frontier its seals reached). False if it has none there."""
         txn = b.txn
+        if start >= self.segment_size:
+            return False
         raw = txn.get(pack64(start), db=self.dbs.arenas)
         if raw is None:
             return False
@@ -250,8 +274,10 @@ class Store:
     def seal(self, b, cid, key, off, size, csum, flags=0, replicas=1):
         """Seal a put (space from cid's arena) or a create() of cid. Returns a SealResult."""
         txn, d = b.txn, self.dbs
-        raw = txn.get(key, db=d.objects)
         ext = extent_size(size)
+        if off + ext > self.segment_size:
+            return SealResult.INVALID
+        raw = txn.get(key, db=d.objects)
         if raw is not None:
             rec = record.unpack(raw)
             if rec.offset == off and rec.creator == cid:
@@ -264,6 +290,7 @@ class Store:
                     txn.delete(pack64(cid) + key, db=d.creating)
                     if not rec.pinned:
                         txn.put(pack64(rec.stamp) + key, b"", db=d.lru)
+                        self._lru_bytes(txn, ext)
                     b.show(key, rec)
                     return SealResult.SEALED
             self._drop_arena_space(b, cid, off, ext)     # the key exists: the copy goes
@@ -279,6 +306,7 @@ class Store:
         txn.put(key, record.pack(rec), db=d.objects)
         if not rec.pinned:
             txn.put(pack64(stamp) + key, b"", db=d.lru)
+            self._lru_bytes(txn, ext)
         b.show(key, rec)
         return SealResult.SEALED
 
@@ -304,20 +332,21 @@ class Store:
         self._release_extents(b, [(off, ext)])
 
     def create(self, b, cid, key, size, pinned=False):
-        """Reserve space for create(). Returns (offset, None) or (None, existing state)."""
+        """Reserve space for create(). Returns Created(offset, None), or Created(None,
+        state of the existing object)."""
         txn, d = b.txn, self.dbs
         raw = txn.get(key, db=d.objects)
         if raw is not None:
-            return None, record.unpack(raw).state
+            return Created(None, record.unpack(raw).state)
         if self.table.find(key) is not None:
-            return None, State.SEALED
+            return Created(None, State.SEALED)
         off = self.allocate(b, extent_size(size))
         rec = Record(off, size, cid, 0, 0, State.CREATING, Flag.PINNED if pinned else Flag.NONE,
                      self.incarnation)
         txn.put(key, record.pack(rec), db=d.objects)
         txn.put(pack64(cid) + key, b"", db=d.creating)
         b.show(key, rec)
-        return off, None
+        return Created(off, None)
 
     def _own_creation(self, txn, cid, key, op):
         raw = txn.get(key, db=self.dbs.objects)
@@ -347,6 +376,7 @@ class Store:
         txn.delete(key, db=self.dbs.objects)
         if rec.sealed and not rec.pinned:
             txn.delete(pack64(rec.stamp) + key, db=self.dbs.lru)
+            self._lru_bytes(txn, -extent_size(rec.size))
         b.hide(key)
         self._release_extents(b, [(rec.offset, extent_size(rec.size))])
 
@@ -363,6 +393,8 @@ class Store:
 
     def drop_if_at(self, b, key, off):
         """Drop a sealed object if it still lives at off (found corrupt by a reader)."""
+        if off >= self.segment_size:
+            return False
         raw = b.txn.get(key, db=self.dbs.objects)
         if raw is None:
             return False
@@ -385,8 +417,10 @@ class Store:
         if rec.sealed:
             if pinned:
                 txn.delete(pack64(rec.stamp) + key, db=d.lru)
+                self._lru_bytes(txn, -extent_size(rec.size))
             else:
                 txn.put(pack64(rec.stamp) + key, b"", db=d.lru)
+                self._lru_bytes(txn, extent_size(rec.size))
         b.show(key, rec)
 
     def keys(self, prefix, after, limit):
