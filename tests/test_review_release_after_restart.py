@@ -18,7 +18,10 @@ def test_release_of_a_hold_from_a_larger_table_after_a_restart(make_daemon):
         n = 3000                                   # > 0.7 * 4096: the table grows to 8192 buckets
         for i in range(n):
             c.put(f"k{i}", b"x" * 64)
-        assert c.contains(f"k{n - 1}")            # every put published (and the table grown)
+        with d.client() as other:                 # another client waits for the seals in flight
+            assert other.contains(f"k{n - 1}")    # every put published (and the table grown)
+        c.contains("k0")                          # move c to the grown table
+        c._reader.lookup(c._key("k0"))
         table = c._conn.att.table
         far = next(f"k{i}" for i in range(n) if table.lookup(c._key(f"k{i}")).bucket > 5300)
         assert c.get(far) is not None
