@@ -28,6 +28,8 @@ def test_a_bucket_mid_update_for_a_while_is_waited_for(daemon):
     c = daemon.client()
     try:
         c.put("k", b"v" * 100)
+        with daemon.client() as other:               # waits for the seal in flight
+            assert other.contains("k")
         e = c._conn.att.table.lookup(c._key("k"))
         fd = os.open(_table_path(), os.O_RDWR)
         m = mmap.mmap(fd, HEADER_SIZE + (e.bucket + 1) * 64)
