@@ -27,7 +27,7 @@ from kvstore.table import Busy
 
 from . import buffers, views
 from .connection import Connection
-from .reader import Reader
+from .reader import Reader, Reconnecting
 from .writer import Writer, check_size
 
 #: Keys per KEYS request.
@@ -147,9 +147,7 @@ class Client:
     def seal(self, key):
         """Make a created object immutable and visible to every client."""
         k = self._key(key)
-        with self._lock:
-            self._conn.check_open()
-            self._writer.seal(k, self._reader.lookup)
+        self._locked(self._writer.seal, k, self._reader.lookup)
 
     def abort(self, key):
         """Give back an unsealed object's space."""
@@ -168,9 +166,7 @@ class Client:
         one after another as one object."""
         k = self._key(key)
         parts = self._writer.parts(value)
-        with self._lock:
-            self._conn.check_open()
-            return self._writer.put_many([k], [parts], strict, pin, self._state_of)[0]
+        return self._locked(self._writer.put_many, [k], [parts], strict, pin, self._state_of)[0]
 
     def put_many(self, keys, values, strict=False, pin=False):
         """put() each pair; returns a list of bools (True = written). The seals go out
@@ -179,9 +175,18 @@ class Client:
             raise InvalidSize(f"put_many got {len(keys)} keys and {len(values)} values; give one value per key")
         ks = self._keys(keys)
         partss = [self._writer.parts(v) for v in values]
-        with self._lock:
-            self._conn.check_open()
-            return self._writer.put_many(ks, partss, strict, pin, self._state_of)
+        return self._locked(self._writer.put_many, ks, partss, strict, pin, self._state_of)
+
+    def _locked(self, fn, *args):
+        """fn(*args) under the client lock; if a lookup needs the daemon back, the lock
+        is let go while waiting for it (the watchdog takes it to reconnect), then again."""
+        while True:
+            try:
+                with self._lock:
+                    self._conn.check_open()
+                    return fn(*args)
+            except Reconnecting:
+                self._conn.ready()
 
     def _state_of(self, k):
         e = self._reader.lookup(k)
@@ -238,12 +243,20 @@ class Client:
                 return True
         except Busy:
             pass
-        return self._reader.contains(k)       # own puts in flight, settling a miss
+        while True:
+            try:
+                return self._reader.contains(k)   # own puts in flight, settling a miss
+            except Reconnecting:
+                conn.ready()
 
     def size_of(self, key):
         """Size in bytes of a sealed object, or None."""
         k = self._key(key)
-        return self._reader.size_of(k)
+        while True:
+            try:
+                return self._reader.size_of(k)
+            except Reconnecting:
+                self._conn.ready()
 
     def keys(self):
         """The keys (bytes) of every sealed object in this client's namespace."""

@@ -291,6 +291,12 @@ class Connection:
         self.closed_why = "close() was called"
         self.up.set()                   # callers waiting for the daemon: stop waiting
         with self.io_lock:
+            if not self.down:
+                try:
+                    self.sock.settimeout(min(self.timeout, 1.0))
+                    self.sock.sendall(protocol.bye())
+                except OSError:
+                    pass
             self.sock.close()
         self.att.close()
         self.on_fresh_store.clear()     # no cycles through the writer and reader

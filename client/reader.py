@@ -32,6 +32,11 @@ from .writer import mapping_of, nbytes
 SETTLE_WAIT = 1.0
 
 
+class Reconnecting(Exception):
+    """Raised under the client lock when a lookup needs the daemon back: the caller
+    releases the lock (the watchdog needs it to reconnect), waits, and tries again."""
+
+
 class Held:
     """One published hold: offset, size, count, checksum, table bucket and its sequence
     when held, and the hold entry in this client's slot."""
@@ -82,7 +87,8 @@ class Reader:
                 return self.conn.att.table.lookup(k)
             except Busy:
                 pass
-            self.conn.ready()                     # the daemon went away: wait for it, bounded
+            if self.conn.down:                    # the daemon went away: the caller lets go
+                raise Reconnecting()              # of the client lock and waits for it
             if not backoff.sleep():
                 raise StoreUnavailable(f"the daemon at {self.conn.socket_path} left its table "
                                        f"mid-update for {self.conn.reconnect_timeout} s; restart it")
@@ -123,9 +129,17 @@ class Reader:
         backoff = Backoff(initial=20e-6, cap=2e-3)
         while True:
             waiting, missed = [], []
-            with lock:
-                self.conn.check_open()
-                retry = self._get_pass(ks, todo, out, waiting, missed)
+            try:
+                with lock:
+                    self.conn.check_open()
+                    retry = self._get_pass(ks, todo, out, waiting, missed)
+            except Reconnecting:
+                with lock:
+                    self._release_views(ks, out)
+                out = [None] * len(ks)
+                todo = list(range(len(ks)))
+                self.conn.ready()
+                continue
             if retry:
                 todo = retry + waiting + missed
                 continue
@@ -242,7 +256,10 @@ class Reader:
                     if same:
                         table.mark(h.bucket)      # a use, for the CLOCK sweep
                     if not gone and not (same and table.same_seq(h.bucket, h.seq)):
-                        e = self.lookup(k)        # deleted or replaced while we held it?
+                        try:
+                            e = self.lookup(k)    # deleted or replaced while we held it?
+                        except Reconnecting:
+                            continue              # the next daemon reclaims it on its own
                         gone = e is None or e.offset != h.offset
         if gone:
             # its extent waits for the last holder: tell the daemon now, so the space is
@@ -287,9 +304,14 @@ class Reader:
         outs = (None,) * len(ks) if outs is None else outs
         if len(outs) != len(ks):
             raise InvalidSize(f"read_many got {len(ks)} keys and {len(outs)} outs; give one out per key")
-        with lock:
-            self.conn.check_open()
-            results, slow, missed = self._read_optimistic(keys, ks, outs)
+        while True:
+            try:
+                with lock:
+                    self.conn.check_open()
+                    results, slow, missed = self._read_optimistic(keys, ks, outs)
+                break
+            except Reconnecting:
+                self.conn.ready()
         if missed and self.settle(len(missed)):
             slow += missed                        # seals were in flight: look again, held
         if slow:

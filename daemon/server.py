@@ -19,6 +19,7 @@ bytes (clients write and read them directly in the segment), or free an extent a
 table names.
 """
 
+import collections
 import errno
 import logging
 import os
@@ -37,7 +38,7 @@ from kvstore.errors import (DaemonStartError, IndexFull, KVStoreError, ProtocolE
 from kvstore.record import State
 from kvstore.slots import fence
 from kvstore.store import maintenance
-from kvstore.store.objects import SealResult, Store
+from kvstore.store.objects import Contended, NoRoom, SealResult, Store
 
 from . import startup
 
@@ -56,18 +57,22 @@ MAX_HANDSHAKING = 256         # connections beyond max_clients that may be mid-h
 RECV_BYTES = 256 << 10        # most bytes read from one client per loop turn (fairness)
 KEYS_PAGE = 512               # keys per KEYS reply
 SYNC_PUTS_AT = 0.9            # index map fill at which puts wait for their verdict
+TURN_BUDGET = 64              # work units of one client's requests applied per loop turn
 MAX_RERUNS = 4               # re-runs of one turn after failed requests, then one by one
 WARN_EVERY = 10.0             # seconds between two warnings of one kind (rate limit)
 
 
 class _Conn:
-    __slots__ = ("sock", "reader", "cid", "pid", "slot", "opened", "outbox", "closing")
+    __slots__ = ("sock", "reader", "cid", "pid", "slot", "opened", "outbox", "closing", "bye",
+                 "queue", "eof")
 
     def __init__(self, sock):
         self.sock, self.reader = sock, protocol.FrameReader()
         self.cid = self.pid = None
         self.slot = -1
-        self.opened, self.outbox, self.closing = time.monotonic(), bytearray(), None
+        self.opened, self.outbox, self.closing, self.bye = time.monotonic(), bytearray(), None, False
+        self.queue = collections.deque()   # requests read, not yet applied (over budget)
+        self.eof = None                    # why it hung up, once its queue is done
 
 
 def _peer_pid(sock):
@@ -180,10 +185,13 @@ class Daemon:
         next_sweep = 0.0
         active_until = 0.0
         poll = POLL_TICK
+        backlog = False
         slots = self.slots
         while not self.stopping:
             now = time.monotonic()
-            if now < active_until:
+            if backlog:
+                timeout = 0                      # requests left over from the last turn
+            elif now < active_until:
                 timeout = poll                   # clients are putting: poll their rings
             elif self.store.doomed_added:
                 timeout = BUSY_TICK
@@ -199,6 +207,8 @@ class Daemon:
                     self._accept()
                 else:
                     self._service(key.data, ev, batch, closing)
+            backlog = self._take_requests(batch, closing)
+            self.store.full_at = float("inf")
             batch, tails = self._with_rings(batch)
             if tails:                            # seals keep coming: look again soon
                 active_until = time.monotonic() + ACTIVE_FOR
@@ -309,6 +319,8 @@ class Daemon:
             self._flush(conn)
         if not events & selectors.EVENT_READ or conn.sock.fileno() < 0 or conn.closing:
             return
+        if conn.queue or conn.eof:
+            return                      # over its budget: read more once its queue is done
         try:
             data = conn.sock.recv(RECV_BYTES)
         except BlockingIOError:
@@ -324,7 +336,7 @@ class Daemon:
                 elif mtype not in protocol.CLIENT_TYPES:
                     raise ProtocolError(f"unexpected message type {mtype} from a client")
                 else:
-                    batch.append((conn, mtype, body))
+                    conn.queue.append((mtype, body))
         except ProtocolError as e:
             self._warn("protocol", "dropping connection from pid %s: %s",
                        conn.pid or _safe_peer_pid(conn.sock), e)
@@ -339,8 +351,26 @@ class Daemon:
             closing.append(conn)
             return
         if not data:
-            conn.closing = "disconnected"
-            closing.append(conn)
+            conn.eof = "disconnected"       # closed once what it sent before is applied
+
+    def _take_requests(self, batch, closing):
+        """Each client's queued requests, up to its budget for this turn (expensive ones
+        cost more), so one client cannot hold a turn with a flood of work. Returns
+        whether some client still has requests waiting."""
+        waiting = False
+        for conn in list(self.conns.values()):
+            q = conn.queue
+            budget = TURN_BUDGET
+            while q and budget > 0:
+                mtype, body = q.popleft()
+                budget -= _COST.get(mtype, 1)
+                batch.append((conn, mtype, body))
+            if q:
+                waiting = True
+            elif conn.eof and not conn.closing:
+                conn.closing = conn.eof
+                closing.append(conn)
+        return waiting
 
     # ---- handshake ----------------------------------------------------------------------
     def _hello(self, conn, body):
@@ -384,8 +414,17 @@ class Daemon:
             return None
         cid = resume[0]
         info = maintenance.clients(self.store.env).get(cid)
-        if info is None or info["pid"] != pid or any(c.cid == cid for c in self.conns.values()):
+        if info is None or info["pid"] != pid:
             return None
+        for old in [c for c in self.conns.values() if c.cid == cid]:
+            # the same process again: its old connection (reset on a timeout) is over;
+            # what it queued is applied, and the registration carries over
+            if old.queue:
+                batch = [(old, m, b) for m, b in old.queue]
+                old.queue.clear()
+                self._apply(batch)
+            old.cid = None
+            self._close(old, "superseded by its own reconnection")
         return cid
 
     # ---- applying requests -----------------------------------------------------------------
@@ -466,8 +505,13 @@ class Daemon:
                 continue
             one = {}
             got = self._apply_once([item], one)
-            while got is _Retry:
+            for _ in range(MAX_RERUNS):
+                if got is not _Retry:
+                    break
                 got = self._apply_once([item], one)
+            if got is _Retry:
+                failed[i] = protocol.error(StoreFull("the store is too busy to make room now; retry"))
+                continue
             if one:
                 failed[i] = one[0]
             if got is None:
@@ -487,6 +531,11 @@ class Daemon:
                         continue
                     try:
                         reply = self._request(b, conn, mtype, body, applied)
+                    except Contended:
+                        raise _Retry() from None           # the same turn again, this one too
+                    except NoRoom as e:
+                        failed[i] = protocol.error(e)      # refused before changing anything
+                        continue
                     except StoreFull as e:
                         failed[i] = protocol.error(e)      # it may have evicted before failing
                         raise _Retry() from None
@@ -543,6 +592,9 @@ class Daemon:
             return protocol.created(int(got.existing), 0)
         if mtype == protocol.DOORBELL:
             return None                  # its ring is read every turn anyway
+        if mtype == protocol.BYE:
+            conn.bye = True              # closing on purpose: forget it at its hang-up
+            return None
         if mtype == protocol.RECLAIM:
             maintenance.reclaim(store, b)
             return protocol.done(True)
@@ -640,6 +692,11 @@ class Daemon:
             conn.sock.close()
         if conn.cid is not None:
             cid, conn.cid = conn.cid, None
+            if why == "disconnected" and not conn.bye and _alive(conn.pid, cid, self.store.env):
+                # lost without BYE (a timeout reset): it reconnects by itself and resumes
+                # with its id, slot and holds; the liveness check forgets it if it dies
+                log.info("client %d (pid %s) lost its connection; kept for it to resume", cid, conn.pid)
+                return
             self._drop_client(cid, conn.pid, why)
 
     def _drop_client(self, cid, pid, why):
@@ -748,6 +805,11 @@ class Daemon:
 _AFTER = object()
 
 
+#: Work units of a request (others cost 1): whole-store walks, and requests that may evict.
+_COST = {protocol.CHECK: TURN_BUDGET, protocol.KEYS: 16, protocol.STATS: 4, protocol.CREATE: 4,
+         protocol.GRANT: 4, protocol.TABLE: 8}
+
+
 class _Ghost:
     """Stands for a registered client that is not connected (its ring is still drained)."""
     __slots__ = ("cid", "pid", "slot", "closing", "sock")
@@ -778,6 +840,12 @@ def _raise_fd_limit(want):
             pass
         if new < want:
             log.warning("file descriptor limit %d is below the %d that max_clients needs", new, want)
+
+
+def _alive(pid, cid, env):
+    """Whether the process of a registered client still runs (pid not reused)."""
+    info = maintenance.clients(env).get(cid)
+    return info is not None and maintenance.pid_start_time(pid) == info.get("start")
 
 
 def _safe_peer_pid(sock):

@@ -26,7 +26,7 @@ import uuid
 import numpy as np
 
 from kvstore import host, protocol, segment, table as table_mod
-from kvstore.errors import DaemonStartError, KVStoreError
+from kvstore.errors import DaemonStartError, KVStoreError, ProtocolError
 from kvstore.keys import user_key
 from kvstore.slots import SlotsFile
 from kvstore.store import maintenance
@@ -236,9 +236,14 @@ def _adopt(o, cfg, desc, name, mode, nslots):
         slot = info.get("slot", -1)
         if 0 <= slot < o.slots.nslots:
             data, tail = o.slots.drain(slot)  # puts it made before it died: they count
-            if data:
+            try:
+                items = protocol.read_seal(data) if data else []
+            except ProtocolError as e:        # a corrupt ring: what it held is lost, not us
+                log.warning("client %d left a corrupt seal ring (%s); its queued puts are lost", cid, e)
+                items = []
+            if items:
                 with quiet.batch() as b:
-                    for _, key, off, size, csum, flags, replicas in protocol.read_seal(data):
+                    for _, key, off, size, csum, flags, replicas in items:
                         quiet.seal(b, cid, key, off, size, csum, flags, replicas)
         with quiet.batch() as b:
             maintenance.drop_client(quiet, b, cid)

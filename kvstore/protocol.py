@@ -39,7 +39,7 @@ HEADER_SIZE = _HEADER.size
 HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG = 1, 2, 3, 4, 5, 6, 7
 SEAL, GRANT, GRANTED, RETURN, CREATE, CREATED, ABORT, DONE = 10, 11, 12, 13, 14, 15, 16, 17
 DELETE, PIN, DROP, KEYS, KEYS_REPLY, CHECK, CHECK_REPLY, TABLE, TABLE_REPLY = 18, 19, 20, 21, 22, 23, 24, 25, 26
-RECLAIM, DOORBELL = 27, 28
+RECLAIM, DOORBELL, BYE = 27, 28, 29
 
 NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
          STATS_REPLY: "STATS_REPLY", PING: "PING", PONG: "PONG", SEAL: "SEAL", GRANT: "GRANT",
@@ -47,12 +47,12 @@ NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
          ABORT: "ABORT", DONE: "DONE", DELETE: "DELETE", PIN: "PIN", DROP: "DROP", KEYS: "KEYS",
          KEYS_REPLY: "KEYS_REPLY", CHECK: "CHECK", CHECK_REPLY: "CHECK_REPLY", TABLE: "TABLE",
          TABLE_REPLY: "TABLE_REPLY", RECLAIM: "RECLAIM",
-         DOORBELL: "DOORBELL"}
+         DOORBELL: "DOORBELL", BYE: "BYE"}
 JSON_TYPES = frozenset((HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG, CHECK, CHECK_REPLY,
                         TABLE, TABLE_REPLY))
 #: Messages a client may send (the daemon refuses the others from a client).
 CLIENT_TYPES = frozenset((HELLO, STATS, PING, SEAL, GRANT, RETURN, CREATE, ABORT, DELETE, PIN,
-                          DROP, KEYS, CHECK, TABLE, RECLAIM, DOORBELL))
+                          DROP, KEYS, CHECK, TABLE, RECLAIM, DOORBELL, BYE))
 
 _SEAL_ITEM = struct.Struct("<QQQQBBHH")   # seq, offset, size, checksum, flags, _, replicas, key length
 _U64 = struct.Struct("<Q")
@@ -265,6 +265,13 @@ def read_keyed(payload, what="request"):
 def doorbell():
     """Wake a sleeping daemon: seals are waiting in the sender's ring (kvstore.slots)."""
     return frame(DOORBELL, b"")
+
+
+def bye():
+    """A client closing on purpose: forget it now. A connection lost without BYE (a
+    timeout reset, a daemon restart) leaves the client registered while its process
+    lives, so it can resume with its holds."""
+    return frame(BYE, b"")
 
 
 def reclaim():

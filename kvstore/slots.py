@@ -32,6 +32,10 @@ Layout: a 4 KiB header (``high``, ``sync_puts``, ``asleep``); ``sent``, ``applie
 ``failed`` (one u64 per slot each, page-aligned); then one region per slot: a 64-byte
 head (hold count, cid, ring tail, ring head), ``hold_capacity`` u64 hold entries and the
 seal ring of RING_BYTES.
+Trust: a client maps the counters (and the whole segment) read-write, so a hostile local
+client can mislead others' waits or overwrite objects; the store protects clients from
+each other's faults (a pause, a crash, a bug in another process's timing), not from a
+hostile process that may open the socket (socket_mode decides who may).
 Must never: be written by a client outside its own region and its own ``sent`` word,
 or let a hold be taken without the fence between writing it and re-checking.
 """
@@ -289,8 +293,10 @@ class ClientSlot:
         return {int(i): int(sent[i]) for i in idx}
 
     def caught_up(self, want):
-        applied = self.applied
-        return all(int(applied[s]) >= n for s, n in want.items())
+        """Every slot in want has had its seals applied (or was emptied for a new
+        client meanwhile: its counters start again from 0)."""
+        applied, sent = self.applied, self.sent
+        return all(int(applied[s]) >= n or int(sent[s]) < n for s, n in want.items())
 
     def close(self):
         self.holds = self._count_arr = self.sent = self.applied = self.failed = None

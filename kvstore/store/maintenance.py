@@ -34,7 +34,10 @@ def pid_start_time(pid):
             stat = f.read()
     except OSError:
         return None
-    return int(stat.rsplit(b")", 1)[1].split()[19])
+    fields = stat.rsplit(b")", 1)[1].split()
+    if fields[0] in (b"Z", b"X"):        # exited, not yet reaped: gone for us
+        return None
+    return int(fields[19])
 
 
 def init_fresh(env, segment_size, info):

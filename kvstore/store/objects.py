@@ -45,6 +45,14 @@ class SealResult(enum.Enum):
     INVALID = "invalid"          # outside the space granted to the client: ignored
 
 
+class NoRoom(StoreFull):
+    """StoreFull found before anything was changed (no eviction was tried)."""
+
+
+class Contended(Exception):
+    """A victim of an eviction got held while the eviction ran: apply the turn again."""
+
+
 class Created(NamedTuple):
     """What create() got: the offset reserved, or the state of the object already there."""
     offset: Optional[int]
@@ -59,6 +67,9 @@ class Batch:
         self.publish = {}
         self.hidden = []
         self._held = None
+        #: offsets sealed (or refused) in this batch: their clients may hold them as their
+        #: own puts until the seal counter moves on, so their space is freed on a later turn
+        self.sealed_now = set()
 
     def __enter__(self):
         self._write = self.store.env.write()
@@ -118,6 +129,9 @@ class Store:
             self.segment_size = env.meta_int(txn, "size")
         self.grow_table = None                    # set by the daemon: (needed entries) -> None
         self.doomed_added = False                 # an extent went to doomed: reclaim soon
+        #: sizes at least this large found no room in this loop turn (the daemon resets it
+        #: each turn): a flood of requests that cannot fit costs one walk per turn
+        self.full_at = float("inf")
 
     def batch(self):
         return Batch(self)
@@ -144,36 +158,66 @@ class Store:
             return
         held = b.held(rescan=True)
         for off, ext in extents:
-            if off in held:
+            if off in held or off in b.sealed_now:   # its client may read it as its own put
                 b.txn.put(pack64(off), LE64.pack(ext), db=self.dbs.doomed)
                 self.doomed_added = True
             else:
                 self._free(b.txn, off, ext)
 
     def allocate(self, b, ext):
-        """An extent of ext bytes, evicting least-recently-used objects if needed."""
+        """An extent of ext bytes, evicting least-recently-used objects if needed.
+
+        Victims are taken out of the index and their space tried BEFORE anyone sees them
+        go: only once the allocation fits are they unpublished (then a fence and a hold
+        scan: a victim a reader took meanwhile makes the turn run again). So a request
+        that cannot be satisfied hides nothing from readers."""
         txn = b.txn
         off = allocator.alloc(txn, self.dbs, ext)
         if off is None:
             free = (self.segment_size & ~(allocator.ALIGN - 1)) - self.env.meta_int(txn, "used")
-            if ext > free + self.env.meta_int(txn, "lru_bytes"):
-                off = -1                          # evicting everything would not do: hide nothing
-        while off is None or off < 0:
-            if off is not None or not self.evict(b, need=ext):
-                raise StoreFull(
-                    f"no room for {ext} bytes: everything left is held, pinned, being created "
-                    f"or granted to clients; release or delete objects, or start the daemon "
-                    f"with a larger --size")
-            off = allocator.alloc(txn, self.dbs, ext)
+            if ext > free + self.env.meta_int(txn, "lru_bytes") or ext >= self.full_at:
+                raise self._full(ext, NoRoom)     # evicting everything would not do
+            victims = []
+            while off is None:
+                more = self._take_victims(b, need=ext)
+                if not more:
+                    self.full_at = min(self.full_at, ext)   # the rest of this turn: no walk
+                    raise self._full(ext)         # the turn is abandoned: nothing was hidden
+                victims += more
+                for _, voff, vext in more:
+                    self._free(txn, voff, vext)
+                off = allocator.alloc(txn, self.dbs, ext)
+            for key, _, _ in victims:
+                b.hide(key)
+            held = b.held(rescan=True)
+            if any(voff in held for _, voff, _ in victims):
+                raise Contended()                 # a reader got there first: run it again
         self.env.add_used(txn, ext)
         return off
 
+    @staticmethod
+    def _full(ext, cls=StoreFull):
+        return cls(f"no room for {ext} bytes: everything left is held, pinned, being created "
+                         f"or granted to clients; release or delete objects, or start the daemon "
+                         f"with a larger --size")
+
     def evict(self, b, need=0, target_used=None, max_objects=256):
-        """Walk the CLOCK order asking the policy; evict until ``need`` bytes were freed
-        (or used <= target_used). Returns the number of objects evicted."""
+        """The watermark sweep: evict in CLOCK order until ``need`` bytes were freed (or
+        used <= target_used). Victims are unpublished first, then freed once no hold
+        table names them. Returns the number of objects evicted."""
+        victims = self._take_victims(b, need, target_used, max_objects)
+        for key, _, _ in victims:
+            b.hide(key)
+        self._release_extents(b, [(off, ext) for _, off, ext in victims])
+        return len(victims)
+
+    def _take_victims(self, b, need=0, target_used=None, max_objects=256):
+        """Walk the CLOCK order asking the policy; take victims out of the index (their
+        records and lru entries, nothing else) until ``need`` bytes (or used <=
+        target_used). Returns [(key, offset, extent)]; the caller hides and frees them."""
         txn, d, table = b.txn, self.dbs, self.table
-        held = b.held()
-        freed, victims, gone = 0, [], []
+        held = b.held() | b.sealed_now
+        freed, victims = 0, []
         cur = txn.cursor(db=d.lru)
         rewalk = False
         cur.first()
@@ -208,18 +252,15 @@ class Store:
                 rewalk = True
                 continue
             txn.delete(key, db=d.objects)
-            b.hide(key)
             ext = extent_size(rec.size)
             self._lru_bytes(txn, -ext)
-            victims.append((rec.offset, ext))
-            gone.append(key)
+            victims.append((key, rec.offset, ext))
             freed += ext
             if need and freed >= need:
                 break
             if target_used is not None and used - freed <= target_used:
                 break
-        self._release_extents(b, victims)
-        return len(victims)
+        return victims
 
     def grant(self, b, cid, want, least):
         """Give a client an arena of up to ``want`` bytes (at least ``least``)."""
@@ -277,6 +318,7 @@ class Store:
         ext = extent_size(size)
         if off + ext > self.segment_size:
             return SealResult.INVALID
+        b.sealed_now.add(off)
         raw = txn.get(key, db=d.objects)
         if raw is not None:
             rec = record.unpack(raw)
