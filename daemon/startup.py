@@ -232,19 +232,25 @@ def _adopt(o, cfg, desc, name, mode, nslots):
     store = Store(o.env, o.table, lambda: o.slots.held([s for s in slots_of.values() if s >= 0]),
                   o.incarnation)
     quiet = Store(o.env, _NoTable(), store.held_offsets, o.incarnation)   # the table is built below
+    for cid, info in known.items():
+        slot = info.get("slot", -1)
+        if not 0 <= slot < o.slots.nslots:
+            continue
+        data, tail = o.slots.drain(slot)      # puts queued before the crash: they count
+        try:
+            items = protocol.read_seal(data) if data else []
+        except ProtocolError as e:            # a corrupt ring: what it held is lost, not us
+            log.warning("client %d left a corrupt seal ring (%s); its queued puts are lost", cid, e)
+            items = []
+        if items:
+            with quiet.batch() as b:
+                for _, key, off, size, csum, flags, replicas in items:
+                    quiet.seal(b, cid, key, off, size, csum, flags, replicas)
+            o.slots.applied[slot] = max(int(o.slots.applied[slot]), max(i[0] for i in items))
+        if data is not None:
+            o.slots.consumed(slot, tail)
     for cid, info in dead.items():
         slot = info.get("slot", -1)
-        if 0 <= slot < o.slots.nslots:
-            data, tail = o.slots.drain(slot)  # puts it made before it died: they count
-            try:
-                items = protocol.read_seal(data) if data else []
-            except ProtocolError as e:        # a corrupt ring: what it held is lost, not us
-                log.warning("client %d left a corrupt seal ring (%s); its queued puts are lost", cid, e)
-                items = []
-            if items:
-                with quiet.batch() as b:
-                    for _, key, off, size, csum, flags, replicas in items:
-                        quiet.seal(b, cid, key, off, size, csum, flags, replicas)
         with quiet.batch() as b:
             maintenance.drop_client(quiet, b, cid)
         if 0 <= slot < o.slots.nslots:
