@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from kvstore import protocol
-from kvstore.defaults import DEFAULT_SOCKET
+from kvstore import defaults
 from kvstore.errors import InvalidSize
 from kvstore.keys import encode_key, namespace_prefix, user_key
 from kvstore.table import Busy
@@ -37,8 +37,9 @@ _KEYS_PAGE = 512
 class Client:
     """A handle on the local daemon's store. Thread-safe; one per process is enough."""
 
-    def __init__(self, socket_path=DEFAULT_SOCKET, namespace="", timeout=5.0, reconnect_timeout=10.0):
-        """Connect to the daemon at socket_path. ``timeout``: seconds for one exchange with
+    def __init__(self, socket_path=None, namespace="", timeout=5.0, reconnect_timeout=10.0):
+        """Connect to the daemon at socket_path (None: $KVSTORE_SOCKET, else
+        /tmp/kvstore.sock). ``timeout``: seconds for one exchange with
         the daemon. ``reconnect_timeout``: how long a call waits for a daemon that went
         away to come back before raising StoreUnavailable (the client reconnects by
         itself, in the background); a Client created while the daemon is (re)starting
@@ -46,7 +47,8 @@ class Client:
         self._ns = namespace_prefix(namespace)     # keys are scoped by namespace
         self._namespace = namespace
         self._lock = threading.Lock()
-        self._conn = Connection(self, socket_path, namespace, timeout, reconnect_timeout)
+        self._conn = Connection(self, defaults.socket_path(socket_path), namespace, timeout,
+                                reconnect_timeout)
         self._conn.lock = self._lock
         self._writer = Writer(self._conn)
         self._reader = Reader(self._conn, self._writer)
