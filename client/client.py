@@ -168,7 +168,7 @@ class Client:
         one after another as one object."""
         k = self._key(key)
         parts = self._writer.parts(value)
-        return self._locked(self._writer.put_many, [k], [parts], strict, pin, self._state_of)[0]
+        return self._locked(self._writer.put_many, [k], [parts], strict, pin, self._state_of, {})[0]
 
     def put_many(self, keys, values, strict=False, pin=False):
         """put() each pair; returns a list of bools (True = written). The seals go out
@@ -177,7 +177,8 @@ class Client:
             raise InvalidSize(f"put_many got {len(keys)} keys and {len(values)} values; give one value per key")
         ks = self._keys(keys)
         partss = [self._writer.parts(v) for v in values]
-        return self._locked(self._writer.put_many, ks, partss, strict, pin, self._state_of)
+        # ``done`` survives a retry: keys this call already wrote stay True, not "existing"
+        return self._locked(self._writer.put_many, ks, partss, strict, pin, self._state_of, {})
 
     def _locked(self, fn, *args):
         """fn(*args) under the client lock; if a lookup needs the daemon back, the lock

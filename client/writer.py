@@ -250,8 +250,11 @@ class Writer:
         e = self.conn.att.table.lookup(k)
         return None if e is None else e.state
 
-    def put_many(self, ks, partss, strict, pin, lookup_state):
-        """Store each value (parts, n, on_device). Returns [bool]; the caller holds the lock."""
+    def put_many(self, ks, partss, strict, pin, lookup_state, done=None):
+        """Store each value (parts, n, on_device). Returns [bool]; the caller holds the lock.
+        ``done`` (index -> offset) carries the keys an interrupted earlier try of this same
+        call already wrote: they count as written, not as existing."""
+        done = {} if done is None else done
         flags = 1 if pin else 0
         self._check_failed()
         out = [False] * len(ks)
@@ -259,6 +262,10 @@ class Writer:
         rw = self.conn.att.rw
         try:
             for i, (k, (parts, n, on_device)) in enumerate(zip(ks, partss)):
+                if i in done:
+                    out[i] = True
+                    mine.append(i)
+                    continue
                 state = lookup_state(k)
                 if state is not None or k in self.creating:
                     if strict:
@@ -278,8 +285,9 @@ class Writer:
                 self.pending[k] = (off, n, csum, self.seq)
                 mine.append(i)
                 out[i] = True
+                done[i] = off
             if dev:
-                self._put_device(ks, partss, dev, flags, mine, out)
+                self._put_device(ks, partss, dev, flags, mine, out, done)
         finally:
             self.flush()
         if mine and self.conn.att.slot.sync_puts():
@@ -289,13 +297,12 @@ class Writer:
             self.wait_applied(self.seq)
             table = self.conn.att.table
             for i in mine:
-                off = self.pending.get(ks[i], (None,))[0]
                 e = table.lookup(ks[i])
-                if e is None or e.offset != off:
+                if e is None or e.offset != done[i]:
                     raise ObjectExists(exists_msg(ks[i], SEALED, "put"))
         return out
 
-    def _put_device(self, ks, partss, dev, flags, mine, out):
+    def _put_device(self, ks, partss, dev, flags, mine, out, done):
         """Device tensors: take space for each, issue every copy (non-blocking from the
         device into the pinned segment), wait once, then hash and seal each."""
         att = self.conn.att
@@ -327,6 +334,7 @@ class Writer:
             self.pending[ks[i]] = (off, n, csum, self.seq)
             mine.append(i)
             out[i] = True
+            done[i] = off
 
     # ---- create / seal / abort --------------------------------------------------------------
     def create(self, k, n, pin):

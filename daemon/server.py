@@ -53,6 +53,7 @@ ACTIVE_FOR = 0.02            # ... for this long after the last seal seen
 BUSY_TICK = 0.005             # ... while doomed extents wait or usage is over the watermark
 SWEEP_EVERY = 0.01            # seconds between watermark checks
 LIVENESS_EVERY = 1.0          # seconds between checks of registered clients' pids
+RESUME_GRACE = 60             # seconds a live client that lost its connection may resume in
 MAX_HANDSHAKING = 256         # connections beyond max_clients that may be mid-handshake
 RECV_BYTES = 256 << 10        # most bytes read from one client per loop turn (fairness)
 KEYS_PAGE = 512               # keys per KEYS reply
@@ -89,6 +90,8 @@ class Daemon:
         self.selector = selectors.DefaultSelector()
         self.conns = {}
         self.slot_of = {}             # cid -> slot of every registered client
+        self.kept = {}                # cid -> (deadline, pid): lost its connection, may resume
+        self._carried = []
         self.stopping = False
         self.started = time.monotonic()
         self._paused_accept = 0.0
@@ -380,7 +383,11 @@ class Daemon:
         if sum(1 for c in self.conns.values() if c.cid is not None) >= self.cfg.max_clients:
             raise ProtocolError(f"the daemon already serves max_clients={self.cfg.max_clients} clients")
         conn.pid = _peer_pid(conn.sock)
+        self._carried = []
         cid = self._resumable(resume, conn.pid)
+        conn.queue.extend(self._carried)
+        self._carried = []
+        self.kept.pop(cid, None)
         if cid is None:
             slot = self._free_slot()
             if slot is None:
@@ -418,11 +425,11 @@ class Daemon:
             return None
         for old in [c for c in self.conns.values() if c.cid == cid]:
             # the same process again: its old connection (reset on a timeout) is over;
-            # what it queued is applied, and the registration carries over
+            # what it queued goes first on the new one (applied in a normal turn, after
+            # its seal ring), and the registration carries over
             if old.queue:
-                batch = [(old, m, b) for m, b in old.queue]
+                self._carried = list(old.queue)
                 old.queue.clear()
-                self._apply(batch)
             old.cid = None
             self._close(old, "superseded by its own reconnection")
         return cid
@@ -440,6 +447,7 @@ class Daemon:
         got = self._apply_together(batch, failed)
         if got is None:
             got = ([], [], {})
+            batch = _one_seal_each(batch)     # so the seals that fit get in
             for i, item in enumerate(batch):
                 if i in failed:
                     continue
@@ -467,6 +475,7 @@ class Daemon:
         fence()
         for slot, seq in applied.items():
             self.slots.applied[slot] = max(int(self.slots.applied[slot]), seq)
+        self.store.sealed_now = set()     # their clients now read them through the table
         for i, reply in failed.items():
             replies.append((batch[i][0], reply))
         for conn, reply in replies:
@@ -480,7 +489,9 @@ class Daemon:
     def _check_index_fill(self):
         """Past 90% of the index's map, clients wait for each put's verdict (slots)."""
         info = self.store.env.env.info()
-        full = (info["last_pgno"] + 1) * self._psize >= SYNC_PUTS_AT * info["map_size"]
+        left = info["map_size"] - (info["last_pgno"] + 1) * self._psize
+        # one turn can bring a ring's worth of seals (~1 MiB of index): keep that much room
+        full = left <= max((1 - SYNC_PUTS_AT) * info["map_size"], 2 << 20)
         if full != self._sync_puts:
             self._sync_puts = full
             self.slots.set_sync_puts(full)
@@ -694,8 +705,10 @@ class Daemon:
             cid, conn.cid = conn.cid, None
             if why == "disconnected" and not conn.bye and _alive(conn.pid, cid, self.store.env):
                 # lost without BYE (a timeout reset): it reconnects by itself and resumes
-                # with its id, slot and holds; the liveness check forgets it if it dies
-                log.info("client %d (pid %s) lost its connection; kept for it to resume", cid, conn.pid)
+                # with its id, slot and holds, within RESUME_GRACE (else it is forgotten)
+                self.kept[cid] = (time.monotonic() + RESUME_GRACE, conn.pid)
+                log.info("client %d (pid %s) lost its connection; kept %d s for it to resume",
+                         cid, conn.pid, RESUME_GRACE)
                 return
             self._drop_client(cid, conn.pid, why)
 
@@ -742,6 +755,12 @@ class Daemon:
             if conn.cid is None and now - conn.opened > HANDSHAKE_TIMEOUT:
                 self._close(conn, "no HELLO in time")
         by_cid = {c.cid: c for c in self.conns.values() if c.cid is not None}
+        for cid, (deadline, pid) in list(self.kept.items()):
+            if cid in by_cid:
+                del self.kept[cid]
+            elif now > deadline:
+                del self.kept[cid]
+                self._drop_client(cid, pid, f"did not come back within {RESUME_GRACE} s")
         for cid, info in maintenance.dead_clients(self.store.env).items():
             conn = by_cid.get(cid)
             if conn is not None:        # its process died but a child inherited the socket
@@ -808,6 +827,22 @@ _AFTER = object()
 #: Work units of a request (others cost 1): whole-store walks, and requests that may evict.
 _COST = {protocol.CHECK: TURN_BUDGET, protocol.KEYS: 16, protocol.STATS: 4, protocol.CREATE: 4,
          protocol.GRANT: 4, protocol.TABLE: 8}
+
+
+def _one_seal_each(batch):
+    """batch with every SEAL message split into one message per seal."""
+    out = []
+    for conn, mtype, body in batch:
+        if mtype != protocol.SEAL:
+            out.append((conn, mtype, body))
+            continue
+        try:
+            items = protocol.read_seal(body)
+        except ProtocolError:
+            out.append((conn, mtype, body))
+            continue
+        out += [(conn, mtype, protocol.seal_item(*it[:2], *it[2:])) for it in items]
+    return out
 
 
 class _Ghost:

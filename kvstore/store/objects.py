@@ -67,9 +67,10 @@ class Batch:
         self.publish = {}
         self.hidden = []
         self._held = None
-        #: offsets sealed (or refused) in this batch: their clients may hold them as their
-        #: own puts until the seal counter moves on, so their space is freed on a later turn
-        self.sealed_now = set()
+        #: offsets sealed (or refused) since the seal counters last moved (the Store's set,
+        #: shared by every batch of one loop turn): their clients may hold them as their
+        #: own puts until the counter moves on, so their space is freed on a later turn
+        self.sealed_now = store.sealed_now
 
     def __enter__(self):
         self._write = self.store.env.write()
@@ -129,6 +130,7 @@ class Store:
             self.segment_size = env.meta_int(txn, "size")
         self.grow_table = None                    # set by the daemon: (needed entries) -> None
         self.doomed_added = False                 # an extent went to doomed: reclaim soon
+        self.sealed_now = set()                   # see Batch.sealed_now; the daemon empties it
         #: sizes at least this large found no room in this loop turn (the daemon resets it
         #: each turn): a flood of requests that cannot fit costs one walk per turn
         self.full_at = float("inf")
