@@ -487,7 +487,8 @@ class Daemon:
                 self._close(conn, conn.closing)
 
     def _check_index_fill(self):
-        """Past 90% of the index's map, clients wait for each put's verdict (slots)."""
+        """With less than 10% of the index map (or a turn's worth, 2 MiB) left, clients wait
+        for each put's verdict (slots.py), so the put that does not fit is the one refused."""
         info = self.store.env.env.info()
         left = info["map_size"] - (info["last_pgno"] + 1) * self._psize
         # one turn can bring a ring's worth of seals (~1 MiB of index): keep that much room
