@@ -264,7 +264,7 @@ class Client:
     def keys(self):
         """The keys (bytes) of every sealed object in this client's namespace."""
         self._conn.ready()
-        self._reader.settle(1)
+        self._reader.settle()
         out, after = [], b""
         while True:
             body = self._conn.request(protocol.keys(self._ns, after, _KEYS_PAGE), protocol.KEYS_REPLY)
@@ -302,7 +302,7 @@ class Client:
         """Delete a sealed object; if clients hold it, its space is freed at the last
         release (it is invisible at once). Returns False if there was no sealed object."""
         k = self._key(key)
-        self._reader.settle(1)        # a put that returned before this call is deleted too
+        self._reader.settle()        # a put that returned before this call is deleted too
         body = self._conn.request(protocol.keyed(protocol.DELETE, k), protocol.DONE)
         return protocol.read_done(body)
 
@@ -315,7 +315,7 @@ class Client:
 
     def _set_pinned(self, key, pinned):
         k = self._key(key)
-        self._reader.settle(1)
+        self._reader.settle()
         self._conn.request(protocol.keyed(protocol.PIN, k, flag=1 if pinned else 0), protocol.DONE)
 
     # ---- daemon ------------------------------------------------------------------------
@@ -329,5 +329,5 @@ class Client:
         exactly once, and the published table equal to the index. Returns the problems
         found (an empty list when consistent)."""
         self._conn.ready()
-        self._reader.settle(1)
+        self._reader.settle()
         return self._conn.request(protocol.encode(protocol.CHECK, {}), protocol.CHECK_REPLY)["problems"]

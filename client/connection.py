@@ -11,7 +11,6 @@ Must never: let a call hang (every wait is bounded by ``timeout`` or
 """
 
 import logging
-import mmap
 import os
 import select
 import socket

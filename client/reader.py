@@ -93,7 +93,7 @@ class Reader:
                 raise StoreUnavailable(f"the daemon at {self.conn.socket_path} left its table "
                                        f"mid-update for {self.conn.reconnect_timeout} s; restart it")
 
-    def settle(self, keys_missing):
+    def settle(self):
         """A miss while seals are in flight: wait until those are applied (bounded), so
         a put that returned before we were called is seen. Returns True if it waited."""
         want = self.conn.att.slot.in_flight()
@@ -108,14 +108,14 @@ class Reader:
     def contains(self, k):
         e = self.lookup(k)
         if e is None or e.state != SEALED:
-            self.settle(1)
+            self.settle()
             e = self.lookup(k)
         return e is not None and e.state == SEALED
 
     def size_of(self, k):
         e = self.lookup(k)
         if e is None or e.state != SEALED:
-            self.settle(1)
+            self.settle()
             e = self.lookup(k)
         return e.size if e is not None and e.state == SEALED else None
 
@@ -145,7 +145,7 @@ class Reader:
                 continue
             if missed and not settled:
                 settled = True
-                self.settle(len(missed))
+                self.settle()
                 todo = missed + waiting
                 continue
             if not waiting:
@@ -312,7 +312,7 @@ class Reader:
                 break
             except Reconnecting:
                 self.conn.ready()
-        if missed and self.settle(len(missed)):
+        if missed and self.settle():
             slow += missed                        # seals were in flight: look again, held
         if slow:
             slow.sort()

@@ -16,8 +16,6 @@ Must never: write outside space granted to this client, send a seal for bytes no
 completely written, or report a put done before its seal is on the socket.
 """
 
-import time
-
 import numpy as np
 
 from kvstore import protocol
@@ -306,7 +304,7 @@ class Writer:
         """Device tensors: take space for each, issue every copy (non-blocking from the
         device into the pinned segment), wait once, then hash and seal each."""
         att = self.conn.att
-        copies = device_copy.CopyBatch(lambda v: _mapping_of(att, v))
+        copies = device_copy.CopyBatch(lambda v: mapping_of(att, v))
         taken = []
         try:
             for i in dev:
@@ -381,17 +379,10 @@ def _part(v):
     return buffers.as_bytes_view(v)
 
 
-def _mapping_of(att, view):
+def mapping_of(att, view):
     """(base address, size, read_only) of the segment mapping view lies in."""
     addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
     lo, hi = att.ro_range
     if lo <= addr < hi:
         return lo, hi - lo, True
     return att.rw_range[0], att.rw_range[1] - att.rw_range[0], False
-
-
-def mapping_of(att, view):
-    return _mapping_of(att, view)
-
-
-_ = time

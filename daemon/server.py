@@ -35,7 +35,6 @@ import numpy as np
 from kvstore import protocol, segment, table as table_mod
 from kvstore.errors import (DaemonStartError, IndexFull, KVStoreError, ProtocolError, StoreFull,
                             ValueTooLarge)
-from kvstore.record import State
 from kvstore.slots import fence
 from kvstore.store import maintenance
 from kvstore.store.objects import Contended, NoRoom, SealResult, Store
@@ -456,18 +455,13 @@ class Daemon:
                     conn, mtype, body = item
                     if mtype == protocol.SEAL:
                         seq = _last_seq(body)
-                        got[2][conn.slot] = max(got[2].get(conn.slot, 0), seq)
+                        _merge(got, ([], [], {conn.slot: seq}))
                         self.slots.failed[conn.slot] = seq
                     elif mtype != protocol.RETURN:
                         failed[i] = protocol.error(IndexFull(
                             "the index is full; restart the daemon with a larger index_map_size"))
                     continue
-                for part, more in zip(got, one):
-                    if isinstance(part, dict):
-                        for k, v in more.items():
-                            part[k] = max(part.get(k, 0), v)
-                    else:
-                        part.extend(more)
+                _merge(got, one)
             self._warn("commit", "the index is full: some requests were refused; restart the "
                        "daemon with a larger index_map_size")
         replies, after, applied = got
@@ -507,20 +501,15 @@ class Daemon:
         that may have changed the transaction half-way (StoreFull after evicting, an
         internal error) makes the turn run again without it, at most MAX_RERUNS times,
         then each request in a transaction of its own."""
-        for _ in range(MAX_RERUNS):
-            got = self._apply_once(batch, failed)
-            if got is not _Retry:
-                return got
-        replies, after, applied = [], [], {}
+        got = self._apply_rerun(batch, failed, MAX_RERUNS)
+        if got is not _Retry:
+            return got
+        merged = ([], [], {})
         for i, item in enumerate(batch):
             if i in failed:
                 continue
             one = {}
-            got = self._apply_once([item], one)
-            for _ in range(MAX_RERUNS):
-                if got is not _Retry:
-                    break
-                got = self._apply_once([item], one)
+            got = self._apply_rerun([item], one, 1 + MAX_RERUNS)
             if got is _Retry:
                 failed[i] = protocol.error(StoreFull("the store is too busy to make room now; retry"))
                 continue
@@ -528,11 +517,17 @@ class Daemon:
                 failed[i] = one[0]
             if got is None:
                 return None
-            replies += got[0]
-            after += got[1]
-            for k, v in got[2].items():
-                applied[k] = max(applied.get(k, 0), v)
-        return replies, after, applied
+            _merge(merged, got)
+        return merged
+
+    def _apply_rerun(self, batch, failed, attempts):
+        """_apply_once up to ``attempts`` times while it asks to run again; _Retry if it
+        still does."""
+        for _ in range(attempts):
+            got = self._apply_once(batch, failed)
+            if got is not _Retry:
+                return got
+        return _Retry
 
     def _apply_once(self, batch, failed):
         replies, after, applied = [], [], {}
@@ -768,21 +763,6 @@ class Daemon:
                 self._close(conn, "died (its socket lives on in a child)")
             else:
                 self._drop_client(cid, info["pid"], "is gone")
-        self._settle_counters(by_cid)
-
-    def _settle_counters(self, by_cid):
-        """A client whose ``sent`` is ahead of every seal in its ring (the ring empty,
-        everything applied) would make readers wait for seals that never come: set its
-        ``applied`` level with it (sent is read before the ring, so a seal written in
-        between is still in the ring)."""
-        sent, applied = self.slots.sent, self.slots.applied
-        for conn in by_cid.values():
-            s = conn.slot
-            if s < 0:
-                continue
-            claimed = int(sent[s])
-            if claimed > int(applied[s]) and not self.slots.ring_pending(s):
-                applied[s] = claimed
 
     # ---- stop -------------------------------------------------------------------------
     def stop(self):
@@ -828,6 +808,14 @@ _AFTER = object()
 #: Work units of a request (others cost 1): whole-store walks, and requests that may evict.
 _COST = {protocol.CHECK: TURN_BUDGET, protocol.KEYS: 16, protocol.STATS: 4, protocol.CREATE: 4,
          protocol.GRANT: 4, protocol.TABLE: 8}
+
+
+def _merge(into, got):
+    """Add one application's (replies, read-only requests, seal counters) to ``into``."""
+    into[0].extend(got[0])
+    into[1].extend(got[1])
+    for slot, seq in got[2].items():
+        into[2][slot] = max(into[2].get(slot, 0), seq)
 
 
 def _one_seal_each(batch):

@@ -216,6 +216,10 @@ def _adopt(o, cfg, desc, name, mode, nslots):
     o.segment_id = desc["segment_id"]
     table_mod.retire_file(desc["table_path"])      # before anything can be freed
     o.slots = SlotsFile(desc["slots_path"] or shm_path(name, "slots"), nslots, mode)
+    from kvstore.store.objects import Store
+    live_slots = []                            # slots of the clients that stay registered
+    held = lambda: o.slots.held(live_slots)    # noqa: E731
+    quiet = Store(o.env, _NoTable(), held, o.incarnation)   # the table is built below
     if not o.slots.adopted:
         # The holds of clients still alive are lost with the old file: move them to a
         # "fresh" identity so none of them trusts a hold it no longer has.
@@ -223,15 +227,14 @@ def _adopt(o, cfg, desc, name, mode, nslots):
                     "reconnect as new ones (their earlier views are no longer protected)")
         o.segment_id = uuid.uuid4().hex
         for cid in maintenance.clients(o.env):
-            _drop_dead(o, cid, None)
-    from kvstore.store.objects import Store
+            with quiet.batch() as b:
+                maintenance.drop_client(quiet, b, cid)
     known = maintenance.clients(o.env)
     dead = maintenance.dead_clients(o.env)
     o.table = _new_table(o, name, 0, mode)
-    slots_of = {cid: info.get("slot", -1) for cid, info in known.items() if cid not in dead}
-    store = Store(o.env, o.table, lambda: o.slots.held([s for s in slots_of.values() if s >= 0]),
-                  o.incarnation)
-    quiet = Store(o.env, _NoTable(), store.held_offsets, o.incarnation)   # the table is built below
+    live_slots += [info.get("slot", -1) for cid, info in known.items()
+                   if cid not in dead and info.get("slot", -1) >= 0]
+    store = Store(o.env, o.table, held, o.incarnation)
     for cid, info in known.items():
         slot = info.get("slot", -1)
         if not 0 <= slot < o.slots.nslots:
@@ -299,13 +302,6 @@ def _adopt(o, cfg, desc, name, mode, nslots):
         log.warning("dropped %d objects whose bytes no longer matched their checksum: %s",
                     len(bad), ", ".join(repr(k) for k in o.recovered[5]))
     return True
-
-
-def _drop_dead(o, cid, slot):
-    from kvstore.store.objects import Store
-    store = Store(o.env, _NoTable(), lambda: np.empty(0, np.uint64))
-    with store.batch() as b:
-        maintenance.drop_client(store, b, cid)
 
 
 class _NoTable:

@@ -139,3 +139,19 @@ def corrupt_object(client, key, at, byte=b"!"):
         m.close()
     finally:
         os.close(fd)
+
+
+def raw_hello(path):
+    """A bare socket to the daemon at path, past the handshake (no Client around it), for
+    tests that send frames by hand. Returns (socket, WELCOME body)."""
+    import socket
+    from kvstore import protocol
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(protocol.hello(os.getpid(), "", None))
+    mtype, body, fds = protocol.recv_message(s, with_fds=3)
+    for fd in fds:
+        os.close(fd)
+    assert mtype == protocol.WELCOME
+    return s, body

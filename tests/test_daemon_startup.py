@@ -399,6 +399,19 @@ def test_destroy_refused_while_running_then_removes_stopped_store(make_daemon):
 
 # ---- huge pages ---------------------------------------------------------------------------
 
+def _undo_huge_pages(d, mnt, nr_before):
+    """What a huge-page test leaves behind, removed even when it fails: the daemon's store,
+    the hugetlbfs mount, and vm.nr_hugepages as it was."""
+    d.destroy()
+    if is_mounted(mnt):
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        changed = int(f.read()) != nr_before
+    if changed:
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(nr_before))
+
+
 def test_hugepages_require_with_reserve(make_daemon, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("reserving huge pages and mounting hugetlbfs needs root")
@@ -439,14 +452,7 @@ def test_hugepages_require_with_reserve(make_daemon, tmp_path):
         assert "huge pages in " + s["segment_path"] + " (pre-faulted)" in log
         assert "hugetlbfs segment of 67108864 bytes" in log
     finally:
-        d.destroy()
-        if is_mounted(mnt):
-            subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        with open("/proc/sys/vm/nr_hugepages") as f:
-            changed = int(f.read()) != nr_before
-        if changed:
-            with open("/proc/sys/vm/nr_hugepages", "w") as f:
-                f.write(str(nr_before))
+        _undo_huge_pages(d, mnt, nr_before)
     assert not os.path.exists(s["segment_path"])
 
 
@@ -484,11 +490,7 @@ def test_huge_pages_reserved_by_the_daemon_are_given_back_on_discard(make_daemon
             assert int(f.read()) == nr_before
         assert "gave back" in d.read_log()
     finally:
-        d.destroy()
-        if is_mounted(mnt):
-            subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        with open("/proc/sys/vm/nr_hugepages", "w") as f:
-            f.write(str(nr_before))
+        _undo_huge_pages(d, mnt, nr_before)
 
 
 def test_busy_live_daemon_socket_is_not_taken_for_stale(make_daemon, tmp_path):
@@ -565,8 +567,4 @@ def test_destroy_finds_the_segment_on_the_configured_hugetlbfs_mount_with_a_garb
         assert not os.path.exists(seg), "the segment on the configured mount was left behind"
         assert os.listdir(mnt) == []
     finally:
-        d.destroy()
-        if is_mounted(mnt):
-            subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        with open("/proc/sys/vm/nr_hugepages", "w") as f:
-            f.write(str(nr_before))
+        _undo_huge_pages(d, mnt, nr_before)

@@ -5,24 +5,13 @@ struct.error is not a KVStoreError, so it escapes Daemon._apply_together / _appl
 serve and the daemon stops (claim 5: bad input gets a typed error, never a crash).
 """
 
-import socket
 import time
 
 import pytest
 
 from kvstore import protocol
+from conftest import raw_hello
 
-
-def _hello(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(path)
-    s.sendall(protocol.hello(__import__("os").getpid(), "", None))
-    mtype, body, fds = protocol.recv_message(s, with_fds=3)
-    for fd in fds:
-        __import__("os").close(fd)
-    assert mtype == protocol.WELCOME
-    return s
 
 
 @pytest.mark.parametrize("frame", [
@@ -33,7 +22,7 @@ def test_huge_sizes_get_a_typed_error_and_the_daemon_lives(daemon, frame):
     c = daemon.client()
     try:
         c.put("x", b"y" * 100)            # some space in use: a full-segment grant cannot fit
-        s = _hello(daemon.socket)
+        s, _ = raw_hello(daemon.socket)
         s.sendall(frame)
         try:
             protocol.recv_message(s)

@@ -5,25 +5,13 @@ many one client sends per turn (RECV_BYTES bounds bytes: a CHECK frame is 7 byte
 no grant, delete, connect or publication of new puts meanwhile.
 """
 
-import os
-import socket
 import threading
 import time
 
 from kvstore import protocol
 from kvstore.errors import StoreUnavailable
+from conftest import raw_hello
 
-
-def _hello(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(path)
-    s.sendall(protocol.hello(os.getpid(), "", None))
-    mtype, body, fds = protocol.recv_message(s, with_fds=3)
-    for fd in fds:
-        os.close(fd)
-    assert mtype == protocol.WELCOME
-    return s
 
 
 def test_a_flood_of_checks_does_not_stall_the_daemon(daemon):
@@ -31,7 +19,7 @@ def test_a_flood_of_checks_does_not_stall_the_daemon(daemon):
         for i in range(2000):
             p.put(f"k{i}", b"v" * 1000)
     c = daemon.client()
-    s = _hello(daemon.socket)
+    s, _ = raw_hello(daemon.socket)
     try:
         frames = protocol.encode(protocol.CHECK, {}) * 400
         threading.Thread(target=lambda: s.sendall(frames), daemon=True).start()

@@ -10,24 +10,12 @@ grants, connects and the visibility of new puts) with cheap, well-formed request
    1 s per TABLE frame / connection.
 """
 
-import socket
 import threading
 import time
 
 from kvstore import protocol
+from conftest import raw_hello
 
-
-def _hello(path):
-    import os
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(path)
-    s.sendall(protocol.hello(os.getpid(), "", None))
-    mtype, body, fds = protocol.recv_message(s, with_fds=3)
-    for fd in fds:
-        os.close(fd)
-    assert mtype == protocol.WELCOME
-    return s
 
 
 def _worst_latency(c, seconds):
@@ -43,7 +31,7 @@ def _worst_latency(c, seconds):
 
 def test_a_flood_of_failing_requests_does_not_stall_the_daemon(daemon):
     c = daemon.client()
-    s = _hello(daemon.socket)
+    s, _ = raw_hello(daemon.socket)
     try:
         frames = b"".join(protocol.keyed(protocol.ABORT, b"nope%06d" % i) for i in range(12000))
         t = threading.Thread(target=lambda: s.sendall(frames), daemon=True)
@@ -58,7 +46,7 @@ def test_a_flood_of_failing_requests_does_not_stall_the_daemon(daemon):
 
 def test_a_client_that_does_not_read_cannot_block_the_daemon_with_table_requests(daemon):
     c = daemon.client()
-    socks = [_hello(daemon.socket) for _ in range(3)]
+    socks = [raw_hello(daemon.socket)[0] for _ in range(3)]
     try:
         stats = protocol.encode(protocol.STATS, {})
         table = protocol.encode(protocol.TABLE, {})

@@ -6,7 +6,6 @@ struct.error out of release() (and table.mark sets the mark of an unrelated obje
 """
 
 import signal
-import time
 
 from conftest import wait_for
 

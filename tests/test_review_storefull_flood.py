@@ -7,25 +7,13 @@ and so every other client's grant, delete, connect and the visibility of new put
 many seconds (claim 1).
 """
 
-import os
-import socket
 import threading
 import time
 
 from kvstore import protocol
 from kvstore.errors import StoreUnavailable
+from conftest import raw_hello
 
-
-def _hello(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(path)
-    s.sendall(protocol.hello(os.getpid(), "", None))
-    mtype, body, fds = protocol.recv_message(s, with_fds=3)
-    for fd in fds:
-        os.close(fd)
-    assert mtype == protocol.WELCOME
-    return s, body["segment_size"]
 
 
 def test_a_flood_of_refused_creates_does_not_stall_the_daemon(daemon):
@@ -34,7 +22,8 @@ def test_a_flood_of_refused_creates_does_not_stall_the_daemon(daemon):
             p.put(f"k{i}", b"v" * 1000)
     holder = daemon.client()
     c = daemon.client()
-    s, size = _hello(daemon.socket)
+    s, welcome = raw_hello(daemon.socket)
+    size = welcome["segment_size"]
     try:
         assert holder.get("k5") is not None            # held: the pre-check counts it as evictable
         frames = b"".join(protocol.create(b"huge%04d" % i, size, False) for i in range(400))

@@ -13,7 +13,6 @@ Must never: free an extent a hold table names, or drop a live client's state.
 """
 
 import json
-import os
 
 import numpy as np
 import xxhash
@@ -247,9 +246,3 @@ def check(store):
             break
     return problems
 
-
-def map_size_of(path):
-    try:
-        return os.path.getsize(os.path.join(path, "data.mdb"))
-    except OSError:
-        return 0

@@ -25,7 +25,7 @@ import enum
 import time
 from typing import NamedTuple, Optional
 
-from kvstore import record, table as table_mod
+from kvstore import record
 from kvstore.errors import (AlreadySealed, NotCreator, ObjectNotFound, StoreFull)
 from kvstore.keys import user_key
 from kvstore.record import Flag, Record, State
