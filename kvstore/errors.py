@@ -83,6 +83,14 @@ class StoreFull(KVStoreError):
     code = 20
 
 
+class QuotaExceeded(StoreFull):
+    """A namespace with a quota has no room within it even after evicting its own
+    evictable objects (the rest of the store is not touched); raise its quota or free
+    some of its objects."""
+
+    code = 26
+
+
 class IndexFull(KVStoreError):
     """The LMDB index reached its map size; raise index_map_size."""
 
@@ -113,6 +121,13 @@ class TooManyHolds(KVStoreError):
     code = 25
 
 
+class MissingExtra(KVStoreError, ImportError):
+    """A view type whose package is not installed (torch, pyarrow); the message names
+    the pip extra that installs it."""
+
+    code = 27
+
+
 class ProtocolError(KVStoreError):
     """A frame on the daemon's socket that is not a valid kvstore message."""
 
@@ -131,6 +146,13 @@ class StoreUnavailable(KVStoreError, ConnectionError):
     code = 32
 
 
+class SegmentGone(StoreUnavailable):
+    """The shared-memory segment was truncated or removed behind the store's back; the
+    daemon must be restarted (its data in that segment is lost)."""
+
+    code = 33
+
+
 class ConfigError(KVStoreError, ValueError):
     """A bad configuration field; the message names the field."""
 
@@ -143,11 +165,17 @@ class DaemonStartError(KVStoreError):
     code = 41
 
 
+class IndexDamaged(DaemonStartError):
+    """The LMDB index failed its check at start-up; the message names the fix."""
+
+    code = 42
+
+
 _BY_CODE = {cls.code: cls for cls in (
     KVStoreError, InvalidKey, InvalidKeyType, InvalidSize, ValueTooLarge, InvalidValue,
     ObjectExists, ObjectNotFound, AlreadySealed, NotCreator, NotSealed, StoreFull, IndexFull,
     GetTimeout, ReadOnlyView, ChecksumMismatch, TooManyHolds, ProtocolError, ClientClosed, StoreUnavailable, ConfigError,
-    DaemonStartError)}
+    DaemonStartError, QuotaExceeded, MissingExtra, SegmentGone, IndexDamaged)}
 
 
 def from_code(code, message):
