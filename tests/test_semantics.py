@@ -103,24 +103,50 @@ def test_large_get_copies_nothing(daemon):
 
 
 def test_get_waits_for_seal_like_plasma(daemon):
+    """A get of an object another client is creating waits for its seal, then returns the
+    sealed bytes. Deterministic under any load: the child first proves the object is
+    being created (get with timeout=0 raises GetTimeout), then runs the get in a thread and
+    reports only once that thread is inside get's wait loop (its stack shows get_many
+    sleeping) and has not returned; the parent seals only after that report."""
     with daemon.client() as c:
         buf = c.create("slow", 3)
         p = run_py("""
-            import sys, time
+            import sys, threading, time
             from kvstore.client import Client
+            from kvstore.errors import GetTimeout
             c = Client(sys.argv[1])
-            t0 = time.monotonic()
-            v = c.get("slow", timeout=20)
-            print("got", bytes(v).decode(), round(time.monotonic() - t0, 2), flush=True)
+            try:
+                c.get("slow", timeout=0)
+                raise SystemExit("get of an object being created did not wait")
+            except GetTimeout:
+                pass
+            got = []
+            t = threading.Thread(target=lambda: got.append(bytes(c.get("slow"))), daemon=True)
+            t.start()
+
+            def waiting():          # the get thread is sleeping in get_many's wait loop
+                f = sys._current_frames().get(t.ident)
+                names = []
+                while f is not None:
+                    names.append(f.f_code.co_name)
+                    f = f.f_back
+                return "get_many" in names and names[0] in ("sleep", "next_delay")
+            deadline = time.monotonic() + 60
+            while not waiting():
+                if got or time.monotonic() > deadline:
+                    raise SystemExit(f"the get never waited: {got}")
+                time.sleep(0.001)
+            print("blocked", bool(got), flush=True)
+            t.join(60)
+            print("got", got[0].decode() if got else None, flush=True)
         """, daemon.socket, background=True)
-        time.sleep(0.5)
+        assert wait_line(p, "blocked").split() == ["blocked", "False"]   # still waiting
         with pytest.raises(NotSealed):
             c.get("slow")
         buf[:] = b"yes"
         c.seal("slow")
-        line = wait_line(p, "got")
-        assert line.split()[1] == "yes" and float(line.split()[2]) >= 0.3
-        p.wait(10)
+        assert wait_line(p, "got").split() == ["got", "yes"]
+        assert p.wait(10) == 0
 
 
 def test_get_timeout_and_creator_death(daemon):
