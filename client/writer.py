@@ -30,6 +30,7 @@ from kvstore.store.allocator import extent_size
 from kvstore.table import SEALED
 
 from . import buffers, device_copy
+from .safecopy import CallerMemory
 
 #: First arena a client asks for, and the largest (it doubles while puts keep coming).
 ARENA_FIRST = 1 << 20
@@ -253,7 +254,9 @@ class Writer:
         ``done`` (index -> offset) carries the keys an interrupted earlier try of this same
         call already wrote: they count as written, not as existing."""
         done = {} if done is None else done
-        flags = 1 if pin else 0
+        # with namespace quotas a pin can be refused: it goes by PIN request after the seal
+        pin_later = pin and self.conn.att.quotas
+        flags = 1 if pin and not pin_later else 0
         self._check_failed()
         out = [False] * len(ks)
         mine, dev = [], []
@@ -298,6 +301,10 @@ class Writer:
                 e = table.lookup(ks[i])
                 if e is None or e.offset != done[i]:
                     raise ObjectExists(exists_msg(ks[i], SEALED, "put"))
+        if pin_later and mine:
+            self.wait_applied(self.seq)
+            for i in mine:
+                self.conn.request(protocol.keyed(protocol.PIN, ks[i], flag=1), protocol.DONE)
         return out
 
     def _put_device(self, ks, partss, dev, flags, mine, out, done):
@@ -316,6 +323,8 @@ class Writer:
                     e = pos + nbytes(p)
                     if type(p) is memoryview:
                         att.rw[pos:e] = p
+                    elif type(p) is CallerMemory:     # the Mooncake facade's pointers
+                        p.read_into(att.rw[pos:e])
                     else:
                         copies.to_segment(att.rw[pos:e], p)
                     pos = e
@@ -374,6 +383,8 @@ class Writer:
 
 
 def _part(v):
+    if type(v) is CallerMemory:                   # copied by the kernel, like a device's memory
+        return v
     if device_copy.is_device_tensor(v):
         return device_copy.flat_bytes(v)
     return buffers.as_bytes_view(v)

@@ -33,6 +33,8 @@ def build_parser():
     p.add_argument("--discard-on-exit", dest="discard_on_exit", action="store_const", const=True,
                    help="remove segment and index on a clean stop (default: keep them for the next start)")
     p.add_argument("--socket-mode", dest="socket_mode", help="socket file mode, octal (0600)")
+    p.add_argument("--namespace-quotas", dest="namespace_quotas",
+                   help="guaranteed shares, e.g. tenant-a=4GiB,tenant-b=2GiB (docs/namespaces.md)")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--destroy", action="store_true",
                    help="remove the segment and index of a stopped daemon's --data-dir, then exit")

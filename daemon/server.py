@@ -32,14 +32,17 @@ import time
 import lmdb
 import numpy as np
 
-from kvstore import protocol, segment, table as table_mod
-from kvstore.errors import (DaemonStartError, IndexFull, KVStoreError, ProtocolError, StoreFull,
-                            ValueTooLarge)
+from kvstore import access, protocol, segment, table as table_mod
+from kvstore.config import check_group
+from kvstore.errors import (DaemonStartError, IndexFull, KVStoreError, ProtocolError, SegmentGone,
+                            StoreFull, ValueTooLarge)
+from kvstore.keys import namespace_prefix
 from kvstore.slots import fence
 from kvstore.store import maintenance
 from kvstore.store.objects import Contended, NoRoom, SealResult, Store
 
 from . import startup
+from .ratelimit import LogLimiter
 
 log = logging.getLogger("kvstore.daemon")
 
@@ -59,16 +62,19 @@ KEYS_PAGE = 512               # keys per KEYS reply
 SYNC_PUTS_AT = 0.9            # index map fill at which puts wait for their verdict
 TURN_BUDGET = 64              # work units of one client's requests applied per loop turn
 MAX_RERUNS = 4               # re-runs of one turn after failed requests, then one by one
-WARN_EVERY = 10.0             # seconds between two warnings of one kind (rate limit)
+SEGMENT_CHECK_EVERY = 2.0     # seconds between checks that the segment file is intact
+#: Why a registered client is dropped when it misbehaved (those lines are rate-limited)
+_BAD_DROPS = ("protocol error", "not reading its replies", "corrupt seal ring")
 
 
 class _Conn:
     __slots__ = ("sock", "reader", "cid", "pid", "slot", "opened", "outbox", "closing", "bye",
-                 "queue", "eof")
+                 "queue", "eof", "ns")
 
     def __init__(self, sock):
         self.sock, self.reader = sock, protocol.FrameReader()
         self.cid = self.pid = None
+        self.ns = b"\x00"             # namespace prefix (kvstore.keys), set at HELLO
         self.slot = -1
         self.opened, self.outbox, self.closing, self.bye = time.monotonic(), bytearray(), None, False
         self.queue = collections.deque()   # requests read, not yet applied (over budget)
@@ -84,7 +90,7 @@ class Daemon:
     def __init__(self, cfg):
         self.cfg = cfg
         #: index, segment, table and slots files admit whoever the socket admits
-        self.file_mode = int(cfg.socket_mode, 8) & 0o666
+        self.file_mode = access.Access(int(cfg.socket_mode, 8) & 0o666, cfg.group_id())
         self.opened = self.store = self.listener = self._lock_fd = None
         self.selector = selectors.DefaultSelector()
         self.conns = {}
@@ -94,21 +100,28 @@ class Daemon:
         self.stopping = False
         self.started = time.monotonic()
         self._paused_accept = 0.0
-        self._warned = {}
+        self._limited = LogLimiter(log)   # bad-connection lines: a burst, then counted
+        self.segment_trouble = None       # (kind, text) once the segment file was tampered with
         self.nslots = cfg.max_clients + MAX_HANDSHAKING
 
     # ---- start-up ---------------------------------------------------------------------
     def start(self):
         _raise_fd_limit(self.cfg.max_clients + MAX_HANDSHAKING + 64)
         try:
+            check_group(self.cfg)     # before anything is created
             self._lock_fd = startup.check_data_dir(self.cfg)
             startup.check_socket(self.cfg.socket)
             segment.check_memory(self.cfg, segment.segment_name(self.cfg.data_dir))
             o = self.opened = startup.open_store(self.cfg, self.file_mode, self.nslots)
             self.segment, self.slots, self.segment_id = o.segment, o.slots, o.segment_id
+            access.apply(self.segment.fd, self.file_mode)   # an adopted one too: this run's group
             self.slot_of = {cid: info.get("slot", -1) for cid, info in maintenance.clients(o.env).items()}
             self.store = Store(o.env, o.table, self._held, o.incarnation)
             self.store.grow_table = self._grow_table
+            if self.cfg.namespace_quotas:
+                self.store.set_quotas(self.cfg.namespace_quotas, *maintenance.load_records(o.env))
+                log.info("namespace quotas: %s", ", ".join(
+                    f"{n or '(default)'}={q}" for n, q in self.cfg.namespace_quotas.items()))
             self.store.doomed_added = True        # reclaim what the last run left, if anything
             self._psize = o.env.env.stat()["psize"]
             self._sync_puts = None
@@ -141,7 +154,18 @@ class Daemon:
             raise DaemonStartError(f"cannot bind socket {path}: {e.strerror}") from None
         finally:
             os.umask(old)
-        os.chmod(path, int(self.cfg.socket_mode, 8))
+        sock_mode = access.Access(int(self.cfg.socket_mode, 8), self.file_mode.gid)
+        try:
+            access.apply_path(path, sock_mode)
+        except OSError as e:
+            s.close()
+            raise DaemonStartError(f"cannot give socket {path} its mode and group: {e.strerror}") from None
+        if self.file_mode.gid is not None:
+            blocked = access.searchable_by(path, self.file_mode.gid)
+            if blocked:
+                log.warning("members of group %s cannot reach the socket: directory %s is not "
+                            "searchable by them (chmod o+x or chgrp it, or choose another --socket)",
+                            self.cfg.group, blocked)
         s.listen(128)
         s.setblocking(False)
         self.listener = s
@@ -184,6 +208,7 @@ class Daemon:
 
     def serve(self):
         next_liveness = time.monotonic() + LIVENESS_EVERY
+        next_segment_check = time.monotonic() + SEGMENT_CHECK_EVERY
         next_sweep = 0.0
         active_until = 0.0
         poll = POLL_TICK
@@ -232,8 +257,12 @@ class Daemon:
             if now >= next_sweep:
                 next_sweep = now + SWEEP_EVERY
                 self._duty(self._sweep_watermark)
+            if now >= next_segment_check:
+                next_segment_check = now + SEGMENT_CHECK_EVERY
+                self._duty(self._check_segment)
             if now >= next_liveness:
                 next_liveness = now + LIVENESS_EVERY
+                self._limited.flush()
                 self._duty(self._check_liveness, now)
 
     def _rings_waiting(self):
@@ -398,11 +427,13 @@ class Daemon:
         else:
             log.info("client %d (pid %d) reconnected", cid, conn.pid)
         conn.cid, conn.slot = cid, self.slot_of[cid]
+        conn.ns = namespace_prefix(namespace)
         t = self.store.table
         frame = protocol.welcome(cid=cid, slot=conn.slot, segment_size=self.segment.size,
                                  backing=self.segment.backing, segment_id=self.segment_id,
                                  slots=self.slots.describe(), incarnation=self.store.incarnation,
-                                 table_generation=t.generation)
+                                 table_generation=t.generation,
+                                 quotas=self.store.quotas is not None)
         socket.send_fds(conn.sock, [frame], [self.segment.fd, t.fd, self.slots.fd])
         log.debug("client %d (pid %d) connected", cid, conn.pid)
 
@@ -585,7 +616,7 @@ class Daemon:
         if mtype == protocol.GRANT:
             want, least = protocol.read_grant(body)
             self._check_fits(least)
-            off, size = store.grant(b, cid, max(least, min(want, self.segment.size)), least)
+            off, size = store.grant(b, cid, max(least, min(want, self.segment.size)), least, conn.ns)
             return protocol.granted(off, size)
         if mtype == protocol.RETURN:
             store.give_back(b, cid, protocol.read_give_back(body))
@@ -663,6 +694,8 @@ class Daemon:
                   held_extents=int(len(self._held())), uptime=time.monotonic() - self.started,
                   incarnation=self.store.incarnation, table_buckets=self.store.table.capacity,
                   table_live=self.store.table.live)
+        if self.store.quotas is not None:
+            st["namespaces"] = self.store.quotas.report()
         return st
 
     def _send(self, conn, frame):

@@ -33,6 +33,7 @@ from kvstore.slots import fence
 
 from . import allocator
 from .policy import Advice, Candidate, ClockPolicy
+from .quotas import Quotas, namespace_of
 from .schema import ARENA, LE64, U64, pack64
 
 extent_size = allocator.extent_size
@@ -67,6 +68,8 @@ class Batch:
         self.publish = {}
         self.hidden = []
         self._held = None
+        self.quota_delta = {}        # namespace -> bytes used (kvstore.store.quotas), at commit
+        self.pin_delta = {}
         #: offsets sealed (or refused) since the seal counters last moved (the Store's set,
         #: shared by every batch of one loop turn): their clients may hold them as their
         #: own puts until the counter moves on, so their space is freed on a later turn
@@ -86,6 +89,8 @@ class Batch:
         if etype is not None:
             self._restore()
             return False
+        if self.store.quotas is not None:
+            self.store.quotas.commit(self)
         for key, rec in self.publish.items():
             self.store.publish(key, rec)
         return False
@@ -134,6 +139,17 @@ class Store:
         #: sizes at least this large found no room in this loop turn (the daemon resets it
         #: each turn): a flood of requests that cannot fit costs one walk per turn
         self.full_at = float("inf")
+        self.quotas = None                        # kvstore.store.quotas.Quotas, if configured
+
+    def set_quotas(self, quotas, keys, recs):
+        """Enforce per-namespace quotas from now on (quotas: namespace name -> bytes),
+        counting current usage from every record (keys, recs as load_records gives)."""
+        if not quotas:
+            self.quotas = None
+            return
+        q = Quotas(quotas, self.segment_size)
+        q.rebuild(keys, recs)
+        self.quotas = q
 
     def batch(self):
         return Batch(self)
@@ -166,8 +182,10 @@ class Store:
             else:
                 self._free(b.txn, off, ext)
 
-    def allocate(self, b, ext):
-        """An extent of ext bytes, evicting least-recently-used objects if needed.
+    def allocate(self, b, ext, ns=None):
+        """An extent of ext bytes for namespace ns, evicting least-recently-used objects
+        if needed (with quotas, only those kvstore.store.quotas allows, the asking
+        namespace's own first when it is over its quota).
 
         Victims are taken out of the index and their space tried BEFORE anyone sees them
         go: only once the allocation fits are they unpublished (then a fence and a hold
@@ -179,12 +197,26 @@ class Store:
             free = (self.segment_size & ~(allocator.ALIGN - 1)) - self.env.meta_int(txn, "used")
             if ext > free + self.env.meta_int(txn, "lru_bytes") or ext >= self.full_at:
                 raise self._full(ext, NoRoom)     # evicting everything would not do
+            q = self.quotas
+            if q is None:
+                filters = [None]
+            else:
+                filters = [q.victim_filter(b, ns)]
+                if q.over_share(b, ns, ext):
+                    filters.insert(0, q.victim_filter(b, ns, own_only=True))
+                if not q.evictable_anywhere(b, ns):
+                    raise q.full_error(ns, ext) if q.over_share(b, ns, ext) else self._full(ext, NoRoom)
             victims = []
             while off is None:
-                more = self._take_victims(b, need=ext)
+                more = self._take_victims(b, need=ext, allow=filters[0])
+                if not more and len(filters) > 1:
+                    filters.pop(0)
+                    continue
                 if not more:
-                    self.full_at = min(self.full_at, ext)   # the rest of this turn: no walk
-                    raise self._full(ext)         # the turn is abandoned: nothing was hidden
+                    if q is None:
+                        self.full_at = min(self.full_at, ext)   # the rest of this turn: no walk
+                        raise self._full(ext)     # the turn is abandoned: nothing was hidden
+                    raise q.full_error(ns, ext) if q.over_share(b, ns, ext) else self._full(ext)
                 victims += more
                 for _, voff, vext in more:
                     self._free(txn, voff, vext)
@@ -207,16 +239,22 @@ class Store:
         """The watermark sweep: evict in CLOCK order until ``need`` bytes were freed (or
         used <= target_used). Victims are unpublished first, then freed once no hold
         table names them. Returns the number of objects evicted."""
-        victims = self._take_victims(b, need, target_used, max_objects)
+        allow = None
+        if self.quotas is not None:
+            if not self.quotas.evictable_anywhere(b):
+                return 0                          # everyone is within their quota
+            allow = self.quotas.victim_filter(b)
+        victims = self._take_victims(b, need, target_used, max_objects, allow)
         for key, _, _ in victims:
             b.hide(key)
         self._release_extents(b, [(off, ext) for _, off, ext in victims])
         return len(victims)
 
-    def _take_victims(self, b, need=0, target_used=None, max_objects=256):
+    def _take_victims(self, b, need=0, target_used=None, max_objects=256, allow=None):
         """Walk the CLOCK order asking the policy; take victims out of the index (their
         records and lru entries, nothing else) until ``need`` bytes (or used <=
-        target_used). Returns [(key, offset, extent)]; the caller hides and frees them."""
+        target_used). ``allow(key, extent)`` (quotas) may rule candidates out first.
+        Returns [(key, offset, extent)]; the caller hides and frees them."""
         txn, d, table = b.txn, self.dbs, self.table
         held = b.held() | b.sealed_now
         freed, victims = 0, []
@@ -238,6 +276,9 @@ class Store:
                 cur.delete()
                 continue
             rec = record.unpack(raw)
+            if allow is not None and not allow(key, extent_size(rec.size)):
+                cur.next()
+                continue
             bucket = table.find(key)
             referenced = bucket is not None and bool(table.marks[bucket])
             advice = self.policy.advise(Candidate(key, rec.size, rec.offset in held, referenced))
@@ -256,6 +297,8 @@ class Store:
             txn.delete(key, db=d.objects)
             ext = extent_size(rec.size)
             self._lru_bytes(txn, -ext)
+            if self.quotas is not None:
+                self.quotas.credit(b, key, ext)
             victims.append((key, rec.offset, ext))
             freed += ext
             if need and freed >= need:
@@ -264,8 +307,9 @@ class Store:
                 break
         return victims
 
-    def grant(self, b, cid, want, least):
-        """Give a client an arena of up to ``want`` bytes (at least ``least``)."""
+    def grant(self, b, cid, want, least, ns=None):
+        """Give a client (of namespace prefix ns) an arena of up to ``want`` bytes (at
+        least ``least``)."""
         txn = b.txn
         want = extent_size(want)
         least = extent_size(least)
@@ -275,7 +319,7 @@ class Store:
             off = allocator.alloc(txn, self.dbs, least)
             size = least
         if off is None:
-            off = self.allocate(b, least)        # evicts; accounts used itself
+            off = self.allocate(b, least, ns)    # evicts; accounts used itself
             size = least
         else:
             self.env.add_used(txn, size)
@@ -345,6 +389,9 @@ class Store:
         if self.table.find(key) is not None:
             return SealResult.INVALID                    # a digest collision: never in practice
         self._advance(txn, arena, off + ext, gap_end=off)
+        if self.quotas is not None:
+            flags = self._pin_allowed(b, key, ext, flags)
+            self.quotas.charge(b, key, ext, bool(flags & Flag.PINNED))
         stamp = time.monotonic_ns()
         rec = Record(off, size, cid, stamp, csum, State.SEALED, Flag(flags), self.incarnation, replicas)
         txn.put(key, record.pack(rec), db=d.objects)
@@ -353,6 +400,18 @@ class Store:
             self._lru_bytes(txn, ext)
         b.show(key, rec)
         return SealResult.SEALED
+
+    def _pin_allowed(self, b, key, ext, flags):
+        """A put's pin flag if quotas allow it, else the flags without it (clients of a
+        daemon with quotas pin with a PIN request, which can be refused; this only
+        guards against a client that did not)."""
+        if not flags & Flag.PINNED:
+            return flags
+        try:
+            self.quotas.check_pin(b, namespace_of(key), ext, key)
+        except StoreFull:
+            return flags & ~Flag.PINNED
+        return flags
 
     def _advance(self, txn, arena, new_frontier, gap_end):
         """Move an arena's frontier past an object; free what the client skipped."""
@@ -384,7 +443,13 @@ class Store:
             return Created(None, record.unpack(raw).state)
         if self.table.find(key) is not None:
             return Created(None, State.SEALED)
-        off = self.allocate(b, extent_size(size))
+        ext = extent_size(size)
+        ns = namespace_of(key)
+        if pinned and self.quotas is not None:
+            self.quotas.check_pin(b, ns, ext, key)
+        off = self.allocate(b, ext, ns)
+        if self.quotas is not None:
+            self.quotas.charge(b, key, ext, pinned)
         rec = Record(off, size, cid, 0, 0, State.CREATING, Flag.PINNED if pinned else Flag.NONE,
                      self.incarnation)
         txn.put(key, record.pack(rec), db=d.objects)
@@ -418,6 +483,8 @@ class Store:
         """Remove an object: hidden now, its extent freed now or once unheld."""
         txn = b.txn
         txn.delete(key, db=self.dbs.objects)
+        if self.quotas is not None:
+            self.quotas.credit(b, key, extent_size(rec.size), rec.pinned)
         if rec.sealed and not rec.pinned:
             txn.delete(pack64(rec.stamp) + key, db=self.dbs.lru)
             self._lru_bytes(txn, -extent_size(rec.size))
@@ -456,6 +523,8 @@ class Store:
         rec = record.unpack(raw)
         if rec.pinned == pinned:
             return
+        if self.quotas is not None:
+            self.quotas.repin(b, key, extent_size(rec.size), pinned)
         rec = rec._replace(flags=(rec.flags | Flag.PINNED) if pinned else (rec.flags & ~Flag.PINNED))
         txn.put(key, record.pack(rec), db=d.objects)
         if rec.sealed:
