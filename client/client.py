@@ -37,18 +37,26 @@ _KEYS_PAGE = 512
 class Client:
     """A handle on the local daemon's store. Thread-safe; one per process is enough."""
 
-    def __init__(self, socket_path=None, namespace="", timeout=5.0, reconnect_timeout=10.0):
+    def __init__(self, socket_path=None, namespace="", timeout=5.0, reconnect_timeout=10.0,
+                 fail_fast=False):
         """Connect to the daemon at socket_path (None: $KVSTORE_SOCKET, else
-        /tmp/kvstore.sock). ``timeout``: seconds for one exchange with
-        the daemon. ``reconnect_timeout``: how long a call waits for a daemon that went
-        away to come back before raising StoreUnavailable (the client reconnects by
-        itself, in the background); a Client created while the daemon is (re)starting
-        waits as long for it."""
+        /tmp/kvstore.sock). ``timeout``: seconds for one exchange with the daemon.
+
+        ``reconnect_timeout``: when the daemon goes away the client reconnects by
+        itself, in the background; calls made meanwhile wait for it until
+        ``reconnect_timeout`` seconds after the outage began, then raise
+        StoreUnavailable, and from then on raise it at once until the daemon is back
+        (so a long outage costs one wait, not one per call). A Client created while
+        the daemon is restarting (its socket path exists) waits as long for it; a
+        socket path that does not exist raises StoreUnavailable at once.
+        ``fail_fast=True``: calls never wait for a daemon that is away, they raise
+        StoreUnavailable at once (for callers that treat the store as a cache, such as
+        the engine adapters)."""
         self._ns = namespace_prefix(namespace)     # keys are scoped by namespace
         self._namespace = namespace
         self._lock = threading.Lock()
         self._conn = Connection(self, defaults.socket_path(socket_path), namespace, timeout,
-                                reconnect_timeout)
+                                reconnect_timeout, fail_fast)
         self._conn.lock = self._lock
         self._writer = Writer(self._conn)
         self._reader = Reader(self._conn, self._writer)

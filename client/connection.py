@@ -21,7 +21,7 @@ import weakref
 import numpy as np
 
 from kvstore import protocol
-from kvstore.errors import ClientClosed, KVStoreError, StoreUnavailable
+from kvstore.errors import ClientClosed, KVStoreError, SegmentGone, StoreUnavailable
 from kvstore.retry import Backoff
 from kvstore.slots import ClientSlot
 from kvstore.table import TableReader
@@ -52,6 +52,25 @@ def connect(sock, path, timeout):
                 raise
 
 
+def _check_segment_file(fd, size):
+    """Raise SegmentGone if the segment file behind fd is smaller than the daemon says:
+    truncated behind the store's back (mapping it would fail, and reading past its end
+    kills the process with SIGBUS)."""
+    try:
+        have = os.fstat(fd).st_size
+    except OSError:
+        have = -1
+    if have >= size:
+        return
+    try:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        path = "the store's shared-memory segment"
+    raise SegmentGone(f"{path} holds {max(have, 0)} bytes but the store's segment is {size}: it was "
+                      f"truncated behind the daemon's back, and the objects in it are lost; restart "
+                      f"the daemon (it starts with a fresh segment), then create a new Client")
+
+
 class Attachment:
     """This process's mappings of one store, from one WELCOME."""
 
@@ -60,9 +79,14 @@ class Attachment:
         self.cid, self.slot_no = body["cid"], body["slot"]
         self.segment_id, self.incarnation = body["segment_id"], body.get("incarnation", 0)
         self.size, self.backing = body["segment_size"], body["backing"]
+        _check_segment_file(seg_fd, self.size)
         seg = Segment(seg_fd, self.size, self.backing, "", reused=True)
-        self.rw_map = seg.map(writable=True)
-        self.ro_map = seg.map(writable=False)
+        try:
+            self.rw_map = seg.map(writable=True)
+            self.ro_map = seg.map(writable=False)
+        except ValueError:          # truncated between the check and the mapping
+            _check_segment_file(seg_fd, self.size)
+            raise
         self.rw, self.ro = memoryview(self.rw_map), memoryview(self.ro_map)
         base = np.frombuffer(self.ro_map, dtype=np.uint8).ctypes.data
         self.ro_range = (base, base + self.size)
@@ -99,13 +123,15 @@ class Attachment:
 class Connection:
     """The socket to the daemon and the store it attached us to."""
 
-    def __init__(self, owner, socket_path, namespace, timeout, reconnect_timeout):
+    def __init__(self, owner, socket_path, namespace, timeout, reconnect_timeout, fail_fast=False):
         self.socket_path, self.namespace, self.timeout = socket_path, namespace, timeout
         self.reconnect_timeout = float(reconnect_timeout)
+        self.fail_fast = bool(fail_fast)
         self.closed_why = "the client failed to connect"
         self.pid = os.getpid()
         self.down = False              # the daemon hung up and the watchdog is reconnecting
         self.down_since = 0.0
+        self._retry_warned = False
         self.generation = 0            # bumped when the client moves to a fresh store
         self.up = threading.Event()
         self.io_lock = threading.Lock()   # one request/reply (or one-way send) at a time
@@ -131,13 +157,20 @@ class Connection:
 
     # ---- the one guard ------------------------------------------------------------------
     def ready(self):
-        """Every public call passes here: raises ClientClosed after close() or fork,
-        waits (up to reconnect_timeout) while the daemon is being reconnected."""
+        """Every public call passes here: raises ClientClosed after close() or fork.
+        While the daemon is away (the watchdog reconnects in the background) a call
+        waits for it until ``reconnect_timeout`` after the outage began, then raises
+        StoreUnavailable; once that is past, every call raises at once until the
+        watchdog is back (a long outage costs callers one wait, not one per call).
+        With ``fail_fast`` a call never waits: it raises at once while the daemon is away."""
         if self.down:
-            if not self.up.wait(self.reconnect_timeout) and self.closed_why is None:
-                raise StoreUnavailable(f"the daemon at {self.socket_path} has been unreachable for "
-                                       f"{self.reconnect_timeout} s; start it, or give the Client a "
-                                       f"longer reconnect_timeout")
+            left = 0.0 if self.fail_fast else self.down_since + self.reconnect_timeout - time.monotonic()
+            if not (left > 0 and self.up.wait(left)) and self.down and self.closed_why is None:
+                away = time.monotonic() - self.down_since
+                raise StoreUnavailable(
+                    f"the daemon at {self.socket_path} has been unreachable for {away:.1f} s (this "
+                    f"client reconnects by itself, in the background, and fails calls at once "
+                    f"meanwhile); start the daemon, or give the Client a longer reconnect_timeout")
         if self.closed_why is not None:
             raise ClientClosed(f"this client is closed ({self.closed_why}); create a new Client")
 
@@ -148,10 +181,19 @@ class Connection:
     # ---- handshake -------------------------------------------------------------------------
     def _handshake(self, resume):
         """Connect and say HELLO; returns (socket, WELCOME body, [segment, table, slots fds]).
-        While the daemon is restarting (no socket yet, or refusing) it keeps trying for
-        up to ``reconnect_timeout`` seconds on a first connect."""
+
+        A first connect (``resume`` None) to a socket path that exists keeps trying for up
+        to ``reconnect_timeout`` seconds while the daemon is restarting (a stale socket
+        refusing, the socket briefly gone while the new daemon replaces it, a connection
+        dropped mid-handshake). A socket path that does not exist fails at once: nothing
+        says a daemon will ever come there. A resume (the watchdog) tries once."""
         path = self.socket_path
-        backoff = Backoff(initial=0.02, cap=0.25, deadline=None if resume else self.reconnect_timeout)
+        first = resume is None
+        if first and not os.path.exists(path):
+            raise StoreUnavailable(f"no kvstore daemon at {path}: the socket does not exist; start "
+                                   f"one with kvstore-daemon --socket {path}, or give the Client "
+                                   f"the daemon's socket (socket_path, or $KVSTORE_SOCKET)")
+        backoff = Backoff(initial=0.02, cap=0.25, deadline=self.reconnect_timeout if first else None)
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
@@ -162,15 +204,19 @@ class Connection:
                                             {"cid": resume[0], "segment_id": resume[1]}))
                 mtype, body, fds = protocol.recv_message(sock, with_fds=3)
                 break
-            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as e:
+            except (FileNotFoundError, ConnectionError, BlockingIOError, StoreUnavailable) as e:
+                # refused, reset, broken pipe, or closed by a daemon going down: restarting
                 sock.close()
-                if resume is None and not backoff.expired():
+                if isinstance(e, KVStoreError) and type(e) is not StoreUnavailable:
+                    raise                     # SegmentGone and other typed refusals
+                if first and not backoff.expired():
                     backoff.sleep()
                     continue
                 if isinstance(e, BlockingIOError):
                     raise StoreUnavailable(f"the daemon at {path} is not accepting connections") from None
-                raise StoreUnavailable(f"no kvstore daemon at {path}; start one with "
-                                       f"kvstore-daemon --socket {path}") from None
+                waited = f" for {self.reconnect_timeout} s" if first else ""
+                raise StoreUnavailable(f"no kvstore daemon answers at {path}{waited} ({e}); start one "
+                                       f"with kvstore-daemon --socket {path}") from None
             except (OSError, KVStoreError) as e:
                 sock.close()
                 if isinstance(e, KVStoreError):
@@ -231,6 +277,7 @@ class Connection:
         self.up.clear()
         self.down = True
         self.down_since = time.monotonic()
+        self._retry_warned = False
         log.warning("kvstore daemon at %s went away; reconnecting", self.socket_path)
 
     def reconnect_once(self):
@@ -264,7 +311,10 @@ class Connection:
                     cb()
         except Exception as e:               # e.g. the store changed again under us: retry
             sock.close()
-            log.warning("reconnecting to %s failed (%s); retrying", self.socket_path, e)
+            if not self._retry_warned:        # once per outage, not once per attempt
+                self._retry_warned = True
+                log.log(logging.ERROR if isinstance(e, SegmentGone) else logging.WARNING,
+                        "reconnecting to %s failed (%s); retrying", self.socket_path, e)
             return False
         finally:
             for fd in fds:

@@ -4,9 +4,11 @@ Load it with::
 
     --kv-transfer-config '{"kv_connector": "KVStoreConnector",
         "kv_connector_module_path": "kvstore.client.adapters.vllm", "kv_role": "kv_both",
-        "kv_connector_extra_config": {"socket": "/run/kv.sock", "namespace": ""}}'
+        "kv_connector_extra_config": {"socket": "/run/kv.sock", "namespace": "",
+                                      "timeout": 5.0, "reconnect_timeout": 1.0}}'
 
-(``socket`` defaults to $KVSTORE_SOCKET, else /tmp/kvstore.sock.)
+(``socket`` defaults to $KVSTORE_SOCKET, else /tmp/kvstore.sock; ``timeout`` and
+``reconnect_timeout`` are the Client's, with the engine defaults of client/adapters/_link.py.)
 
 Owns: vLLM's ``KVConnectorBase_V1`` interface for a prefix cache shared by every engine
 on the host. The scheduler side looks prefixes up (``get_num_new_matched_tokens``) and
@@ -35,7 +37,13 @@ vLLM to compute (it needs logits for the next token), as vLLM's own connectors d
 Loads are synchronous: start_load_kv copies every planned block before the forward.
 A block that cannot be loaded (evicted or deleted since the lookup, checksum mismatch,
 wrong size) is logged as a warning and returned by ``get_block_ids_with_load_errors``
-so vLLM recomputes it (``kv_load_failure_policy``).
+so vLLM recomputes it (``kv_load_failure_policy``); failed loads are counted in the
+connector's stats (``get_kv_connector_stats``: vLLM logs them as "KV Transfer metrics").
+
+A store outage: the engine starts and serves without the daemon (client/adapters/_link.py
+connects in the background): lookups miss, loads in flight are reported as load errors,
+saves are skipped; one WARNING per outage, an INFO when the store is back, and the
+``lookups_missed_store_down`` / ``blocks_save_skipped`` counters in the stats.
 Must never: report a block whose layers are not all stored, claim all of a request's
 tokens, hide a failed load, reach the store other than through kvstore's Client, or
 crash the engine on a store outage (a lookup then misses, a save is skipped, both
@@ -51,13 +59,16 @@ from typing import Any
 
 import torch
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                               KVConnectorRole)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvstore.client import Client
 from kvstore.defaults import socket_path
-from kvstore.errors import KVStoreError
+from kvstore.errors import ConfigError, KVStoreError
 from kvstore.keys import fit_key
+
+from ._link import StoreLink, options
 
 log = logging.getLogger("kvstore.adapters.vllm")
 
@@ -68,6 +79,36 @@ _MARKER = b"kvstore-vllm-block-complete"
 class KVStoreConfigError(ValueError):
     """The connector cannot serve this vLLM configuration (bad extra config, or an
     unsupported KV cache structure)."""
+
+
+#: What the connector counts (per stats interval; summed over workers by vLLM).
+_STAT_FIELDS = ("lookups_missed_store_down", "blocks_loaded", "blocks_load_failed", "blocks_saved",
+                "blocks_save_skipped", "store_outages")
+
+
+@dataclass
+class KVStoreConnectorStats(KVConnectorStats):
+    """Counters of one interval: blocks loaded and failed to load (vLLM recomputed
+    them), blocks saved and skipped, lookups answered as misses because the store was
+    down, outages begun. vLLM sums them over workers and logs them."""
+
+    def __post_init__(self):
+        for f in _STAT_FIELDS:
+            self.data.setdefault(f, 0)
+
+    def reset(self):
+        self.data = {f: 0 for f in _STAT_FIELDS}
+
+    def aggregate(self, other):
+        for k, v in (other.data if other is not None else {}).items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self):
+        return dict(self.data)
+
+    def is_empty(self):
+        return not any(self.data.values())
 
 
 @dataclass
@@ -151,7 +192,10 @@ class KVStoreConnector(KVConnectorBase_V1):
         if not isinstance(self._socket, str) or not self._socket:
             raise KVStoreConfigError("kv_connector_extra_config['socket'] must be the daemon's socket path")
         self._namespace = str(extra.get("namespace", ""))
-        self._timeout = float(extra.get("timeout", 5.0))
+        try:
+            opts = options(extra)
+        except ConfigError as e:
+            raise KVStoreConfigError(f"kv_connector_extra_config: {e}") from None
         if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) > 1:
             raise KVStoreConfigError(
                 f"KVStoreConnector supports one KV cache group (full attention); this model has "
@@ -166,8 +210,13 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._ident = _identity(vllm_config, kv_cache_config)
         pc = vllm_config.parallel_config
         self._ranks = [(t, p) for t in range(pc.tensor_parallel_size) for p in range(pc.pipeline_parallel_size)]
-        self._client = None
-        self._client_lock = threading.Lock()
+        self._link = StoreLink(self._socket, self._namespace, logger=log,
+                               name="kvstore vLLM connector", **opts)
+        self._stats = dict.fromkeys(_STAT_FIELDS, 0)
+        self._stats_lock = threading.Lock()
+        self._outages_reported = 0
+        if role == KVConnectorRole.SCHEDULER:
+            self._link.start()      # the worker connects in register_kv_caches
         # scheduler side
         self._reqs = {}                 # req_id -> _ReqState
         # worker side
@@ -179,12 +228,28 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     # ---- store access ------------------------------------------------------------------
     def _store(self):
-        """The Client, connected on first use (the daemon may start after vLLM)."""
-        if self._client is None:
-            with self._client_lock:
-                if self._client is None:
-                    self._client = Client(self._socket, namespace=self._namespace, timeout=self._timeout)
-        return self._client
+        """The Client; StoreUnavailable at once while the daemon is away (the link
+        connects in the background; the daemon may start after vLLM)."""
+        return self._link.client()
+
+    def _count(self, field, n=1):
+        with self._stats_lock:
+            self._stats[field] += n
+
+    def get_kv_connector_stats(self):
+        """This interval's counters (then zeroed), or None when nothing happened."""
+        with self._stats_lock:
+            outages = self._link.outages
+            self._stats["store_outages"] += outages - self._outages_reported
+            self._outages_reported = outages
+            if not any(self._stats.values()):
+                return None
+            data, self._stats = self._stats, dict.fromkeys(_STAT_FIELDS, 0)
+        return KVStoreConnectorStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        return KVStoreConnectorStats(data=dict(data) if data else {})
 
     def _marker_key(self, block_hash, rank):
         return f"vllm/{self._ident}/{block_hash}/t{rank[0]}p{rank[1]}/done"
@@ -225,8 +290,11 @@ class KVStoreConnector(KVConnectorBase_V1):
                     break
                 end += 1
         except KVStoreError as e:
-            log.warning("kvstore lookup for request %s failed (%s); treating it as a miss",
-                        request.request_id, e)
+            if self._link.failed(e):        # the store is down: logged once per outage
+                self._count("lookups_missed_store_down")
+            else:
+                log.warning("kvstore lookup for request %s failed (%s); treating it as a miss",
+                            request.request_id, e)
             end = start
         st.lookup = (start, end)
         hit = (end - start) * bs
@@ -309,7 +377,7 @@ class KVStoreConnector(KVConnectorBase_V1):
                                              f"into {n} manager blocks")
                 cache = cache.unflatten(0, (n, -1))
             self._layers[name] = cache
-        self._store()   # connect now: a missing daemon shows at start-up, in the log
+        self._link.start()   # connect now; a missing daemon: one WARNING, then in the background
 
     def start_load_kv(self, forward_context, **kwargs):
         """Copy every planned block into the registered caches (synchronously, so
@@ -330,9 +398,11 @@ class KVStoreConnector(KVConnectorBase_V1):
                 keys.append(self._layer_key(ld.block_hash, name))
                 outs.append(dst)
                 where.append(ld)
+        outage = False
         try:
             got = self._store().read_many(keys, outs, errors="return")
         except KVStoreError as e:
+            outage = self._link.failed(e)
             got = [e] * len(keys)
         failed = {}
         for key, out, ld, res in zip(keys, outs, where, got):
@@ -346,9 +416,15 @@ class KVStoreConnector(KVConnectorBase_V1):
         for i, tmp, dst in staged:
             if where[i].block_id not in failed:
                 dst.copy_(tmp)
-        for block_id, (ld, why) in failed.items():
-            log.warning("kvstore: loading block %d of request %s failed (%s); vLLM will recompute it",
-                        block_id, ld.req_id, why)
+        if failed:
+            # counted in the stats; one line per call (an outage was logged by the link)
+            first = next(iter(failed.values()))
+            log.log(logging.DEBUG if outage else logging.WARNING,
+                    "kvstore: loading %d block(s) failed (block %d of request %s: %s); reported to "
+                    "vLLM as load errors, it recomputes them", len(failed), first[0].block_id,
+                    first[0].req_id, first[1])
+        self._count("blocks_load_failed", len(failed))
+        self._count("blocks_loaded", len({ld.block_id for ld in meta.loads} - set(failed)))
         self._load_errors.update(failed)
 
     def wait_for_layer_load(self, layer_name):
@@ -365,16 +441,21 @@ class KVStoreConnector(KVConnectorBase_V1):
             # block can never be complete for this worker's layer set
             log.warning("kvstore: save of unregistered layer %s skipped", layer_name)
             return
-        client = self._store()
+        try:
+            client = self._store()
+        except KVStoreError as e:
+            self._link.failed(e)
+            client = None
         todo = []
         for sv in meta.saves:
             pend = self._pending_saves.get(sv.block_hash)
             if pend is None:
                 pend = self._pending_saves[sv.block_hash] = (sv.block_id, {}, [False])
                 try:
-                    pend[2][0] = client.contains(self._marker_key(sv.block_hash, self._rank))
-                except KVStoreError:
-                    pass
+                    if client is not None:
+                        pend[2][0] = client.contains(self._marker_key(sv.block_hash, self._rank))
+                except KVStoreError as e:
+                    self._link.failed(e)
             if not pend[2][0]:      # not stored completely yet
                 todo.append(sv)
         if not todo:
@@ -385,11 +466,14 @@ class KVStoreConnector(KVConnectorBase_V1):
             src = cache[sv.block_id]
             values.append(src if src.is_contiguous() else src.contiguous())
         try:
+            if client is None:
+                raise self._link.unavailable()
             client.put_many(keys, values)       # False = already there: content-addressed, fine
             ok = [True] * len(todo)
         except KVStoreError as e:
-            log.warning("kvstore: saving layer %s of %d blocks failed (%s); those blocks stay "
-                        "uncached", layer_name, len(todo), e)
+            if not self._link.failed(e):
+                log.warning("kvstore: saving layer %s of %d blocks failed (%s); those blocks stay "
+                            "uncached", layer_name, len(todo), e)
             ok = [False] * len(todo)
         for sv, good in zip(todo, ok):
             self._pending_saves[sv.block_hash][1][layer_name] = good
@@ -399,14 +483,21 @@ class KVStoreConnector(KVConnectorBase_V1):
         pending, self._pending_saves = self._pending_saves, {}
         if not pending:
             return
-        client = self._store()
+        try:
+            client = self._store()
+        except KVStoreError as e:
+            self._link.failed(e)
+            self._count("blocks_save_skipped", sum(1 for p in pending.values() if not p[2][0]))
+            return
         layers = list(self._layers)
         for block_hash, (block_id, done, complete) in pending.items():
             if complete[0]:
                 continue
             if not all(done.get(name) for name in layers):
-                log.warning("kvstore: block %d (%s) was not stored for every layer; no marker written",
-                            block_id, block_hash[:16])
+                self._count("blocks_save_skipped")
+                if not self._link.down:         # during an outage the link has said it once
+                    log.warning("kvstore: block %d (%s) was not stored for every layer; no marker "
+                                "written", block_id, block_hash[:16])
                 continue
             try:
                 # a layer put that found its key "already there" may have found another
@@ -414,16 +505,18 @@ class KVStoreConnector(KVConnectorBase_V1):
                 if not all(client.contains(self._layer_key(block_hash, n)) for n in layers):
                     log.warning("kvstore: block %d (%s) lost a layer before completion; not marked",
                                 block_id, block_hash[:16])
+                    self._count("blocks_save_skipped")
                     continue
                 client.put(self._marker_key(block_hash, self._rank), _MARKER)
+                self._count("blocks_saved")
             except KVStoreError as e:
-                log.warning("kvstore: marking block %d complete failed (%s)", block_id, e)
+                self._count("blocks_save_skipped")
+                if not self._link.failed(e):
+                    log.warning("kvstore: marking block %d complete failed (%s)", block_id, e)
 
     def get_block_ids_with_load_errors(self):
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self):
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._link.close()
