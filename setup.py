@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="Shared-memory KV-cache store for LLM inference: per-host daemon, "
                 "huge-page segment, LMDB index, zero-copy clients",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     # The card's top-level folders daemon/ and client/ install inside the package, so
     # users write `from kvstore.client import Client` (a top-level `daemon` would clash).

@@ -9,7 +9,10 @@ backing ("hugetlbfs" or "shm") is recorded where it is known (``Segment.backing`
 the ``backing`` arguments of ``reopen`` and ``remove``); where it is not, it is read
 from the file system the path lies on (kvstore.host), never guessed from the path.
 ``default_paths`` names the two places a store's segment can be, for the configured
-hugetlbfs mount.
+hugetlbfs mount. A hugetlbfs mount the daemon made itself carries an empty mark file
+(MOUNT_MARK); removing the last segment from such a mount (a stop with
+discard_on_exit, ``--destroy``, a start that fell back) unmounts it again. A mount
+that holds a kept segment stays: unmounting would free the segment with every object.
 Must never: fail silently. Every choice and fallback is logged with its reason;
 ``hugepages = "require"`` turns a fallback into a start-up error.
 """
@@ -26,6 +29,10 @@ from . import host
 from .errors import DaemonStartError
 
 log = logging.getLogger("kvstore.segment")
+
+#: An empty file left in a hugetlbfs mount that kvstore mounted itself (reserve_hugepages),
+#: so whichever process removes the last segment there also takes the mount down.
+MOUNT_MARK = ".kvstore-mounted"
 
 
 def segment_name(data_dir):
@@ -83,12 +90,42 @@ def remove(path, backing=None):
     backing = backing or backing_of(path)
     try:
         os.unlink(path)
+        log.debug("removed the %s segment %s", backing, path)
     except FileNotFoundError:
-        return
+        pass
     except OSError as e:
         log.warning("could not remove the %s segment %s: %s", backing, path, e.strerror)
         return
-    log.debug("removed the %s segment %s", backing, path)
+    if backing == "hugetlbfs":
+        release_mount(os.path.dirname(path))
+
+
+def release_mount(d):
+    """Unmount hugetlbfs from d if kvstore mounted it (MOUNT_MARK is there) and no other
+    file is left in it. True if it was unmounted. A mount that still holds a file (a
+    kept segment, anyone else's) is left alone. If a process still maps an unlinked
+    segment there, the mount is detached lazily (the kernel frees it once unmapped)."""
+    mark = os.path.join(d, MOUNT_MARK)
+    try:
+        if not (os.path.exists(mark) and host.is_hugetlbfs(d)) or os.listdir(d) != [MOUNT_MARK]:
+            return False
+        os.unlink(mark)
+    except OSError:
+        return False
+    for cmd in (["umount", d], ["umount", "-l", d]):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as e:
+            r = None
+            err = str(e)
+        else:
+            err = r.stderr.strip()
+        if r is not None and r.returncode == 0:
+            log.info("unmounted hugetlbfs from %s (mounted by reserve_hugepages)%s", d,
+                     " lazily: a process still maps a segment there" if "-l" in cmd else "")
+            return True
+    log.warning("could not unmount hugetlbfs from %s: %s; umount %s by hand", d, err, d)
+    return False
 
 
 def unreserve_huge_pages(pages):
@@ -143,7 +180,13 @@ def _ensure_hugetlbfs(cfg):
                        check=True, capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError) as e:
         return f"cannot mount hugetlbfs on {d}: {e}"
-    log.info("mounted hugetlbfs on %s", d)
+    try:
+        open(os.path.join(d, MOUNT_MARK), "x").close()
+    except OSError as e:
+        log.warning("mounted hugetlbfs on %s but cannot mark it as kvstore's (%s): it will "
+                    "not be unmounted on stop", d, e.strerror)
+    log.info("mounted hugetlbfs on %s (unmounted again once its segment is removed: "
+             "discard_on_exit or --destroy)", d)
     return None
 
 
@@ -165,12 +208,16 @@ def _open_huge(cfg, name, size, mode):
         return None, reason
     reason, added = _reserve_huge_pages(cfg, size // hp)
     if reason:
+        release_mount(cfg.hugetlbfs_dir)
         return None, reason
     path = default_paths(cfg, name)[0][0]
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         os.fchmod(fd, mode)
     except OSError as e:
+        if added:
+            unreserve_huge_pages(added)
+        release_mount(cfg.hugetlbfs_dir)
         return None, f"cannot create {path}: {e.strerror}"
     try:
         os.ftruncate(fd, size)
@@ -180,6 +227,7 @@ def _open_huge(cfg, name, size, mode):
         os.unlink(path)
         if added:
             unreserve_huge_pages(added)
+        release_mount(cfg.hugetlbfs_dir)
         return None, f"cannot allocate {size} bytes of huge pages in {path}: {e.strerror}"
     return Segment(fd, size, "hugetlbfs", path, reused=False, reserved_pages=added), None
 

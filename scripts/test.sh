@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
-# README command 2: install what the tests need (tox, which builds one virtualenv per
-# tox environment) and run every suite: the core (py: real daemons, shared memory,
-# LMDB, the Mooncake facade) and each engine's adapter in its own environment (vllm,
-# sglang, lmcache; their pins conflict). Args go to pytest in the core environment only.
+# README command 2: install tox into a virtual environment of its own (.venv-tox; never
+# into the system's python3, which Debian forbids: PEP 668), then run every suite with
+# it: the core (py: real daemons, shared memory, LMDB, the Mooncake facade) and each
+# engine's adapter in its own environment (vllm, sglang, lmcache; their pins conflict).
+# With arguments, only the core suite runs, with them added to its pytest command line:
+#   ./scripts/test.sh -k name        ./scripts/test.sh tests/test_semantics.py -x
+# Where pip has no index configured (plain PyPI), PyTorch's CPU index is added, so the
+# pinned torch is the ~200 MB CPU build, not the multi-GB CUDA one; set
+# PIP_EXTRA_INDEX_URL (or PIP_INDEX_URL) yourself to choose otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q "tox>=4"
-if [ "$#" -gt 0 ]; then
-    exec python3 -m tox -e py -- "$@"
+PROG=test.sh
+. scripts/venv.sh
+make_venv .venv-tox
+.venv-tox/bin/python -c 'import tox' >/dev/null 2>&1 || .venv-tox/bin/python -m pip install -q "tox>=4,<5" \
+    || die "cannot install tox into .venv-tox (no network, or no package index?)"
+if [ -z "${PIP_INDEX_URL-}${PIP_EXTRA_INDEX_URL-}" ] \
+        && ! .venv-tox/bin/python -m pip config list 2>/dev/null | grep -qE '\.(index-url|extra-index-url)='; then
+    export PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 fi
-exec python3 -m tox -e py,vllm,sglang,lmcache
+if [ "$#" -gt 0 ]; then
+    exec .venv-tox/bin/python -m tox -e py -- "$@"
+fi
+exec .venv-tox/bin/python -m tox -e py,vllm,sglang,lmcache
