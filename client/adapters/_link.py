@@ -184,6 +184,12 @@ class StoreLink:
         return StoreUnavailable(f"no connection to the kvstore daemon at {self.socket}")
 
     @property
+    def connected(self):
+        """True while this link has a Client connected to the daemon (never raises)."""
+        c = self._client
+        return c is not None and self._pid == os.getpid() and c.connected
+
+    @property
     def down(self):
         """True while an outage is noted and not yet over."""
         return self._outage_since is not None

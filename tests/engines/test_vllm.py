@@ -11,14 +11,17 @@ come from the store. The daemon is real (conftest's make_daemon).
 """
 
 import json
+import logging
 import os
+import signal
+import time
 
 import pytest
 
 import torch  # noqa: E402  (this file runs in its engine's tox environment: tox -e <engine>)
 import vllm  # noqa: E402,F401
 
-from conftest import run_py  # noqa: E402
+from conftest import run_py, wait_for  # noqa: E402
 
 from vllm import SamplingParams  # noqa: E402
 from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig,  # noqa: E402
@@ -70,7 +73,7 @@ def make_request(rid, prompt, block_size=BLOCK, max_tokens=1):
 class Engine:
     """vLLM's Scheduler + a worker loop over real CPU KV caches, our connector on both sides."""
 
-    def __init__(self, socket, model_dir, layout="LBHNC", block_size=BLOCK, policy="recompute"):
+    def __init__(self, socket, model_dir, layout="LBHNC", block_size=BLOCK, policy="recompute", extra=None):
         init_none_hash(sha256)
         model_config = ModelConfig(model=model_dir, skip_tokenizer_init=True, seed=0)
         dtype = model_config.dtype
@@ -82,7 +85,7 @@ class Engine:
             cache_config=CacheConfig(block_size=block_size, enable_prefix_caching=True),
             kv_transfer_config=KVTransferConfig(
                 kv_connector="KVStoreConnector", kv_connector_module_path="kvstore.client.adapters.vllm",
-                kv_role="kv_both", kv_connector_extra_config={"socket": socket},
+                kv_role="kv_both", kv_connector_extra_config={"socket": socket, **(extra or {})},
                 kv_load_failure_policy=policy),
             device_config=DeviceConfig("cpu"),
         )
@@ -110,6 +113,7 @@ class Engine:
         self.block_ids = {}
         self.gen = torch.Generator().manual_seed(os.getpid())
         self.invalid = []       # invalid block ids reported per step
+        self.stats = []         # the connector stats vLLM's scheduler reported, per step
         self.before_load = None  # hook(scheduler_output) between scheduling and the worker's load
 
     def request(self, rid, prompt, max_tokens=1):
@@ -152,9 +156,18 @@ class Engine:
         rids = list(out.num_scheduled_tokens)
         mro = ModelRunnerOutput(req_ids=rids, req_id_to_index={r: i for i, r in enumerate(rids)},
                                 sampled_token_ids=[[7] for _ in rids],
-                                kv_connector_output=KVConnectorOutput(invalid_block_ids=set(invalid)))
-        self.scheduler.update_from_output(out, mro)
+                                kv_connector_output=KVConnectorOutput(
+                                    invalid_block_ids=set(invalid),
+                                    kv_connector_stats=w.get_kv_connector_stats()))
+        for eco in self.scheduler.update_from_output(out, mro).values():
+            st = eco.scheduler_stats
+            if st is not None and st.kv_connector_stats:
+                self.stats.append(st.kv_connector_stats)
         return out, positions
+
+    def stat(self, name):
+        """A connector counter summed over the steps so far (vLLM's aggregated stats)."""
+        return sum(s.get(name, 0) for s in self.stats)
 
     def run(self, req, max_steps=8):
         """Add req, step until it finishes; returns (first step's output, its positions)."""
@@ -287,6 +300,8 @@ def test_load_failure_is_reported_not_hidden(daemon, tmp_path, caplog):
     out2, pos2 = b.step()
     assert pos2["b"] == BLOCK and out2.num_scheduled_tokens["b"] == len(PROMPT) - BLOCK
     assert all(not s for s in b.invalid[1:])
+    # counted, not only logged: vLLM's stats carry the failed load and the good ones
+    assert b.stat("blocks_load_failed") == 1 and b.stat("blocks_loaded") == 2
     client.close()
 
 
@@ -356,3 +371,102 @@ def test_store_down_is_a_miss_not_a_crash(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="kvstore.adapters.vllm"):
         assert conn.get_num_new_matched_tokens(req, 0) == (0, False)
     assert any("miss" in r.getMessage() for r in caplog.records)
+
+
+def _store_warnings(caplog):
+    return [r for r in caplog.records if r.name.startswith("kvstore") and r.levelno >= logging.WARNING]
+
+
+def _timed_steps(engine, n):
+    times = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        engine.step()
+        times.append(time.monotonic() - t0)
+    return times
+
+
+def test_engine_starts_and_serves_without_the_daemon(make_daemon, tmp_path, caplog):
+    """No daemon at engine start: vLLM builds both connector roles, registers the KV
+    caches and serves requests (misses, saves skipped, one WARNING per connector), each
+    step fast; once the daemon starts, the connectors connect in the background and the
+    engine saves, and another engine gets hits."""
+    caplog.set_level(logging.INFO, logger="kvstore")
+    d = make_daemon(start=False)
+    model = llama_dir(tmp_path)
+    t0 = time.monotonic()
+    a = Engine(d.socket, model)                  # used to raise StoreUnavailable here
+    assert time.monotonic() - t0 < 5
+    req = a.request("a", PROMPT, max_tokens=3)
+    a.scheduler.add_request(req)
+    times = _timed_steps(a, 3)
+    assert req.request_id not in a.scheduler.requests          # served to the end
+    assert max(times) < 1.0, times
+    assert all(not s for s in a.invalid)
+    warnings = _store_warnings(caplog)
+    assert len(warnings) == 2, [r.getMessage() for r in warnings]   # scheduler + worker, once each
+    assert all("unavailable" in r.getMessage() for r in warnings)
+    assert a.stat("lookups_missed_store_down") >= 1 and a.stat("blocks_save_skipped") >= 3
+    assert a.stat("store_outages") == 2
+    d.start()
+    wait_for(lambda: a.worker._link.connected and a.scheduler.connector._link.connected, timeout=20,
+             what="the connectors connecting in the background")
+    assert any("is back" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    a.run(a.request("a2", PROMPT))               # computed and saved now
+    b = Engine(d.socket, model)
+    _, pos = b.run(b.request("b", PROMPT))
+    assert pos["b"] == 3 * BLOCK                 # the blocks engine A saved after the daemon came
+    for x, y in zip(a.blocks("a2", 3), b.blocks("b", 3)):
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+    assert len(_store_warnings(caplog)) == 2     # nothing more to warn about
+
+
+def test_daemon_killed_mid_run_engine_keeps_serving(make_daemon, tmp_path, caplog):
+    """The daemon SIGKILLed while an engine runs: the engine keeps serving (lookups
+    miss, saves are skipped), the first step of the outage waits at most the
+    connector's reconnect_timeout and later steps not at all (it used to be 10 s per
+    store call); after the restart the engine gets hits again from what survived."""
+    caplog.set_level(logging.INFO, logger="kvstore")
+    d = make_daemon()
+    model = llama_dir(tmp_path)
+    a = Engine(d.socket, model, extra={"reconnect_timeout": 0.5, "timeout": 2.0})
+    a.run(a.request("a", PROMPT))                # saved while the daemon runs
+    b = Engine(d.socket, model, extra={"reconnect_timeout": 0.5, "timeout": 2.0})
+    d.stop(signal.SIGKILL)
+    wait_for(lambda: not b.worker._link.connected, what="the worker's client noticing")
+    times = []
+    for i in range(3):
+        req = b.request(f"down{i}", [t + i + 1 for t in PROMPT], max_tokens=2)
+        b.scheduler.add_request(req)
+        times += _timed_steps(b, 2)
+        assert req.request_id not in b.scheduler.requests, i
+    assert max(times) < 2.5, times               # bounded by reconnect_timeout (0.5 s), not 10 s a call
+    assert sorted(times)[-2] < 1.0, times        # and only the first step of the outage waits
+    assert all(not s for s in b.invalid)
+    # once per outage, not per call: each of the 4 clients (2 engines x 2 roles) says the
+    # daemon went away, each of engine B's 2 connectors that it goes on without the store
+    warnings = _store_warnings(caplog)
+    went = [r for r in warnings if r.name == "kvstore.client"]
+    link = [r for r in warnings if r.name == "kvstore.adapters.vllm"]
+    assert len(went) <= 4 and len(link) == 2 and len(warnings) == len(went) + len(link), \
+        [r.getMessage() for r in warnings]
+    print("step times with the daemon down:", [round(t, 3) for t in times])
+    assert b.stat("blocks_save_skipped") >= 3
+    d.start()
+    wait_for(lambda: b.worker._link.connected and b.scheduler.connector._link.connected,
+             timeout=20, what="reconnection")
+    _, pos = b.run(b.request("b", PROMPT))
+    assert pos["b"] == 3 * BLOCK                 # engine A's blocks survived the kill
+    for x, y in zip(a.blocks("a", 3), b.blocks("b", 3)):
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
+def test_client_options_in_the_extra_config(tmp_path, make_daemon):
+    """timeout and reconnect_timeout reach the Client; a bad value is refused naming the key."""
+    from kvstore.client.adapters.vllm import KVStoreConfigError
+    d = make_daemon()
+    e = Engine(d.socket, llama_dir(tmp_path), extra={"timeout": 3.5, "reconnect_timeout": 0.25})
+    c = e.worker._link.client()
+    assert c._conn.timeout == 3.5 and c.reconnect_timeout == 0.25
+    with pytest.raises(KVStoreConfigError, match="reconnect_timeout"):
+        Engine(d.socket, llama_dir(tmp_path), extra={"reconnect_timeout": "soon"})
