@@ -10,8 +10,8 @@ dynamic backend::
 
 Our own options in that extra config: ``socket`` (else $KVSTORE_SOCKET, else
 /tmp/kvstore.sock: kvstore.defaults.socket_path), ``namespace`` (a kvstore
-namespace), ``timeout`` and ``reconnect_timeout`` (seconds, passed to the Client),
-``extra_backend_tag`` (mixed into the keys, as SGLang's Mooncake backend does, to
+namespace), ``timeout`` and ``reconnect_timeout`` (seconds, passed to the Client;
+engine defaults in client/adapters/_link.py), ``extra_backend_tag`` (mixed into the keys, as SGLang's Mooncake backend does, to
 keep tenants apart).
 
 It owns the mapping from SGLang's page hashes to store keys, and the copies between
@@ -32,6 +32,10 @@ legacy get/set with no pool) therefore live under a different shard digest than
 those written after it. A page hash too long for a kvstore key is shortened by
 kvstore.keys.fit_key (the prefix, then a digest of the whole key).
 
+A store outage: SGLang starts and serves without the daemon (client/adapters/_link.py
+connects in the background); pages then miss, stores report False, one WARNING per
+outage, an INFO when the store is back, and ``store_down`` counts the calls it failed.
+
 Must never: reach the store other than through kvstore.client.Client, copy a page
 through numpy or an intermediate buffer, report a page it did not store or load as
 done, hide a failed store or load (it is logged as a warning and reported as False /
@@ -50,10 +54,11 @@ import torch
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageExtraInfo
 
-from kvstore.client import Client
 from kvstore.defaults import socket_path
 from kvstore.errors import KVStoreError
 from kvstore.keys import fit_key
+
+from ._link import StoreLink, options
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +89,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             extra.update({k: v for k, v in kwargs.items() if k not in extra})
         self.storage_config = storage_config
         self.socket = socket_path(extra.get("socket"))
-        client_kw = {"namespace": str(extra.get("namespace", ""))}
-        for opt in ("timeout", "reconnect_timeout"):
-            if extra.get(opt) is not None:
-                client_kw[opt] = float(extra[opt])
-        self._client = Client(self.socket, **client_kw)
+        self._link = StoreLink(self.socket, str(extra.get("namespace", "")), logger=logger,
+                               name="kvstore HiCache backend", **options(extra))
 
         cfg = storage_config
         self.is_mla = bool(getattr(cfg, "is_mla_model", False))
@@ -114,11 +116,25 @@ class KVStoreHiCacheStorage(HiCacheStorage):
 
         self._lock = threading.Lock()
         self._counters = {"set_pages": 0, "existing_pages": 0, "set_failed": 0,
-                          "get_pages": 0, "get_missing": 0, "get_failed": 0}
+                          "get_pages": 0, "get_missing": 0, "get_failed": 0, "store_down": 0}
         self._prefetch_pgs, self._backup_pgs = [], []
         self._prefetch_bw, self._backup_bw = [], []
         logger.info("kvstore HiCache backend on %s, key prefix %s",
                     self.socket, self._prefix)
+        self._link.start()      # an absent daemon: one WARNING, then connected in the background
+
+    @property
+    def _client(self):
+        """The Client; StoreUnavailable at once while the daemon is away."""
+        return self._link.client()
+
+    def _outage(self, e) -> bool:
+        """True (counted; logged once per outage by the link) if e means the store is down."""
+        if not self._link.failed(e):
+            return False
+        with self._lock:
+            self._counters["store_down"] += 1
+        return True
 
     # ---- keys ----------------------------------------------------------------------------
     def _set_prefix(self, pool):
@@ -265,16 +281,21 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             written = self._client.put_many(ks, values)
             results = [True] * len(ks)
         except KVStoreError as e:
-            # find out which pages made it, one at a time, so the caller learns exactly
-            logger.warning("kvstore HiCache: storing %d pages failed (%s); retrying one by one", len(ks), e)
             written, results = [], []
-            for k, v in zip(ks, values):
+            if self._outage(e):                  # the store is down: none made it, say so once
+                written, results = [False] * len(ks), [False] * len(ks)
+            else:
+                # find out which pages made it, one at a time, so the caller learns exactly
+                logger.warning("kvstore HiCache: storing %d pages failed (%s); retrying one by one",
+                               len(ks), e)
+            for k, v in zip(ks, values) if not written else ():
                 try:
                     w = self._client.put(k, v)
                     written.append(w)
                     results.append(True)
                 except KVStoreError as e1:
-                    logger.warning("kvstore HiCache: storing %s failed: %s", k, e1)
+                    if not self._outage(e1):
+                        logger.warning("kvstore HiCache: storing %s failed: %s", k, e1)
                     written.append(False)
                     results.append(False)
         for w, v in zip(written, values):
@@ -292,7 +313,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         try:
             got = self._client.read_many(ks, outs, errors="return")
         except KVStoreError as e:
-            logger.warning("kvstore HiCache: loading %d pages failed: %s", len(ks), e)
+            if not self._outage(e):
+                logger.warning("kvstore HiCache: loading %d pages failed: %s", len(ks), e)
             with self._lock:
                 self._counters["get_failed"] += len(ks)
             return [None] * len(ks)
@@ -346,7 +368,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             try:
                 got = self._client.read_many(ks, errors="return")
             except KVStoreError as e:
-                logger.warning("kvstore HiCache: loading %d pages failed: %s", len(ks), e)
+                if not self._outage(e):
+                    logger.warning("kvstore HiCache: loading %d pages failed: %s", len(ks), e)
                 return [None] * len(ks)
             out = []
             for k, r in zip(ks, got):
@@ -383,7 +406,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         try:
             return self._client.contains(self._key(key))
         except KVStoreError as e:
-            logger.warning("kvstore HiCache: exists(%s) failed: %s", key, e)
+            if not self._outage(e):
+                logger.warning("kvstore HiCache: exists(%s) failed: %s", key, e)
             return False
 
     def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
@@ -395,7 +419,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):
                     return i
             return len(ks)
         except KVStoreError as e:
-            logger.warning("kvstore HiCache: batch_exists of %d keys failed: %s", len(keys), e)
+            if not self._outage(e):
+                logger.warning("kvstore HiCache: batch_exists of %d keys failed: %s", len(keys), e)
             return 0
 
     def clear(self) -> bool:
@@ -406,7 +431,8 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             mine = [k for k in self._client.keys() if k.startswith(prefix)]
             n = sum(1 for k in mine if self._client.delete(k))
         except KVStoreError as e:
-            logger.warning("kvstore HiCache: clear failed: %s", e)
+            if not self._outage(e):
+                logger.warning("kvstore HiCache: clear failed: %s", e)
             return False
         logger.info("kvstore HiCache: cleared %d pages under %s", n, self._prefix)
         return True
@@ -436,7 +462,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             return dict(self._counters)
 
     def close(self):
-        self._client.close()
+        self._link.close()
 
 
 def _nbytes(v) -> int:

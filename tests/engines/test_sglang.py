@@ -15,15 +15,17 @@ apache-tvm-ffi). Nothing is stubbed.
 import hashlib
 import logging
 import os
+import signal
+import time
 
 import pytest
 
 import torch  # noqa: E402  (this file runs in its engine's tox environment: tox -e <engine>)
 import sglang  # noqa: E402,F401
 
-from conftest import run_py  # noqa: E402
+from conftest import run_py, wait_for  # noqa: E402
 
-from kvstore.errors import StoreUnavailable  # noqa: E402
+from kvstore.errors import ConfigError  # noqa: E402
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig  # noqa: E402
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
@@ -105,9 +107,9 @@ def test_factory_loads_the_backend(daemon):
         assert daemon.client().contains(b._key("probe"))        # it really reached this daemon
     finally:
         b.close()
-    # a missing daemon is a typed error at construction, through the factory
-    with pytest.raises(StoreUnavailable):
-        create(os.path.join(str(daemon.dir), "nobody.sock"), timeout=0.5)
+    # bad client options are refused at construction, naming the key
+    with pytest.raises(ConfigError, match="reconnect_timeout"):
+        create(daemon.socket, reconnect_timeout="later")
 
 
 def test_set_get_exists_round_trip_and_miss(daemon, caplog):
@@ -269,3 +271,63 @@ print(json.dumps({"exists": n, "ok": ok, "digests": [hashlib.sha256(p).hexdigest
     assert got["exists"] == 4
     assert got["ok"] == [True] * 4
     assert got["digests"] == digests
+
+
+def _store_warnings(caplog, name="kvstore.client.adapters.sglang"):
+    return [r for r in caplog.records if r.name == name and r.levelno >= logging.WARNING]
+
+
+def test_serves_without_the_daemon_then_connects_in_the_background(make_daemon, caplog):
+    """No daemon when SGLang builds the backend: it is built (it used to raise
+    StoreUnavailable), every call answers at once as a miss / a failed store, one
+    WARNING; once the daemon starts, the backend connects by itself and stores."""
+    caplog.set_level(logging.INFO)
+    d = make_daemon(start=False)
+    b = create(d.socket)
+    try:
+        value = torch.arange(16, dtype=torch.uint8)
+        t0 = time.monotonic()
+        for i in range(20):
+            assert not b.set(f"k{i}", value)
+            assert not b.exists(f"k{i}") and b.batch_exists([f"k{i}", "x"]) == 0
+            assert b.get(f"k{i}") is None
+        assert time.monotonic() - t0 < 1.0                  # 80 calls, none waits
+        warnings = _store_warnings(caplog)
+        assert len(warnings) == 1 and "unavailable" in warnings[0].getMessage(), \
+            [r.getMessage() for r in warnings]
+        assert b.counters["store_down"] >= 80 and b.counters["set_failed"] == 20
+        d.start()
+        wait_for(lambda: b._link.connected, timeout=20, what="the backend connecting in the background")
+        assert b.set("k0", value) and b.exists("k0")
+        assert torch.equal(b.get("k0"), value)
+        assert any("is back" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+        assert len(_store_warnings(caplog)) == 1
+    finally:
+        b.close()
+
+
+def test_daemon_killed_mid_run_calls_fail_fast_then_recover(make_daemon, caplog):
+    """The daemon SIGKILLed under a running backend: calls wait at most
+    reconnect_timeout once, then answer at once (misses, failed stores), with one
+    WARNING from the backend; after the restart the stored pages are there again."""
+    caplog.set_level(logging.INFO)
+    d = make_daemon()
+    b = create(d.socket, reconnect_timeout=0.5)
+    try:
+        value = torch.arange(32, dtype=torch.uint8)
+        assert b.set("kept", value)
+        d.stop(signal.SIGKILL)
+        wait_for(lambda: not b._link.connected, what="the client noticing")
+        times = []
+        for i in range(10):
+            t0 = time.monotonic()
+            assert not b.set(f"new{i}", value)
+            assert b.get("kept") is None and b.batch_exists(["kept"]) == 0
+            times.append(time.monotonic() - t0)
+        assert max(times) < 2.0 and sorted(times)[-2] < 0.5, times
+        assert len(_store_warnings(caplog)) == 1
+        d.start()
+        wait_for(lambda: b._link.connected, timeout=20, what="reconnection")
+        assert torch.equal(b.get("kept"), value) and b.set("new0", value)
+    finally:
+        b.close()
