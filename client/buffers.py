@@ -6,20 +6,33 @@ and turning a read-only segment view into numpy arrays, torch tensors and pyarro
 Buffers without copying. numpy and pyarrow views of sealed objects are read-only by
 their own flags. torch has no read-only tensors, so views come back as
 ReadOnlyTensor, a subclass that raises ReadOnlyView on every in-place operation and
-hands out numpy arrays of the same memory read-only.
-Must never: import torch or pyarrow unless the caller used them, or return a writable
-view of a sealed object.
+hands out numpy arrays of the same memory read-only; it knows segment memory by
+address (the read-only mappings of the segment and the private mappings of tensor
+views that client/views.py registers here). A view type whose package is missing
+raises MissingExtra naming the pip extra (``require``).
+Must never: import torch or pyarrow unless the caller used them, or return a view
+through which a write reaches a sealed object's bytes (a tensor view's memory is a
+private copy-on-write mapping, client/views.py).
 """
 
+import bisect
 import sys
 import warnings
 
 import numpy as np
 
-from kvstore.errors import InvalidValue, ReadOnlyView
+from kvstore.errors import InvalidValue, MissingExtra, ReadOnlyView
 
-# [lo, hi) address ranges of read-only segment mappings, for ReadOnlyTensor
+# [lo, hi) address ranges of read-only segment mappings, for ReadOnlyTensor (a few: one
+# per store this process attached to; kept after close, views may outlive the client)
 _READONLY_RANGES = []
+# the private mappings of tensor views (client/views.py): sorted start addresses, and
+# start -> (end, token); registered at the mapping, removed when it is unmapped
+_VIEW_STARTS = []
+_VIEW_RANGES = {}
+
+#: package -> the pip extra that installs it (setup.py's extras_require)
+_EXTRAS = {"torch": "torch", "pyarrow": "arrow"}
 
 
 def register_readonly_range(lo, hi):
@@ -33,11 +46,41 @@ def unregister_readonly_range(lo, hi):
         pass
 
 
+def register_view_range(lo, hi, token):
+    _VIEW_RANGES[lo] = (hi, token)
+    bisect.insort(_VIEW_STARTS, lo)
+
+
+def unregister_view_range(lo, token):
+    got = _VIEW_RANGES.get(lo)
+    if got is None or got[1] is not token:
+        return                               # already replaced by a newer mapping there
+    del _VIEW_RANGES[lo]
+    i = bisect.bisect_left(_VIEW_STARTS, lo)
+    if i < len(_VIEW_STARTS) and _VIEW_STARTS[i] == lo:
+        del _VIEW_STARTS[i]
+
+
 def _in_readonly(ptr):
     for lo, hi in _READONLY_RANGES:
         if lo <= ptr < hi:
             return True
-    return False
+    i = bisect.bisect_right(_VIEW_STARTS, ptr) - 1
+    if i < 0:
+        return False
+    got = _VIEW_RANGES.get(_VIEW_STARTS[i])
+    return got is not None and ptr < got[0]
+
+
+def require(package, what):
+    """Import package for the call ``what``; MissingExtra naming the pip extra if it is
+    not installed."""
+    try:
+        return __import__(package)
+    except ImportError as e:
+        extra = _EXTRAS[package]
+        raise MissingExtra(f"{what} needs {package}, which is not installed ({e}); "
+                           f"pip install 'kvstore[{extra}]'") from None
 
 
 def as_bytes_view(data):
@@ -89,12 +132,12 @@ def to_numpy(view, dtype=np.uint8, shape=None):
 
 
 def to_arrow(view):
-    import pyarrow
+    pyarrow = require("pyarrow", "get_buffer")
     return pyarrow.py_buffer(view)
 
 
 def to_tensor(view, dtype=None, shape=None):
-    import torch
+    torch = require("torch", "get_tensor")
     dtype = torch.uint8 if dtype is None else dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
     if view.nbytes % itemsize:

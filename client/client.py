@@ -289,20 +289,24 @@ class Client:
 
     def get_tensor(self, key, dtype=None, shape=None, timeout=None):
         """A torch tensor over the object (held until release); in-place writes raise
-        ReadOnlyView. None if the key does not exist."""
+        ReadOnlyView. None if the key does not exist. A write that gets past that guard
+        lands in this tensor's own copy-on-write pages only (client/views.py), never in
+        the object. MissingExtra if torch is not installed."""
+        buffers.require("torch", "get_tensor")
         v = self.get(key, timeout)
         if v is None:
             return None
-        return views.convert(self.release, key, buffers.to_tensor,
-                             views.tensor_view(self._conn.att, v, self._lock), dtype, shape)
+        return views.convert(self.release, key, views.tensor, v, self._conn, self._lock, dtype, shape)
 
     def get_buffer(self, key, timeout=None):
         """An immutable pyarrow Buffer over the object (held until release), or None."""
+        buffers.require("pyarrow", "get_buffer")
         v = self.get(key, timeout)
         return None if v is None else views.convert(self.release, key, buffers.to_arrow, v)
 
     def get_buffers(self, keys, timeout=None):
         """get_buffer() for many keys (Plasma's get_buffers)."""
+        buffers.require("pyarrow", "get_buffers")
         return [None if v is None else buffers.to_arrow(v) for v in self.get_many(keys, timeout)]
 
     # ---- removing and pinning ---------------------------------------------------------
