@@ -10,6 +10,7 @@ loads as a remote-storage plugin::
       kvstore.socket: /tmp/kvstore.sock      # default: $KVSTORE_SOCKET, else /tmp/kvstore.sock
       kvstore.namespace: lmcache             # default "lmcache"
       kvstore.timeout: 5.0                   # seconds for one exchange with the daemon
+      kvstore.reconnect_timeout: 1.0         # seconds a call waits, once per outage, for a daemon that went away
       kvstore.get_timeout: 5.0               # seconds to wait for a chunk another client is writing
 
 LMCache calls ``KVStoreConnector(loop=, local_cpu_backend=, config=)`` and uses the URL
@@ -31,6 +32,12 @@ so the GPU path of client/device_copy.py serves device tensors), reach the store
 than through kvstore.client.Client, or report a miss or an existing key as an error.
 A failed read is returned as None (LMCache's way) and logged as a warning; a failed
 write raises (LMCache logs it and counts it) and is logged as a warning here too.
+
+A store outage: the plugin is built and LMCache serves without the daemon
+(client/adapters/_link.py connects in the background). While the store is down,
+lookups and reads miss, writes are skipped (not raised: LMCache would log an ERROR per
+chunk), ``ping`` reports 1; one WARNING per outage, an INFO when the store is back,
+and ``counters["store_down"]`` counts the calls it answered that way.
 """
 
 import asyncio
@@ -45,10 +52,11 @@ from lmcache.utils import CacheEngineKey
 from lmcache.v1.memory_management import MemoryFormat, MemoryObj
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
-from kvstore.client import Client
 from kvstore.defaults import DEFAULT_SOCKET, socket_path  # noqa: F401  (DEFAULT_SOCKET: old callers)
 from kvstore.errors import KVStoreError
 from kvstore.keys import DIGEST_MARK, fit_key
+
+from ._link import StoreLink, options
 
 log = logging.getLogger("kvstore.adapters.lmcache")
 
@@ -79,9 +87,23 @@ class KVStoreConnector(RemoteConnector):
         self.socket_path = str(socket_path(extra.get("kvstore.socket")))
         self.namespace = str(extra.get("kvstore.namespace", DEFAULT_NAMESPACE))
         self.get_timeout = float(extra.get("kvstore.get_timeout", 5.0))
-        self.client = Client(self.socket_path, namespace=self.namespace,
-                             timeout=float(extra.get("kvstore.timeout", 5.0)))
+        self._link = StoreLink(self.socket_path, self.namespace, logger=log,
+                               name="kvstore LMCache connector", **options(extra, "kvstore."))
+        self.counters = {"store_down": 0}
         log.info("kvstore LMCache connector on %s (namespace %r)", self.socket_path, self.namespace)
+        self._link.start()      # an absent daemon: one WARNING, then connected in the background
+
+    @property
+    def client(self):
+        """The Client; StoreUnavailable at once while the daemon is away."""
+        return self._link.client()
+
+    def _outage(self, e) -> bool:
+        """True (counted; logged once per outage by the link) if e means the store is down."""
+        if not self._link.failed(e):
+            return False
+        self.counters["store_down"] += 1
+        return True
 
     def __repr__(self):
         return f"<KVStoreConnector {self.socket_path} ns={self.namespace!r}>"
@@ -140,18 +162,29 @@ class KVStoreConnector(RemoteConnector):
 
     # ---- lookups -------------------------------------------------------------------------
     async def exists(self, key: CacheEngineKey) -> bool:
-        return self.client.contains(self._key(key))     # ~1 us, no round trip: no thread
+        return self.exists_sync(key)     # ~1 us, no round trip: no thread
 
     def exists_sync(self, key: CacheEngineKey) -> bool:
-        return self.client.contains(self._key(key))
+        try:
+            return self.client.contains(self._key(key))
+        except KVStoreError as e:
+            if not self._outage(e):
+                raise
+            return False
 
     def support_batched_contains(self) -> bool:
         return True
 
     def batched_contains(self, keys: List[CacheEngineKey]) -> int:
-        for i, k in enumerate(keys):
-            if not self.client.contains(self._key(k)):
-                return i
+        try:
+            client = self.client
+            for i, k in enumerate(keys):
+                if not client.contains(self._key(k)):
+                    return i
+        except KVStoreError as e:
+            if not self._outage(e):
+                raise
+            return 0
         return len(keys)
 
     async def batched_async_contains(self, lookup_id: str, keys: List[CacheEngineKey], pin: bool = False) -> int:
@@ -166,7 +199,8 @@ class KVStoreConnector(RemoteConnector):
             await asyncio.to_thread(self.client.stats)
             return 0
         except KVStoreError as e:
-            log.warning("kvstore ping failed: %s", e)
+            if not self._outage(e):
+                log.warning("kvstore ping failed: %s", e)
             return 1
 
     async def list(self) -> List[str]:
@@ -174,7 +208,13 @@ class KVStoreConnector(RemoteConnector):
 
     def _list_sync(self):
         out = []
-        for k in self.client.keys():
+        try:
+            keys = self.client.keys()
+        except KVStoreError as e:
+            if not self._outage(e):
+                raise
+            return out
+        for k in keys:
             if not k.startswith(_DIGESTED):
                 out.append(k.decode(errors="replace"))
                 continue
@@ -190,7 +230,12 @@ class KVStoreConnector(RemoteConnector):
         return out
 
     def remove_sync(self, key: CacheEngineKey) -> bool:
-        return self.client.delete(self._key(key))
+        try:
+            return self.client.delete(self._key(key))
+        except KVStoreError as e:
+            if not self._outage(e):
+                raise
+            return False
 
     # ---- writes --------------------------------------------------------------------------
     async def put(self, key: CacheEngineKey, memory_obj: MemoryObj):
@@ -207,18 +252,31 @@ class KVStoreConnector(RemoteConnector):
         if len(keys) != len(memory_objs):
             raise ValueError(f"batched_put got {len(keys)} keys and {len(memory_objs)} memory objects")
         ks, values = [], []
+        try:
+            client = self.client
+        except KVStoreError as e:
+            if self._outage(e):
+                return                       # the store is down: skipped, said once per outage
+            raise
         for key, obj in zip(keys, memory_objs):
             k = self._key(key)
-            if self.client.contains(k):      # content-addressed: the first value stands
-                continue
+            try:
+                if client.contains(k):       # content-addressed: the first value stands
+                    continue
+            except KVStoreError as e:
+                if self._outage(e):
+                    return
+                raise
             n = obj.get_size()
             ks.append(k)
             values.append([self._header(key, obj, n), self._data(obj, n)])   # stored as one object
         if not ks:
             return
         try:
-            self.client.put_many(ks, values)      # an existing key is False, not an error
+            client.put_many(ks, values)           # an existing key is False, not an error
         except KVStoreError as e:
+            if self._outage(e):
+                return
             log.warning("kvstore: saving %d LMCache chunk(s) failed: %s", len(ks), e)
             raise
 
@@ -250,9 +308,11 @@ class KVStoreConnector(RemoteConnector):
         ks = [self._key(k) for k in keys]
         out: List[Optional[MemoryObj]] = [None] * len(ks)
         try:
-            views = self.client.get_many(ks, timeout=self.get_timeout)
+            client = self.client
+            views = client.get_many(ks, timeout=self.get_timeout)
         except KVStoreError as e:
-            log.warning("kvstore: loading %d LMCache chunk(s) failed: %s", len(ks), e)
+            if not self._outage(e):
+                log.warning("kvstore: loading %d LMCache chunk(s) failed: %s", len(ks), e)
             return out
         held = [k for k, v in zip(ks, views) if v is not None]
         try:
@@ -282,7 +342,7 @@ class KVStoreConnector(RemoteConnector):
                 outs.append([hdr, self._data(obj, h["nbytes"])])   # scatter: header, then chunk
             if todo:
                 try:
-                    got = self.client.read_many([ks[i] for i, _, _ in todo], outs, errors="return")
+                    got = client.read_many([ks[i] for i, _, _ in todo], outs, errors="return")
                 except KVStoreError as e:
                     got = [e] * len(todo)
                 for (i, hdr, peeked), r in zip(todo, got):
@@ -305,8 +365,12 @@ class KVStoreConnector(RemoteConnector):
             raise
         finally:
             if held:
-                self.client.release_many(held)
+                try:
+                    client.release_many(held)
+                except KVStoreError as e:     # the daemon went away meanwhile: its holds went too
+                    if not self._outage(e):
+                        raise
         return out
 
     async def close(self):
-        self.client.close()
+        self._link.close()

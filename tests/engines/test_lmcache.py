@@ -12,14 +12,16 @@ import asyncio
 import hashlib
 import logging
 import os
+import signal
 import threading
+import time
 
 import pytest
 
 import torch  # noqa: E402  (this file runs in its engine's tox environment: tox -e <engine>)
 import lmcache  # noqa: E402,F401
 
-from conftest import run_py  # noqa: E402
+from conftest import run_py, wait_for  # noqa: E402
 
 from lmcache.utils import CacheEngineKey  # noqa: E402
 from lmcache.v1.config import LMCacheEngineConfig  # noqa: E402
@@ -37,7 +39,7 @@ CHUNK = 16
 KV_SHAPE = (2, 2, CHUNK, 2, 8)
 
 
-def make_config(socket, namespace="lmcache-test"):
+def make_config(socket, namespace="lmcache-test", **options):
     return LMCacheEngineConfig.from_defaults(
         chunk_size=CHUNK, local_cpu=False, max_local_cpu_size=0.05,
         remote_storage_plugins=[PLUGIN],
@@ -46,6 +48,7 @@ def make_config(socket, namespace="lmcache-test"):
             f"remote_storage_plugin.{PLUGIN}.class_name": "KVStoreConnector",
             "kvstore.socket": socket,
             "kvstore.namespace": namespace,
+            **{f"kvstore.{k}": v for k, v in options.items()},
         })
 
 
@@ -58,8 +61,8 @@ def make_metadata():
 class Engine:
     """What LMCache's storage manager sets up around a remote connector."""
 
-    def __init__(self, socket, namespace="lmcache-test"):
-        self.config, self.metadata = make_config(socket, namespace), make_metadata()
+    def __init__(self, socket, namespace="lmcache-test", **options):
+        self.config, self.metadata = make_config(socket, namespace, **options), make_metadata()
         self.backend = LocalCPUBackend(self.config, self.metadata, dst_device="cpu")
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -313,13 +316,83 @@ def test_failed_save_raises_and_warns(make_daemon, caplog):
     small = make_daemon(size="1MiB")
     e = Engine(small.socket)
     try:
-        k, obj = key(0xb16), e.chunk(8, tokens=9000)     # 1.1 MiB: larger than the segment
+        with small.client() as c:                        # 1 MiB, or 2 MiB on huge pages
+            seg = c.segment_size
+        k, obj = key(0xb16), e.chunk(8, tokens=seg // 128 + 64)    # larger than the segment
         obj.ref_count_up()
         with pytest.raises(KVStoreError):
             e.run(e.conn.put(k, obj))
         assert obj.get_ref_count() == 1
         assert any(r.levelno == logging.WARNING and r.name.startswith("kvstore") for r in caplog.records)
         assert not e.conn.exists_sync(k) and e.run(e.conn.get(k)) is None
+        obj.ref_count_down()
+    finally:
+        e.close()
+
+
+def _store_warnings(caplog):
+    return [r for r in caplog.records if r.name.startswith("kvstore") and r.levelno >= logging.WARNING]
+
+
+def test_serves_without_the_daemon_then_connects_in_the_background(make_daemon, caplog, lmcache_warnings):
+    """No daemon when LMCache builds the plugin: it is built (it used to raise
+    StoreUnavailable), lookups and gets miss and puts are skipped at once with one
+    WARNING (and no ERROR from LMCache per put); once the daemon starts, the plugin
+    connects by itself and stores."""
+    caplog.set_level(logging.INFO)
+    d = make_daemon(start=False)
+    e = Engine(d.socket)
+    try:
+        k, obj = key(0x0a), e.chunk(1)
+        t0 = time.monotonic()
+        for _ in range(10):
+            put(e, k, obj)                                    # skipped, not raised
+            assert not e.conn.exists_sync(k) and e.inner.batched_contains([k]) == 0
+            assert e.run(e.conn.get(k)) is None
+        assert e.run(e.conn.ping()) == 1
+        assert time.monotonic() - t0 < 2.0
+        warnings = _store_warnings(caplog)
+        assert len(warnings) == 1 and "unavailable" in warnings[0].getMessage(), \
+            [r.getMessage() for r in warnings]
+        assert e.inner.counters["store_down"] >= 40
+        assert obj.get_ref_count() == 1                       # each put's reference dropped once
+        assert not double_frees(caplog)
+        d.start()
+        wait_for(lambda: e.inner._link.connected, timeout=20, what="the plugin connecting")
+        put(e, k, obj)
+        got = e.run(e.conn.get(k))
+        assert got is not None and digest(got) == digest(obj)
+        got.ref_count_down()
+        obj.ref_count_down()
+        assert any("is back" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+        assert len(_store_warnings(caplog)) == 1
+    finally:
+        e.close()
+
+
+def test_daemon_killed_mid_run_calls_fail_fast_then_recover(make_daemon, caplog):
+    caplog.set_level(logging.INFO)
+    d = make_daemon()
+    e = Engine(d.socket, reconnect_timeout=0.5)
+    try:
+        k, obj = key(0x0b), e.chunk(2)
+        put(e, k, obj)
+        d.stop(signal.SIGKILL)
+        wait_for(lambda: not e.inner._link.connected, what="the client noticing")
+        times = []
+        for i in range(10):
+            t0 = time.monotonic()
+            assert e.run(e.conn.get(k)) is None and not e.conn.exists_sync(k)
+            put(e, key(0x100 + i), obj)
+            times.append(time.monotonic() - t0)
+        assert max(times) < 2.0 and sorted(times)[-2] < 0.5, times
+        warnings = [r for r in _store_warnings(caplog) if r.name == "kvstore.adapters.lmcache"]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        d.start()
+        wait_for(lambda: e.inner._link.connected, timeout=20, what="reconnection")
+        got = e.run(e.conn.get(k))
+        assert got is not None and digest(got) == digest(obj)
+        got.ref_count_down()
         obj.ref_count_down()
     finally:
         e.close()
