@@ -6,14 +6,21 @@ its own puts, read-only for sealed objects, a private copy-on-write fd for tenso
 on /dev/shm; the published table; its own slot of holds and seal counters) and
 ``Connection`` (handshake, request/reply and one-way sends under one lock, the watchdog
 thread, reconnection keeping the client's id and slot, or moving to a fresh store).
+Outages: a first connect to a socket path that exists waits up to ``reconnect_timeout``
+for a restarting daemon (one that does not exist fails at once); while the daemon is
+away, calls wait until ``reconnect_timeout`` after the outage began and then fail at
+once (``fail_fast``: at once from the start) until the watchdog is back. A segment file
+smaller than the daemon says (truncated behind its back) is SegmentGone, never mapped.
 Must never: let a call hang (every wait is bounded by ``timeout`` or
-``reconnect_timeout``), or let a forked child use its parent's connection.
+``reconnect_timeout``), wait more than once per outage, map a truncated segment, or
+let a forked child use its parent's connection.
 """
 
 import logging
 import os
 import select
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -189,10 +196,18 @@ class Connection:
         says a daemon will ever come there. A resume (the watchdog) tries once."""
         path = self.socket_path
         first = resume is None
-        if first and not os.path.exists(path):
-            raise StoreUnavailable(f"no kvstore daemon at {path}: the socket does not exist; start "
-                                   f"one with kvstore-daemon --socket {path}, or give the Client "
-                                   f"the daemon's socket (socket_path, or $KVSTORE_SOCKET)")
+        if first:
+            try:
+                is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+            except FileNotFoundError:
+                raise StoreUnavailable(f"no kvstore daemon at {path}: the socket does not exist; start "
+                                       f"one with kvstore-daemon --socket {path}, or give the Client "
+                                       f"the daemon's socket (socket_path, or $KVSTORE_SOCKET)") from None
+            except OSError as e:
+                raise StoreUnavailable(f"cannot reach the daemon's socket {path}: {e.strerror}") from None
+            if not is_socket:
+                raise StoreUnavailable(f"{path} is not a socket, so no kvstore daemon listens there; "
+                                       f"give the Client the daemon's --socket path")
         backoff = Backoff(initial=0.02, cap=0.25, deadline=self.reconnect_timeout if first else None)
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -32,7 +32,11 @@ def build_parser():
     p.add_argument("--max-clients", dest="max_clients", help="most clients connected at once (1000)")
     p.add_argument("--discard-on-exit", dest="discard_on_exit", action="store_const", const=True,
                    help="remove segment and index on a clean stop (default: keep them for the next start)")
-    p.add_argument("--socket-mode", dest="socket_mode", help="socket file mode, octal (0600)")
+    p.add_argument("--socket-mode", dest="socket_mode",
+                   help="mode of the socket and the shared files, octal (0600; 0660 with --group)")
+    p.add_argument("--group", dest="group",
+                   help="group (name or number) given the socket and the shared files, so its "
+                        "members may use the store (the daemon must be root or a member)")
     p.add_argument("--namespace-quotas", dest="namespace_quotas",
                    help="guaranteed shares, e.g. tenant-a=4GiB,tenant-b=2GiB (docs/namespaces.md)")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")

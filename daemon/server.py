@@ -310,12 +310,46 @@ class Daemon:
         return first + batch, tails
 
     def _warn(self, kind, msg, *args):
-        """A warning, at most once per WARN_EVERY seconds per kind (a flood of bad
-        connections must not flood the log)."""
-        now = time.monotonic()
-        if now - self._warned.get(kind, 0.0) >= WARN_EVERY:
-            self._warned[kind] = now
-            log.warning(msg, *args)
+        """A warning, rate-limited per kind (daemon/ratelimit.py: a few per 10 s, then
+        one line with the count suppressed), so a flood of bad connections cannot flood
+        the log."""
+        self._limited(kind, logging.WARNING, msg, *args)
+
+    def _check_segment(self):
+        """Whether the segment's file is still what clients map (fstat and stat only: the
+        daemon never touches the segment's memory, so a truncated file cannot SIGBUS it).
+        Logs each new finding once at ERROR with what to do. Truncated: new clients are
+        refused (SegmentGone) and no space is granted any more, since every write or read
+        of the cut-off part raises SIGBUS in the client; the objects are lost and only a
+        restart (a new, empty segment) helps. Unlinked or replaced: the open file still
+        works, so everyone keeps being served, but the next start cannot adopt it."""
+        if self.segment_trouble is not None and self.segment_trouble[0] == "truncated":
+            return self.segment_trouble
+        found = segment.watch(self.segment)
+        if found is None or found == self.segment_trouble:
+            return self.segment_trouble
+        self.segment_trouble = found
+        kind, what = found
+        n = maintenance.stats(self.store.env)["objects"]
+        if kind == "truncated":
+            log.error("the segment %s %s by another process while the daemon runs: its %d objects "
+                      "are lost, and clients touching the cut-off part get SIGBUS. New clients are "
+                      "refused (SegmentGone) and no new space is granted. Restart the daemon: it "
+                      "starts a new, empty segment", self.segment.path, what, n)
+        else:
+            log.error("the segment %s %s while the daemon runs (a clean-up of %s?). The daemon and "
+                      "its clients keep using the open file, so nothing is lost yet, but the next "
+                      "start cannot adopt it and begins empty (its %d objects are lost then); its "
+                      "memory stays in use until then. Restart the daemon when losing them is "
+                      "acceptable, and keep other processes away from the segment file",
+                      self.segment.path, what, os.path.dirname(self.segment.path), n)
+        return found
+
+    def _refuse_if_truncated(self):
+        if self._check_segment() is not None and self.segment_trouble[0] == "truncated":
+            raise SegmentGone(f"the store's segment {self.segment.path} "
+                              f"{self.segment_trouble[1]} by another process; its objects are "
+                              f"lost. Restart the daemon (it starts a new, empty segment)")
 
     def _duty(self, fn, *args):
         """Run a background duty; a failure is logged (rate-limited), never fatal."""
@@ -377,6 +411,10 @@ class Daemon:
             return
         except KVStoreError as e:
             self._send(conn, protocol.error(e))
+            if conn.cid is None:        # a refused HELLO: the connection has no more use
+                conn.closing = "refused"
+                closing.append(conn)
+                return
         except OSError as e:            # the peer went away mid-reply (e.g. during send_fds)
             conn.closing = f"gone mid-reply ({e.strerror or e})"
             closing.append(conn)
@@ -408,6 +446,7 @@ class Daemon:
         if conn.cid is not None:
             raise ProtocolError("second HELLO on one connection")
         _, namespace, resume = protocol.read_hello(body)
+        self._refuse_if_truncated()     # a fresh fstat: no client maps a truncated file
         if sum(1 for c in self.conns.values() if c.cid is not None) >= self.cfg.max_clients:
             raise ProtocolError(f"the daemon already serves max_clients={self.cfg.max_clients} clients")
         conn.pid = _peer_pid(conn.sock)
@@ -490,11 +529,11 @@ class Daemon:
                         self.slots.failed[conn.slot] = seq
                     elif mtype != protocol.RETURN:
                         failed[i] = protocol.error(IndexFull(
-                            "the index is full; restart the daemon with a larger index_map_size"))
+                            "the index is full; restart the daemon with a larger --index-map-size"))
                     continue
                 _merge(got, one)
             self._warn("commit", "the index is full: some requests were refused; restart the "
-                       "daemon with a larger index_map_size")
+                       "daemon with a larger --index-map-size")
         replies, after, applied = got
         self._check_index_fill()
         fence()
@@ -523,7 +562,7 @@ class Daemon:
             self.slots.set_sync_puts(full)
             if full:
                 self._warn("fill", "the index is over %d%% of its map; puts now wait for the "
-                           "daemon (restart it with a larger index_map_size)", int(SYNC_PUTS_AT * 100))
+                           "daemon (restart it with a larger --index-map-size)", int(SYNC_PUTS_AT * 100))
 
     def _apply_together(self, batch, failed):
         """(replies, read-only requests, seal counters) of batch applied in one
@@ -613,6 +652,8 @@ class Daemon:
                 top = max(top, seq)
             applied[conn.slot] = max(applied.get(conn.slot, 0), top)
             return None
+        if mtype in (protocol.GRANT, protocol.CREATE):
+            self._refuse_if_truncated()      # space there would only be written into SIGBUS
         if mtype == protocol.GRANT:
             want, least = protocol.read_grant(body)
             self._check_fits(least)
@@ -694,6 +735,7 @@ class Daemon:
                   held_extents=int(len(self._held())), uptime=time.monotonic() - self.started,
                   incarnation=self.store.incarnation, table_buckets=self.store.table.capacity,
                   table_live=self.store.table.live)
+        st["segment_problem"] = self.segment_trouble and self.segment_trouble[1]
         if self.store.quotas is not None:
             st["namespaces"] = self.store.quotas.report()
         return st
@@ -757,8 +799,12 @@ class Daemon:
             creations, freed = maintenance.drop_client(self.store, b, cid)
         self._update_high()
         self.store.doomed_added = True
-        log.info("client %d (pid %s) %s: reclaimed %d unsealed objects and %d bytes of unused space",
-                 cid, pid, why, creations, freed)
+        line = ("client %d (pid %s) %s: reclaimed %d unsealed objects and %d bytes of unused space",
+                cid, pid, why, creations, freed)
+        if why in _BAD_DROPS:                 # a flood of bad clients: rate-limited
+            self._limited("drop-" + why, logging.INFO, *line)
+        else:
+            log.info(*line)
 
     # ---- background duties ------------------------------------------------------------
     def _reclaim(self):
@@ -807,11 +853,15 @@ class Daemon:
         discard = self.cfg.discard_on_exit and self.opened is not None and self.opened.segment is not None
         reserved = self.opened.segment.reserved_pages if discard else 0
         self._close_resources()
+        self._limited.flush(force=True)       # every suppressed line is counted somewhere
         if discard:
             startup.remove_files(self.cfg, None)
             if reserved:
                 segment.unreserve_huge_pages(reserved)
             log.info("stopped; segment and index discarded (discard_on_exit)")
+        elif self.segment_trouble is not None:
+            log.error("stopped; the segment %s %s, so the next start begins empty",
+                      seg_path, self.segment_trouble[1])
         else:
             log.info("stopped; %s and the index in %s are kept for the next start",
                      seg_path, self.cfg.data_dir)

@@ -25,7 +25,7 @@ import uuid
 
 import numpy as np
 
-from kvstore import host, protocol, segment, table as table_mod
+from kvstore import access, host, protocol, segment, table as table_mod
 from kvstore.errors import DaemonStartError, KVStoreError, ProtocolError
 from kvstore.keys import user_key
 from kvstore.slots import SlotsFile
@@ -39,7 +39,7 @@ def check_data_dir(cfg):
     """Create and lock the data dir; returns the lock fd."""
     d = cfg.data_dir
     try:
-        os.makedirs(d, exist_ok=True)
+        access.make_dirs(d)      # 0700: no client needs the data dir (see kvstore.access)
         probe = os.path.join(d, f".write-probe-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
@@ -93,7 +93,8 @@ def open_index(cfg, mode):
     path = index_path(cfg)
     map_size = cfg.index_map_bytes()
     try:
-        os.makedirs(path, exist_ok=True)
+        access.make_dirs(path)
+        os.chmod(path, 0o700)    # the index is the daemon's alone, whatever the access mode
         env = Env(path, map_size, create=True, mode=mode)
     except (OSError, KVStoreError) as e:
         raise DaemonStartError(f"cannot open the index in {path} ({e}); move it away or run "
@@ -145,14 +146,17 @@ def open_store(cfg, mode, nslots):
         seg = None
         if desc is not None:
             seg = segment.reopen(desc["segment_path"], desc["size"], desc["backing"] or None)
-            why = None
+            why, cut = None, False
             if desc["schema"] != SCHEMA:
                 why = f"index schema {desc['schema']} is not this daemon's {SCHEMA}"
             elif seg is None:
-                why = f"segment {desc['segment_path']} of the previous daemon is gone (reboot?)"
+                why, cut = segment.reopen_problem(desc["segment_path"], desc["size"])
             elif seg.size < cfg.size or seg.size - cfg.size >= (2 << 20):
                 why = f"size changed from {seg.size} to {cfg.size} bytes"
-            if why:
+            if why and cut:          # another process cut the segment: its objects are lost
+                log.error("%s; starting empty: %s objects recorded in the index are lost (keep "
+                          "other processes away from the segment file)", why, _object_count(o.env))
+            elif why:
                 log.warning("%s; starting empty", why)
                 table_mod.retire_file(desc["table_path"])
                 if seg is not None:
@@ -167,6 +171,13 @@ def open_store(cfg, mode, nslots):
     except BaseException:
         o.close()
         raise
+
+
+def _object_count(env):
+    try:
+        return maintenance.stats(env)["objects"]
+    except Exception:                    # an index too damaged to count: say so, go on
+        return "an unknown number of"
 
 
 def _new_table(o, name, entries, mode):

@@ -4,7 +4,8 @@ Owns: every setting, its default, its parsing from a TOML file, the environment
 (KVSTORE_<FIELD>) and command-line flags (in that order of precedence, flags winning),
 and validation at start-up with messages that name the bad field. Sizes are read by
 kvstore.sizes (every unit a power of 1024: "4GB" is 4 GiB, as in Mooncake); the
-defaults' names live in kvstore.defaults.
+defaults' names live in kvstore.defaults. ``group`` must name a group of this host
+(``check_group`` refuses, at daemon start, one the daemon may not give files to).
 Must never: let a bad value through to run time; start from a half-valid config.
 """
 
@@ -16,6 +17,7 @@ try:
 except ModuleNotFoundError:     # Python 3.10: tomllib is 3.11+; tomli is the same parser
     import tomli as tomllib
 
+from . import access
 from .defaults import DEFAULT_DATA_DIR, DEFAULT_HUGETLBFS_DIR, DEFAULT_SOCKET, ENV_PREFIX
 from .errors import ConfigError
 from .sizes import parse_size  # noqa: F401  (re-exported: callers import it from here)
@@ -106,8 +108,16 @@ class Config:
     max_clients: int = 1000
     #: on a clean stop, remove the segment and index instead of keeping them for a restart
     discard_on_exit: bool = False
+    #: mode of the socket and of the shared files clients are handed (segment, table,
+    #: slots); 0600 by default, 0660 by default when ``group`` is set
     socket_mode: str = "0600"
     log_level: str = "INFO"
+    #: group (name or number) given the socket and the shared files; "" = the daemon's
+    group: str = ""
+
+    def group_id(self):
+        """The gid of ``group``, or None when no group is configured."""
+        return access.group_id(self.group) if self.group else None
 
     def index_map_bytes(self):
         if self.index_map_size:
@@ -129,7 +139,38 @@ _PARSERS = {
     "discard_on_exit": _parse_bool,
     "socket_mode": lambda v, f: _parse_mode(v, f),
     "log_level": _parse_level,
+    "group": lambda v, f: _parse_group(v, f),
 }
+
+
+def _parse_group(value, field):
+    s = str(value).strip()
+    if not s:
+        return ""
+    if isinstance(value, bool) or not all(c.isalnum() or c in "._-" for c in s):
+        raise ConfigError(f"{field}: {value!r} is not a group name or number; give one such as kvstore")
+    try:
+        access.group_id(s)
+    except KeyError:
+        raise ConfigError(f"{field}: there is no group {s!r} on this host; create it (groupadd {s}) "
+                          f"or give an existing group") from None
+    return s
+
+
+def check_group(cfg):
+    """Refuse a group this process cannot give its files to (it must be root or a member
+    of it). Called when the daemon starts, before it creates anything."""
+    gid = cfg.group_id()
+    if gid is None or access.can_give_to(gid):
+        return
+    import pwd
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    raise ConfigError(f"group: the daemon's user {user} is neither root nor a member of group "
+                      f"{cfg.group}, so it cannot give the store's files to it; add it "
+                      f"(usermod -aG {cfg.group} {user}, then log in again) or run the daemon as root")
 
 
 def _parse_mode(value, field):
@@ -180,6 +221,12 @@ def load_config(file=None, env=None, overrides=None):
             raw[k] = v
     values = {k: _PARSERS[k](v, k) for k, v in raw.items()}
     cfg = Config(**values)
+    if cfg.group:
+        if "socket_mode" not in values:
+            cfg.socket_mode = "0660"          # a group that cannot connect would be pointless
+        elif int(cfg.socket_mode, 8) & 0o060 != 0o060:
+            raise ConfigError(f"socket_mode: {cfg.socket_mode} gives group {cfg.group} no access; "
+                              f"use 0660, or leave out group")
     if cfg.low_watermark >= cfg.high_watermark:
         raise ConfigError(
             f"low_watermark: {cfg.low_watermark} must be below high_watermark {cfg.high_watermark}")

@@ -8,6 +8,9 @@ bytes outlive the daemon process (a crash loses no sealed object). A segment's
 backing ("hugetlbfs" or "shm") is recorded where it is known (``Segment.backing``,
 the ``backing`` arguments of ``reopen`` and ``remove``); where it is not, it is read
 from the file system the path lies on (kvstore.host), never guessed from the path.
+``watch`` tells the daemon, from fstat and stat alone, whether the segment's file was
+truncated, unlinked or replaced while it runs; ``reopen_problem`` says why a segment
+could not be adopted at start (a truncated one apart).
 ``default_paths`` names the two places a store's segment can be, for the configured
 hugetlbfs mount. A hugetlbfs mount the daemon made itself carries an empty mark file
 (MOUNT_MARK); removing the last segment from such a mount (a stop with
@@ -25,7 +28,7 @@ import subprocess
 
 import posix_ipc
 
-from . import host
+from . import access, host
 from .errors import DaemonStartError
 
 log = logging.getLogger("kvstore.segment")
@@ -212,8 +215,8 @@ def _open_huge(cfg, name, size, mode):
         return None, reason
     path = default_paths(cfg, name)[0][0]
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
-        os.fchmod(fd, mode)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        access.apply(fd, mode)           # group and mode set explicitly, not via the umask
     except OSError as e:
         if added:
             unreserve_huge_pages(added)
@@ -254,9 +257,9 @@ def _open_shm(name, size, mode):
             f"size {size} bytes exceeds available memory ({avail} bytes); start with a smaller --size")
     path = os.path.join(host.SHM_DIR, name)      # where shm_open("/" + name) puts it
     try:
-        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=mode, size=size)
-        os.fchmod(shm.fd, mode)
-    except posix_ipc.Error as e:
+        shm = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=size)
+        access.apply(shm.fd, mode)       # group and mode set explicitly, not via the umask
+    except (posix_ipc.Error, OSError) as e:
         raise DaemonStartError(f"cannot create shared memory {path}: {e}") from None
     fd = shm.fd
     _prefault(fd, size, path)
@@ -277,6 +280,44 @@ def reopen(path, size, backing=None):
         return None
     backing = backing or backing_of(path)
     return Segment(fd, size, backing, path, reused=True)
+
+
+def reopen_problem(path, size):
+    """Why ``reopen(path, size)`` found no segment to adopt: (text, truncated). A file
+    cut shorter than recorded (by another process) is ``truncated``: the objects in it
+    are lost, which is an error, not the normal after-reboot case of a missing file."""
+    try:
+        got = os.stat(path).st_size
+    except FileNotFoundError:
+        return f"segment {path} of the previous daemon is gone (reboot?)", False
+    except OSError as e:
+        return f"segment {path} of the previous daemon cannot be opened ({e.strerror})", False
+    if got < size:
+        return (f"segment {path} of the previous daemon was truncated to {got} of its {size} "
+                f"bytes by another process"), True
+    return f"segment {path} of the previous daemon is {got} bytes, not the {size} recorded", False
+
+
+def watch(seg):
+    """What happened to an open segment's file behind the daemon's back: None (nothing),
+    or (kind, text) with kind "truncated" (shorter than the segment: the cut-off bytes
+    are gone and touching them raises SIGBUS), "unlinked" (no name left: the open file
+    works, but a restart cannot find it) or "replaced" (its path names another file).
+    Looks at the fd and the path only (fstat, stat): never at the segment's memory."""
+    st = os.fstat(seg.fd)
+    if st.st_size < seg.size:
+        return "truncated", f"was truncated to {st.st_size} of its {seg.size} bytes"
+    if st.st_nlink == 0:
+        return "unlinked", "was removed (unlinked)"
+    try:
+        now = os.stat(seg.path)
+    except FileNotFoundError:
+        return "unlinked", "was moved away from its path"
+    except OSError:
+        return None
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        return "replaced", "was replaced: its path now names another file"
+    return None
 
 
 def create(cfg, name, mode=0o600):

@@ -35,7 +35,8 @@ seal ring of RING_BYTES.
 Trust: a client maps the counters (and the whole segment) read-write, so a hostile local
 client can mislead others' waits or overwrite objects; the store protects clients from
 each other's faults (a pause, a crash, a bug in another process's timing), not from a
-hostile process that may open the socket (socket_mode decides who may).
+hostile process that may open the socket (socket_mode and group decide who may;
+kvstore.access gives this file the same mode and group).
 Must never: be written by a client outside its own region and its own ``sent`` word,
 or let a hold be taken without the fence between writing it and re-checking.
 """
@@ -46,6 +47,8 @@ import struct
 import threading
 
 import numpy as np
+
+from . import access
 
 MAGIC = b"KVSSLOTS"
 VERSION = 2
@@ -94,9 +97,9 @@ class SlotsFile:
 
     def __init__(self, path, nslots, mode=0o600, capacity=HOLD_CAPACITY):
         sent_at, applied_at, regions_at, region, size = layout(nslots, capacity)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.fchmod(fd, mode)
+            access.apply(fd, mode)       # the group and its bits, set explicitly
             hdr = os.pread(fd, _HEADER.size, 0)
             self.adopted = (len(hdr) == _HEADER.size and hdr[:8] == MAGIC
                             and _HEADER.unpack(hdr)[3:5] == (nslots, capacity)

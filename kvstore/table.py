@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import xxhash
 
+from . import access
 from .record import State
 
 MAGIC = b"KVSTABLE"
@@ -221,7 +222,9 @@ class TableWriter:
         self.live = self.used = 0
 
     def set_mode(self, mode):
-        os.fchmod(self.fd, mode)
+        """The file's mode, and its group when mode is a kvstore.access.Access with one
+        (clients write the marks area through the fd they are handed)."""
+        access.apply(self.fd, mode)
 
     def _counts(self):
         _COUNTS.pack_into(self.mm, _LIVE_AT, self.live, self.used)

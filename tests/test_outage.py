@@ -28,6 +28,15 @@ def test_socket_that_never_existed_fails_at_once(tmp_path):
     assert f"kvstore-daemon --socket {path}" in str(e.value)       # the fix is named
 
 
+def test_path_that_is_not_a_socket_fails_at_once(tmp_path):
+    path = tmp_path / "kv.sock"
+    path.write_text("not a socket")
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="is not a socket"):
+        Client(str(path), reconnect_timeout=30)
+    assert time.monotonic() - t0 < 1.0
+
+
 def test_client_created_while_the_daemon_restarts_waits_for_it(make_daemon):
     """SIGKILL leaves the socket file behind: a Client created then keeps trying for up
     to reconnect_timeout, and connects to the daemon once it is back."""

@@ -23,10 +23,13 @@ Tables (byte keys; integers big-endian so LMDB order is numeric order):
   free_off / free_size                       see allocator.py
   meta         schema, size, used, next_cid, segment_id, segment_path, backing,
                slots_path, table_path, incarnation
+File modes: data.mdb and lock.mdb are 0600 (set explicitly), whatever access mode
+the store's shared files have: only the daemon uses them.
 Must never: be opened by a client process, or leave a half-applied change (every
 change is inside one transaction).
 """
 
+import os
 import struct
 from types import SimpleNamespace
 
@@ -81,13 +84,21 @@ class Env:
     """The daemon's one handle on the index."""
 
     def __init__(self, path, map_size, create=False, mode=0o600):
+        # ``mode`` is accepted for the callers' sake and not used: the index is the
+        # daemon's alone (no client opens it), so its files are 0600 whatever the
+        # store's access mode, set explicitly below (LMDB's mode goes through the umask)
         try:
-            self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=len(TABLES), mode=mode,
+            self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=len(TABLES), mode=0o600,
                                  max_readers=16, sync=False, metasync=False, writemap=True,
                                  map_async=False, readahead=False, meminit=False, create=create,
                                  lock=True)
         except lmdb.Error as e:
             raise StoreUnavailable(f"cannot open the index at {path}: {e}") from None
+        for name in ("data.mdb", "lock.mdb"):
+            try:
+                os.chmod(os.path.join(path, name), 0o600)
+            except OSError:
+                pass                     # not ours to change (a read-only look): leave it
         try:
             if create:
                 with Write(self.env) as txn:
