@@ -14,7 +14,6 @@ apache-tvm-ffi). Nothing is stubbed.
 
 import hashlib
 import logging
-import os
 import signal
 import time
 
