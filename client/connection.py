@@ -2,8 +2,8 @@
 the watchdog that reconnects, fork handling, and the one guard every call passes.
 
 Owns: ``Attachment`` (this process's mappings of one store: the segment read-write for
-its own puts, read-only for sealed objects, a private copy-on-write fd for tensor views
-on /dev/shm; the published table; its own slot of holds and seal counters) and
+its own puts, read-only for sealed objects, an fd that tensor views map privately
+(client/views.py); the published table; its own slot of holds and seal counters) and
 ``Connection`` (handshake, request/reply and one-way sends under one lock, the watchdog
 thread, reconnection keeping the client's id and slot, or moving to a fresh store).
 Outages: a first connect to a socket path that exists waits up to ``reconnect_timeout``
@@ -100,8 +100,7 @@ class Attachment:
         base = np.frombuffer(self.rw_map, dtype=np.uint8).ctypes.data
         self.rw_range = (base, base + self.size)
         buffers.register_readonly_range(*self.ro_range)   # kept after close: views may outlive us
-        self.cow_fd = os.dup(seg_fd) if self.backing == "shm" else -1   # see views.tensor_view
-        self.cow_view = None
+        self.cow_fd = os.dup(seg_fd)       # tensor views map their pages privately (client/views.py)
         self.table = TableReader(table_fd)
         self.slot = ClientSlot(slots_fd, body["slots"], self.slot_no)
 

@@ -7,38 +7,42 @@ view.
 Tensors. torch has no read-only tensors, and ReadOnlyTensor cannot see every write:
 ``torch.ops.aten.add_.Tensor(t, 1)``, ``t.as_subclass(torch.Tensor)``, ``u.set_(t)``,
 ``torch._C.DisableTorchFunctionSubclass`` and ``np.from_dlpack(t)`` (writeable) all get
-past it. So on /dev/shm segments every tensor view gets a private copy-on-write mapping
-of its own (MAP_PRIVATE of the pages its extent covers, made by ``tensor_memory``),
-unmapped when the last tensor or array using that memory is freed. A write that gets
-past the guard copies the page into that one mapping: it is seen only through the
-tensor that was written and the tensors and arrays derived from it (slices,
-``np.from_dlpack``), for as long as they live. It never reaches the segment, another
-process, another view of the same object (a second get_tensor, a get, a read), nor any
-later view of the same extent after the object is deleted and its space reused. A
-write never faults. Cost: one mmap (and one munmap when the tensor dies), about 5 us,
-and the first touch of each page faults it in (about 0.1 us per 4 KiB page, some
-0.45 ms per 16 MiB, a third of a memcpy of the same size). Unwritten pages share the
-segment's page cache pages: no copy, no extra memory.
-(A single process-wide private mapping, as before, kept a written page for the
+past it. So every tensor view gets a private copy-on-write mapping of its own
+(MAP_PRIVATE of the pages its extent covers, made by ``tensor_memory``), unmapped when
+the last tensor or array using that memory is freed. A write that gets past the guard
+copies the page into that one mapping: it is seen only through the tensor that was
+written and the tensors and arrays derived from it (slices, ``np.from_dlpack``), for as
+long as they live. It never reaches the segment, another process, another view of the
+same object (a second get_tensor, a get, a read), nor any later view of the same extent
+after the object is deleted and its space reused. Unwritten pages are the segment's
+own pages: no copy, no extra memory.
+Cost on /dev/shm: one mmap (and one munmap when the tensor dies), about 5 us, and the
+first touch of each 4 KiB page maps it (about 0.13 us a page: some 0.55 ms per 16 MiB
+tensor read whole, a third of a memcpy of the same size; a 4 KiB tensor costs no
+measurable extra). A process can have about 65,000 tensor views alive at once
+(vm.max_map_count counts each); past that get_tensor raises TooManyHolds.
+(The single process-wide private mapping used before kept a written page for the
 process's whole life: a later tensor of another object put in the same extent showed
 the old bytes. Scrubbing written pages with /proc/self/pagemap + MADV_DONTNEED before
-each get_tensor would fix later gets but not views already live in the process.)
+each get_tensor would fix later views but not views already alive in the process.)
 
-On hugetlbfs tensors view the read-only shared mapping (PROT_READ) behind the
-ReadOnlyTensor guard, and a write that gets past the guard kills the process with
-SIGSEGV. That is a choice: a private mapping of hugetlbfs is made of huge pages too,
-and Linux reserves huge pages from the pool for the whole of a private mapping when it
-is made (or, with MAP_NORESERVE, raises SIGBUS at the write when the pool is empty).
-The daemon's pool holds exactly the segment, so each live tensor view would need its
-size again in spare huge pages, or crash anyway. The remaining choices are a copy on
-every get_tensor (no longer a zero-copy view) or wrong bytes; a crash at the faulty
-write shows no wrong bytes anywhere, so we keep it.
+On hugetlbfs the private mapping is of huge pages and is made with MAP_NORESERVE:
+reading maps the segment's own huge pages (a few page-table entries: nearly free), and
+a write past the guard takes a free huge page from the pool for each page written. If
+the pool has no free huge page that is not reserved (the daemon reserves exactly the
+segment's pages, so that is the usual case) the kernel kills the writing process with
+SIGBUS. That crash is a choice: without MAP_NORESERVE Linux reserves huge pages for the
+whole of a private mapping when it is made, so every live tensor view would take its
+size out of the pool (get_tensor refused, or other users starved, when it is short);
+what remains is a copy on every get_tensor (no longer a zero-copy view) or a view
+through which the write reaches the shared bytes (wrong data for everyone). A crash at
+the faulty write shows no wrong byte anywhere, so we keep it.
 
 numpy arrays (get_array), pyarrow Buffers (get_buffer) and get()'s memoryviews view
 the PROT_READ shared mapping on both backings: numpy's and pyarrow's read-only flags
-refuse writes and cannot be turned off, so only code that ignores them (ctypes, torch
-conversions that warn about non-writable arrays) reaches the page, and then faults
-instead of writing.
+refuse writes and cannot be turned off, so only code that ignores them (ctypes,
+torch.from_dlpack or torch.as_tensor of a read-only array) reaches the page, and then
+faults (SIGSEGV) instead of writing.
 Must never: hand out a writable view of the segment's shared mapping, or map a tensor
 view of anything but the pages of its own extent.
 """
@@ -65,7 +69,8 @@ _munmap = _libc.munmap
 _munmap.restype = ctypes.c_int
 _munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _MAP_FAILED = ctypes.c_void_p(-1).value
-_PRIVATE_RW = (mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE)
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)     # Linux's value
 
 # Python's mmap.mmap would dup() the fd for each mapping (one fd per live tensor);
 # libc's mmap takes none. Each mapping is owned by a ctypes array over it, unmapped by
@@ -99,14 +104,17 @@ def tensor_memory(conn, v, lock):
         if not lo <= addr < hi:
             raise StoreUnavailable("the daemon switched to a fresh store during get_tensor; "
                                    "the object is gone from this client's view, get it again")
-        if att.backing != "shm":
-            return v              # hugetlbfs: the read-only mapping (module docstring)
-        if att.cow_fd < 0:
+        fd = att.cow_fd
+        if fd < 0:
             raise ClientClosed("get_tensor: the client was closed meanwhile; open a new Client")
+        if att.backing == "shm":
+            page, flags = PAGE, mmap.MAP_PRIVATE
+        else:                     # hugetlbfs: its own page size, no reservation (docstring)
+            page, flags = os.fstatvfs(fd).f_bsize, mmap.MAP_PRIVATE | _MAP_NORESERVE
         off = addr - lo
-        start = off - off % PAGE
-        length = min(att.size, -(-(off + n) // PAGE) * PAGE) - start
-        base = _mmap(None, length, *_PRIVATE_RW, att.cow_fd, start)
+        start = off - off % page
+        length = min(att.size, -(-(off + n) // page) * page) - start
+        base = _mmap(None, length, _PROT_RW, flags, fd, start)
     if base is None or base == _MAP_FAILED:
         raise _map_error(ctypes.get_errno(), length)
     try:

@@ -5,9 +5,10 @@ segments each tensor view has its own private copy-on-write mapping (client/view
 so such a write is seen by that tensor only: never by another view of the object, a
 get, another process, or a later tensor of another object put in the same extent (the
 old single process-wide mapping kept the written page, and get_tensor of the next
-object there returned the old bytes). On hugetlbfs tensors view the read-only mapping
-and the same write kills the process with SIGSEGV (chosen and documented there): the
-tests do it in a child and check that nothing else sees a wrong byte.
+object there returned the old bytes). On hugetlbfs the same holds while the pool has a
+huge page to spare for the copy; without one the write kills the process with SIGBUS
+(chosen and documented there): the tests do it in a child and check that nothing else
+sees a wrong byte.
 
 Every write is done in a child process (a real second client) against a real daemon.
 """
@@ -181,7 +182,7 @@ def test_view_memory_lives_as_long_as_its_users(make_daemon):
     assert r.stdout.strip() == "ok"
 
 
-# ---- hugetlbfs: the write faults, and nothing else sees it --------------------------------
+# ---- hugetlbfs: a private copy when a huge page is spare, else SIGBUS; never wrong bytes ---
 
 def _huge_daemon(make_daemon, tmp_path):
     if os.geteuid() != 0:
@@ -219,16 +220,55 @@ def _undo_huge(d, mnt, nr_before):
             f.write(str(nr_before))
 
 
+def _free_huge_pages():
+    """Huge pages a MAP_NORESERVE copy-on-write fault can take: free and not reserved."""
+    info = host.meminfo()
+    return info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0)
+
+
 @pytest.mark.parametrize("bypass", ["aten_add_", "np_from_dlpack"])
-def test_hugetlbfs_write_past_guard_faults_and_shows_nowhere(make_daemon, tmp_path, bypass):
-    """On hugetlbfs a tensor views the read-only mapping: the write kills the child with
-    SIGSEGV (the documented choice, client/views.py) and no view anywhere shows it."""
+def test_hugetlbfs_write_past_guard_with_a_spare_page(make_daemon, tmp_path, bypass):
+    """On hugetlbfs a tensor view is a private mapping too: with a huge page to spare in
+    the pool, the write lands in the writer's own copy and shows nowhere else (the same
+    checks as on /dev/shm, extent reuse included)."""
     d, mnt, nr_before = _huge_daemon(make_daemon, tmp_path)
+    try:
+        with open("/proc/sys/vm/nr_hugepages") as f:
+            nr = int(f.read())
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:      # undone by _undo_huge
+            f.write(str(nr + 1))
+        if _free_huge_pages() < 1:
+            pytest.skip("the kernel gave no spare huge page")
+        r = run_py(CHILD.replace("{write}", BYPASSES[bypass]), d.socket, check=False)
+        assert r.returncode == 0, f"child failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+        assert r.stdout.splitlines() == ["writing", "written", "ok"], r.stdout
+        with d.client() as c:
+            assert c.backing == "hugetlbfs"
+            assert bytes(c.get_tensor("b").numpy()) == b"\x07" * 4096
+            c.release("b")
+    finally:
+        _undo_huge(d, mnt, nr_before)
+
+
+@pytest.mark.parametrize("bypass", ["aten_add_", "np_from_dlpack"])
+def test_hugetlbfs_write_past_guard_without_a_spare_page_faults(make_daemon, tmp_path, bypass):
+    """With no huge page to spare, the copy-on-write cannot be had and the write kills the
+    child with SIGBUS (the documented choice, client/views.py); no view anywhere, in the
+    dead child's store or another process, shows a wrong byte."""
+    import mmap
+    d, mnt, nr_before = _huge_daemon(make_daemon, tmp_path)
+    hold = None
     try:
         with d.client() as c:
             assert c.backing == "hugetlbfs"
             c.put("a", np.full(4096, 1, np.uint8))
             held = c.get_tensor("a")                     # a live view in another process
+            spare = _free_huge_pages()
+            if spare > 0:                                # take them: reserved at mmap, untouched
+                hold = mmap.mmap(-1, spare * host.huge_page_size(),
+                                 flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_HUGETLB", 0x40000))
+            if _free_huge_pages() != 0:
+                pytest.skip("huge pages were freed meanwhile by another process")
             r = run_py("""
                 import sys
                 import numpy as np, torch
@@ -239,7 +279,7 @@ def test_hugetlbfs_write_past_guard_faults_and_shows_nowhere(make_daemon, tmp_pa
                 {write}
                 print("survived", flush=True)
                 """.replace("{write}", BYPASSES[bypass]), d.socket, check=False)
-            assert r.returncode == -signal.SIGSEGV, (r.returncode, r.stdout, r.stderr)
+            assert r.returncode == -signal.SIGBUS, (r.returncode, r.stdout, r.stderr)
             assert r.stdout.split() == ["writing"]
             assert bytes(held.numpy()) == b"\x01" * 4096
             t = c.get_tensor("a")
@@ -256,6 +296,8 @@ def test_hugetlbfs_write_past_guard_faults_and_shows_nowhere(make_daemon, tmp_pa
                 """, d.socket)
             assert r.stdout.strip() == "ok"
     finally:
+        if hold is not None:
+            hold.close()
         _undo_huge(d, mnt, nr_before)
 
 
@@ -295,3 +337,34 @@ def test_missing_extras_raise_missing_extra(make_daemon):
     assert lines[0].startswith("get_tensor needs torch")
     assert lines[1].startswith("get_buffer needs pyarrow")
     assert lines[2].startswith("get_buffers needs pyarrow")
+
+
+def test_view_that_cannot_be_mapped_is_a_typed_error(make_daemon):
+    """When the process cannot map another tensor view (vm.max_map_count or, here, an
+    address-space limit), get_tensor raises TooManyHolds saying what to do, and keeps no
+    hold; the next get_tensor works once there is room."""
+    d = make_daemon(size="64MiB", extra=SHM)
+    r = run_py("""
+        import resource, sys
+        import numpy as np, torch
+        from kvstore.client import Client
+        from kvstore.errors import TooManyHolds
+        c = Client(sys.argv[1])
+        c.put("big", np.ones(32 << 20, np.uint8))
+        vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (8 << 20), hard))
+        try:
+            c.get_tensor("big")
+            raise SystemExit("mapped past the limit")
+        except TooManyHolds as e:
+            assert "vm.max_map_count" in str(e), str(e)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        assert c._reader.held == {}, c._reader.held
+        t = c.get_tensor("big")
+        assert int(t[-1]) == 1
+        c.release("big")
+        print("ok")
+        """, d.socket)
+    assert r.stdout.strip() == "ok"
