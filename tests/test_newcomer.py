@@ -124,7 +124,8 @@ def _other_user():
     for path in (ROOT, sys.executable):
         probe = subprocess.run(["runuser", "-u", "nobody", "--", "test", "-r", path], capture_output=True)
         if probe.returncode != 0:
-            pytest.skip(f"user nobody cannot read {path}")
+            pytest.skip(f"user nobody cannot read {path} (tox keeps .tox/ private, pyenv "
+                        f"lives in /root): run the demo as two users by hand, as the README says")
     return "nobody"
 
 
