@@ -31,23 +31,25 @@ read, -704 for a missing key; is_exist returns 1, 0 or a negative code. Data met
 never raise on bad input: they return -600 and keep the typed kvstore error in
 ``last_error`` (and log it at warning). Pointers passed to put_from/get_into must lie
 inside a registered buffer, as with Mooncake's transfer engine; ``register_buffer``
-checks in /proc/self/maps that the whole range is mapped read-write in this process,
-and every copy first checks with mincore() that its range is still mapped, so a stray
-pointer or a buffer freed after registration is a -600, not a segfault. (Memory
-unmapped by another thread *during* the copy, or re-protected to PROT_NONE, can still
-fault: a kernel-checked copy, process_vm_readv, would catch that but costs 11 us per
-4 KiB call and 0.8x memcpy at 16 MiB here.)
-Must never: copy more than once between a registered buffer and the segment, touch
-memory outside a registered buffer, log an existing key or a miss as an error, or let
-a failed transfer look like a success.
+checks in /proc/self/maps that the whole range is mapped read-write in this process
+and that it overlaps no mapping of the store's segment (the client's read-write,
+read-only and copy-on-write mappings, or any other mapping of the segment's file):
+get_into there would overwrite other sealed objects in place. Every copy checks that
+its range still overlaps none of the client's segment mappings, and is done by the
+kernel (client/safecopy.py: process_vm_readv/writev on our own pid), so a buffer
+freed, re-protected, replaced by a read-only mapping or cut short by a truncated file
+after registration, even during the copy, is a -600 and never a SIGSEGV or SIGBUS.
+get_into with a pointer copies under a hold, verifying the object first.
+Must never: copy more than once between a registered buffer and the segment, touch a
+registered buffer's memory other than through the kernel's checked copy, accept a
+buffer in the segment, log an existing key or a miss as an error, or let a failed
+transfer look like a success.
 """
 
 import bisect
-import ctypes
 import functools
 import json
 import logging
-import mmap
 import operator
 import os
 import re
@@ -57,6 +59,9 @@ from kvstore.defaults import DEFAULT_SOCKET, socket_path  # noqa: F401  (DEFAULT
 from kvstore.errors import (ChecksumMismatch, ConfigError, GetTimeout, InvalidKey, InvalidKeyType, InvalidSize,
                             InvalidValue, KVStoreError, ObjectExists, StoreFull, StoreUnavailable, ValueTooLarge)
 from kvstore.sizes import parse_size
+
+from . import buffers
+from .safecopy import CallerMemory, address_of
 
 log = logging.getLogger("kvstore.mooncake")
 
@@ -144,49 +149,66 @@ def _size_field(name, v):
         raise InvalidValue(str(e)) from None
 
 
-def _mapped_rw(ptr, size):
+def _maps():
+    """This process's mappings from /proc/self/maps: (lo, hi, perms, (dev, inode)) each."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi, fields[1], (fields[3], int(fields[4]))))
+    return out
+
+
+def _mapped_rw(maps, ptr, size):
     """True if [ptr, ptr+size) lies in read-write mappings of this process."""
     end, pos = ptr + size, ptr
-    try:
-        with open("/proc/self/maps") as f:
-            spans = []
-            for line in f:
-                rng, perms = line.split(None, 2)[:2]
-                lo, hi = (int(x, 16) for x in rng.split("-"))
-                if perms.startswith("rw"):
-                    spans.append((lo, hi))
-    except OSError:
-        return False
-    for lo, hi in sorted(spans):
-        if lo <= pos < hi:
+    for lo, hi, perms, _ in sorted(maps):
+        if perms.startswith("rw") and lo <= pos < hi:
             pos = hi
             if pos >= end:
                 return True
     return False
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_mincore = _libc.mincore
-_mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-_mincore.restype = ctypes.c_int
-_PAGE = mmap.PAGESIZE
+def _segment_ranges(c):
+    """[lo, hi) of the client's own mappings of the segment in this process: the
+    read-write mapping of its puts and the read-only one of sealed objects (the private
+    mappings of tensor views are checked by _tensor_mapping)."""
+    att = c._conn.att
+    cow = getattr(att, "cow_view", None)          # one process-wide copy-on-write mapping
+    if cow is None:
+        return att.rw_range, att.ro_range
+    lo = address_of(cow)
+    return att.rw_range, att.ro_range, (lo, lo + cow.nbytes)
 
 
-def _still_mapped(ptr, size):
-    """True if no page of [ptr, ptr+size) was unmapped since registration (mincore fails
-    with ENOMEM on unmapped memory): a buffer freed after register_buffer is then a
-    -600, not a segfault. ~5 us; its result vector is one byte per page."""
-    if size == 0:
-        return True
-    lo = ptr & ~(_PAGE - 1)
-    pages = (ptr + size - lo + _PAGE - 1) // _PAGE
-    vec = _scratch[0]
-    if len(vec) < pages:        # scratch for the kernel's answer, which is not read: threads may share it
-        vec = _scratch[0] = ctypes.create_string_buffer(pages)
-    return _mincore(lo, ptr + size - lo, vec) == 0
+def _overlap(ranges, ptr, size):
+    end = ptr + max(size, 1)
+    return next(((lo, hi) for lo, hi in ranges if ptr < hi and lo < end), None)
 
 
-_scratch = [ctypes.create_string_buffer(64)]
+def _tensor_mapping(ptr, size):
+    """The private mapping of a live tensor view (client/views.py, registered with
+    client/buffers.py) that [ptr, ptr+size) overlaps, or None."""
+    starts, ranges = getattr(buffers, "_VIEW_STARTS", ()), getattr(buffers, "_VIEW_RANGES", {})
+    end = ptr + max(size, 1)
+    i = bisect.bisect_left(starts, end) - 1       # the last mapping starting before end
+    if i < 0:
+        return None
+    lo = starts[i]
+    got = ranges.get(lo)
+    return (lo, got[0]) if got is not None and got[0] > ptr else None
+
+
+def _in_segment(c, ptr, size):
+    return _overlap(_segment_ranges(c), ptr, size) or _tensor_mapping(ptr, size)
+
+
+def _segment_files(maps, c):
+    """The (device, inode) of the files behind the client's segment mappings."""
+    marks = {r[0] for r in _segment_ranges(c)}
+    return {ident for lo, hi, perms, ident in maps if lo in marks and ident[1] != 0}
 
 
 def _as_int(name, v):
@@ -235,11 +257,10 @@ def _same_lengths(keys, ptrs, sizes):
 
 
 class _Buffer:
-    __slots__ = ("ptr", "size", "view")
+    __slots__ = ("ptr", "size")
 
     def __init__(self, ptr, size):
         self.ptr, self.size = ptr, size
-        self.view = memoryview((ctypes.c_ubyte * size).from_address(ptr)).cast("B")
 
 
 class MooncakeDistributedStore:
@@ -392,14 +413,28 @@ class MooncakeDistributedStore:
     # ---- registered buffers ------------------------------------------------------------
     @_code
     def register_buffer(self, ptr, size):
-        """Register [ptr, ptr+size) for put_from/get_into; 0 or -600 if it is not memory
-        mapped read-write in this process (a device pointer, a freed or bogus address)."""
+        """Register [ptr, ptr+size) for put_from/get_into; 0, or -600 if it is not memory
+        mapped read-write in this process (a device pointer, a freed or bogus address) or
+        if it overlaps a mapping of the store's segment."""
         ptr, size = _as_int("ptr", ptr), _as_int("size", size)
-        if ptr <= 0 or size <= 0 or not _mapped_rw(ptr, size):
+        try:
+            maps = _maps()
+        except (OSError, ValueError, IndexError) as e:
+            raise InvalidValue(f"register_buffer: cannot read /proc/self/maps ({e})") from None
+        if ptr <= 0 or size <= 0 or not _mapped_rw(maps, ptr, size):
             raise InvalidValue(
                 f"register_buffer: [{ptr:#x}, +{size}) is not host memory mapped read-write in this "
                 f"process; register a CPU buffer you own (for GPU tensors use kvstore.client.Client, "
                 f"which copies them through the pinned segment)")
+        c = self._client
+        if c is not None:
+            seg = _in_segment(c, ptr, size)
+            if seg is None:
+                files = _segment_files(maps, c)
+                seg = next(((lo, hi) for lo, hi, _, ident in maps
+                            if ident in files and ptr < hi and lo < ptr + size), None)
+            if seg is not None:
+                raise InvalidValue(self._in_segment("register_buffer", ptr, size, seg))
         buf = _Buffer(ptr, size)
         with self._lock:
             starts, bufs = self._registry
@@ -419,8 +454,15 @@ class MooncakeDistributedStore:
                     return ErrorCode.OK
         raise InvalidValue(f"unregister_buffer: {ptr:#x} is not a registered buffer's start")
 
-    def _view(self, ptr, size):
-        """A memoryview of [ptr, ptr+size) inside a registered buffer, or InvalidValue."""
+    @staticmethod
+    def _in_segment(op, ptr, size, seg):
+        return (f"{op}: [{ptr:#x}, +{size}) overlaps this process's mapping of the store's segment "
+                f"[{seg[0]:#x}, {seg[1]:#x}); writing there would change sealed objects in place; "
+                f"register a buffer of your own")
+
+    def _view(self, c, ptr, size):
+        """[ptr, ptr+size) inside a registered buffer as CallerMemory (copied only by the
+        kernel: see client/safecopy.py), or InvalidValue."""
         ptr, size = _as_int("ptr", ptr), _as_int("size", size)
         if size < 0:
             raise InvalidValue(f"size must be >= 0, not {size}")
@@ -429,30 +471,36 @@ class MooncakeDistributedStore:
         while i >= 0:
             b = bufs[i]
             if b.ptr <= ptr and ptr + size <= b.ptr + b.size:
-                if not _still_mapped(ptr, size):
-                    raise InvalidValue(f"[{ptr:#x}, +{size}) was unmapped after register_buffer (freed?); "
-                                       f"unregister_buffer() it and register live memory")
-                o = ptr - b.ptr
-                return b.view[o:o + size]
+                break
             i -= 1
-        raise InvalidValue(f"[{ptr:#x}, +{size}) is not inside a registered buffer; register_buffer() it first")
+        else:
+            raise InvalidValue(f"[{ptr:#x}, +{size}) is not inside a registered buffer; "
+                               f"register_buffer() it first")
+        # the segment may have been mapped where a registered buffer was (freed, then the
+        # client reconnected to a fresh store or made its tensor mapping)
+        seg = _in_segment(c, ptr, size)
+        if seg is not None:
+            raise InvalidValue(self._in_segment("copy", ptr, size, seg))
+        return CallerMemory(ptr, size)
 
-    def _views(self, key, ptrs, sizes):
-        """The views of one key's pieces (its pointers and sizes) in registered buffers."""
+    def _views(self, c, key, ptrs, sizes):
+        """The pieces of one key (its pointers and sizes) in registered buffers."""
         if len(ptrs) != len(sizes):
             raise InvalidSize(f"key {key!r}: {len(ptrs)} pointers and {len(sizes)} sizes")
-        return [self._view(p, s) for p, s in zip(ptrs, sizes)]
+        return [self._view(c, p, s) for p, s in zip(ptrs, sizes)]
 
     @_code
     def put_from(self, key, buffer_ptr, size, config=None):
         """Store size bytes at buffer_ptr (inside a registered buffer): one copy into the segment."""
-        return self._put_code(self._c(), key, self._view(buffer_ptr, size), config)
+        c = self._c()
+        return self._put_code(c, key, self._view(c, buffer_ptr, size), config)
 
     @_code
     def get_into(self, key, buffer_ptr, size):
         """Copy the object into the registered buffer at buffer_ptr: the bytes read, -704 on
         a miss, -600 if it does not fit, -801 if it failed its checksum (and was dropped)."""
-        r = self._c().read(key, out=self._view(buffer_ptr, size), timeout=0)
+        c = self._c()
+        r = c.read(key, out=self._view(c, buffer_ptr, size), timeout=0)
         return ErrorCode.OBJECT_NOT_FOUND if r is None else r
 
     @_codes
@@ -471,10 +519,11 @@ class MooncakeDistributedStore:
     def batch_put_from_multi_buffers(self, keys, all_buffer_ptrs, all_sizes, config=None):
         """Each key's value gathered from several registered buffers into one object."""
         _same_lengths(keys, all_buffer_ptrs, all_sizes)
+        c = self._c()
         out, todo_i, todo_k, todo_v = [], [], [], []
         for i, (k, ptrs, sizes) in enumerate(zip(keys, all_buffer_ptrs, all_sizes)):
             try:
-                todo_v.append(self._views(k, ptrs, sizes))
+                todo_v.append(self._views(c, k, ptrs, sizes))
                 todo_i.append(i)
                 todo_k.append(k)
                 out.append(ErrorCode.OK)
@@ -482,13 +531,6 @@ class MooncakeDistributedStore:
                 out.append(self._fail(e, "batch_put_from"))
         if todo_k:
             pin = self._pin(config)
-            try:
-                c = self._c()
-            except KVStoreError as e:          # keys refused above keep their own codes
-                code = self._fail(e, "batch_put_from")
-                for i in todo_i:
-                    out[i] = code
-                return out
             for i, k, v in zip(todo_i, todo_k, todo_v):
                 try:
                     c.put(k, v, pin=pin)
@@ -500,11 +542,12 @@ class MooncakeDistributedStore:
     def batch_get_into_multi_buffers(self, keys, all_buffer_ptrs, all_sizes, prefer_same_node=True):
         """Each object scattered into several registered buffers; bytes read or a code each."""
         _same_lengths(keys, all_buffer_ptrs, all_sizes)
+        c = self._c()
         out = [ErrorCode.OK] * len(keys)
         idx, ks, outs = [], [], []
         for i, (k, ptrs, sizes) in enumerate(zip(keys, all_buffer_ptrs, all_sizes)):
             try:
-                views = self._views(k, ptrs, sizes)
+                views = self._views(c, k, ptrs, sizes)
                 outs.append(views[0] if len(views) == 1 else views)
                 idx.append(i)
                 ks.append(k)
@@ -512,7 +555,7 @@ class MooncakeDistributedStore:
                 out[i] = self._fail(e, "batch_get_into")
         if ks:
             try:
-                rs = self._read_results(self._c(), ks, outs)
+                rs = self._read_results(c, ks, outs)
             except KVStoreError as e:          # keys refused above keep their own codes
                 self._fail(e, "batch_get_into")
                 rs = [e] * len(ks)

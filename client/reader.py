@@ -25,6 +25,7 @@ from kvstore.slots import fence
 from kvstore.table import SEALED, Busy, Entry
 
 from . import device_copy
+from .safecopy import CallerMemory, scatter
 from .writer import mapping_of, nbytes
 
 #: How long a miss waits for other clients' in-flight seals at most (they are applied
@@ -367,8 +368,14 @@ class Reader:
                 except KVStoreError:
                     slow.append(i)
                     continue
-                ok = (all(type(d) is memoryview for d in dsts) and sum(d.nbytes for d in dsts) >= size
-                      and copy_out_and_hash(src, dsts) == e.checksum)
+                if type(dsts[0]) is CallerMemory and e.bucket >= 0:
+                    ok = self._read_to_caller(e, src, dsts, table)
+                    if isinstance(ok, KVStoreError):
+                        results[i] = ok           # a stale pointer: reported, not retried
+                        continue
+                else:
+                    ok = (all(type(d) is memoryview for d in dsts) and sum(d.nbytes for d in dsts) >= size
+                          and copy_out_and_hash(src, dsts) == e.checksum)
                 data = size
             if not ok:
                 slow.append(i)
@@ -377,6 +384,23 @@ class Reader:
             if e.bucket >= 0:
                 table.mark(e.bucket)              # counts as a use, like a release
         return results, slow, missed
+
+    def _read_to_caller(self, e, src, dsts, table):
+        """The optimistic read into caller memory named by address (the Mooncake facade):
+        the kernel copies (safecopy) and the landed bytes are never read back, so the
+        source is hashed after the copy, and the copy counts only if the entry is still
+        the one looked up: an object that stays published keeps its extent, so what was
+        copied is the sealed object. Returns whether it counts, or the copy's error."""
+        if not all(type(d) is CallerMemory for d in dsts) or sum(d.nbytes for d in dsts) < e.size:
+            return False
+        try:
+            scatter(self.conn.att.ro_range[0] + e.offset, e.size, dsts)
+        except KVStoreError as x:
+            return x
+        if checksum(src) != e.checksum:
+            return False
+        fence()
+        return table.unchanged(e)
 
     def _read_held(self, keys, ks, outs, timeout, lock):
         """read_many under holds: waits for objects being created, verifies under the
@@ -442,6 +466,8 @@ class Reader:
             take = min(n - pos, nbytes(t))
             if type(t) is memoryview:
                 t[:take] = v[pos:pos + take]
+            elif type(t) is CallerMemory:         # the Mooncake facade's pointers
+                t[:take].write_from(v[pos:pos + take])
             else:
                 copies.from_segment(t[:take], v[pos:pos + take])
             pos += take
@@ -461,6 +487,8 @@ def targets(key, out):
 
 
 def _target(key, o):
+    if type(o) is CallerMemory:                   # copied by the kernel, like a device's memory
+        return o
     if device_copy.is_device_tensor(o):
         return device_copy.flat_bytes(o)
     try:

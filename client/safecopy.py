@@ -86,13 +86,21 @@ def checked():
 
 def address_of(view):
     """The address of a flat memoryview's first byte."""
-    return np.frombuffer(view, dtype=np.uint8).ctypes.data if view.nbytes else 0
+    if not view.nbytes:
+        return 0
+    if not view.readonly:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))     # 0.3 us; numpy's way: 1.6 us
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 def _copy(fn, local, remote, n):
     """One process_vm_* call for n bytes, continued after short counts. Returns the number
     of bytes copied before the kernel refused (n when all went)."""
-    pid = os.getpid()
+    pid = _pid[0]
     done = 0
     while done < n:
         lv, rv = _IoVec(local + done, n - done), _IoVec(remote + done, n - done)
@@ -110,6 +118,9 @@ def _split(fn, local, remote, n):
     """_copy, in two halves on two threads for large copies. Returns the first offset
     that did not copy (n when all went)."""
     if n < PARALLEL:
+        lv, rv = _IoVec(local, n), _IoVec(remote, n)        # the common case: one call
+        if fn(_pid[0], ctypes.byref(lv), 1, ctypes.byref(rv), 1, 0) == n:
+            return n
         return _copy(fn, local, remote, n)
     half = (n // 2) & ~(_PAGE - 1)
     fut = _helper().submit(_copy, fn, local + half, remote + half, n - half)
@@ -183,7 +194,7 @@ class CallerMemory:
         n = self.nbytes
         if n == 0:
             return
-        if not checked():
+        if not (_checked or checked()):
             if not _still_mapped(self.ptr, n):
                 raise self._refused(0, "read")
             ctypes.memmove(address_of(dst), self.ptr, n)
@@ -196,16 +207,31 @@ class CallerMemory:
         """Copy src (a flat memoryview of ours, at most nbytes long) into the caller's
         memory. Raises InvalidValue if any of the caller's pages is not writable (the
         bytes before it may have been written)."""
-        n = src.nbytes
+        self.write_from_address(address_of(src), src.nbytes)
+
+    def write_from_address(self, addr, n):
+        """write_from() of the n bytes of our memory at addr."""
         if n == 0:
             return
         if n > self.nbytes:
             raise InvalidValue(f"{self!r} has room for {self.nbytes} bytes, not {n}")
-        if not checked():
+        if not (_checked or checked()):
             if not _still_mapped(self.ptr, n):
                 raise self._refused(0, "write")
-            ctypes.memmove(self.ptr, address_of(src), n)
+            ctypes.memmove(self.ptr, addr, n)
             return
-        got = _split(_writev, address_of(src), self.ptr, n)
+        got = _split(_writev, addr, self.ptr, n)
         if got < n:
             raise self._refused(got, "write")
+
+
+def scatter(addr, n, dsts):
+    """Copy the n bytes of our memory at addr into the CallerMemory pieces dsts, one after
+    another (they hold at least n bytes together)."""
+    pos = 0
+    for d in dsts:
+        if pos >= n:
+            break
+        take = min(n - pos, d.nbytes)
+        d.write_from_address(addr + pos, take)
+        pos += take

@@ -335,7 +335,7 @@ class Writer:
                 self._untake(off, n)
             raise
         for i, off, n in taken:
-            csum = checksum(att.ro[off:off + n])
+            csum = checksum(att.rw[off:off + n])  # the mapping written: no fault to map it again
             self.seq += 1
             self._outbox.append(protocol.seal_item(self.seq, ks[i], off, n, csum, flags))
             self.pending[ks[i]] = (off, n, csum, self.seq)

@@ -203,10 +203,12 @@ def test_a_buffer_freed_after_registration_is_refused_not_a_crash(store):
     a = np.ones(64 << 20, dtype=np.uint8)       # large: numpy gives it back with munmap
     p = _ptr(a)
     assert store.register_buffer(p, a.nbytes) == 0
+    assert store.put("stored", b"s" * (1 << 20)) == 0
     del a
-    assert store.put_from("k", p, 1 << 20) == ErrorCode.INVALID_PARAMS
-    assert store.get_into("k", p, 1 << 20) == ErrorCode.INVALID_PARAMS
+    assert store.put_from("k", p, 1 << 20) == ErrorCode.INVALID_PARAMS and store.is_exist("k") == 0
+    assert store.get_into("stored", p, 1 << 20) == ErrorCode.INVALID_PARAMS   # the copy is refused
     assert "unmapped" in str(store.last_error) and store.unregister_buffer(p) == 0
+    assert store.get("stored") == b"s" * (1 << 20)
 
 
 def test_any_bad_argument_is_a_code_not_an_exception(store):
