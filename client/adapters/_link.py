@@ -179,10 +179,6 @@ class StoreLink:
             self.log.info("%s: the store at %s is back after %.1f s (%d store calls failed meanwhile)",
                           self.name, self.socket, time.monotonic() - since, n)
 
-    def unavailable(self):
-        """The StoreUnavailable to raise for a call skipped because there is no client."""
-        return StoreUnavailable(f"no connection to the kvstore daemon at {self.socket}")
-
     @property
     def connected(self):
         """True while this link has a Client connected to the daemon (never raises)."""

@@ -460,14 +460,16 @@ class KVStoreConnector(KVConnectorBase_V1):
                 todo.append(sv)
         if not todo:
             return
+        if client is None:                      # the store is down: skipped (no copies made)
+            for sv in todo:
+                self._pending_saves[sv.block_hash][1][layer_name] = False
+            return
         keys = [self._layer_key(sv.block_hash, layer_name) for sv in todo]
         values = []
         for sv in todo:
             src = cache[sv.block_id]
             values.append(src if src.is_contiguous() else src.contiguous())
         try:
-            if client is None:
-                raise self._link.unavailable()
             client.put_many(keys, values)       # False = already there: content-addressed, fine
             ok = [True] * len(todo)
         except KVStoreError as e:
