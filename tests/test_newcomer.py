@@ -264,3 +264,26 @@ def test_reserve_hugepages_mount_stays_with_a_kept_segment_until_destroy(make_da
         assert not _is_mounted(mnt), r.stderr
     finally:
         _undo(d, mnt, nr_before)
+
+
+# ---- scripts/test.sh's arguments ------------------------------------------------------------
+
+def test_test_sh_arguments_select_core_tests_only():
+    """`./scripts/test.sh -k name` once collected the engine suites in the core environment
+    (they cannot import their engines there). The arguments go to the py env's pytest,
+    whose command keeps --ignore=tests/engines and names no path of its own, so a test
+    file given as an argument runs alone. The pytest command line tox builds is run here
+    with --collect-only."""
+    import configparser
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(os.path.join(ROOT, "tox.ini"))
+    cmd = ini["testenv"]["commands"].split()
+    assert cmd[0] == "pytest" and "--ignore=tests/engines" in cmd and cmd[-1] == "{posargs}"
+    with open(os.path.join(ROOT, "scripts", "test.sh")) as f:
+        assert 'tox -e py -- "$@"' in f.read()
+    for posargs, want, unwanted in ((["-k", "test_sizes"], "test_sizes", "tests/engines"),
+                                     (["tests/test_newcomer.py"], "test_license_is_apache_2", "tests/test_config.py")):
+        argv = [sys.executable, "-m", *cmd[:-1], "--collect-only", *posargs]
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert want in r.stdout and unwanted not in r.stdout, r.stdout[-2000:]
