@@ -16,7 +16,7 @@ import pytest
 
 from conftest import run_py, wait_for
 from kvstore.client import Client
-from kvstore.errors import SegmentGone, StoreUnavailable
+from kvstore.errors import ClientClosed, SegmentGone, StoreUnavailable
 
 
 def test_socket_that_never_existed_fails_at_once(tmp_path):
@@ -211,3 +211,63 @@ def test_segment_truncated_after_the_daemons_check_gives_segment_gone(make_daemo
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     assert "SegmentGone:" in r.stdout and path in r.stdout and "restart the daemon" in r.stdout
     assert "mmap length" not in r.stdout + r.stderr
+
+
+def test_store_link_serves_without_the_daemon_and_connects_in_the_background(make_daemon, caplog):
+    """The engine adapters' StoreLink: no daemon at start is one WARNING and calls that
+    fail at once; when the daemon starts, a background thread connects (one INFO)."""
+    import logging
+    from kvstore.client.adapters._link import StoreLink
+    caplog.set_level(logging.INFO, logger="kvstore.test-link")
+    d = make_daemon(start=False)
+    link = StoreLink(d.socket, logger=logging.getLogger("kvstore.test-link"), name="test").start()
+    try:
+        t0 = time.monotonic()
+        for _ in range(100):
+            with pytest.raises(StoreUnavailable) as e:
+                link.client()
+            assert link.failed(e.value)          # an outage: the caller logs nothing
+        assert time.monotonic() - t0 < 0.5
+        assert not link.failed(ValueError("not an outage"))
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "unavailable" in warned[0].getMessage()
+        assert link.outages == 1 and link.failed_calls >= 200
+        d.start()
+        wait_for(lambda: link.connected, timeout=20, what="the background connection")
+        assert link.client().put("k", b"v")
+        assert any("is back" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    finally:
+        link.close()
+    with pytest.raises(ClientClosed) as e:     # after close(): closed, and counted as an outage
+        link.client()
+    assert link.failed(e.value)
+
+
+LINK_FORK_CHILD = """
+import multiprocessing, sys
+from kvstore.client.adapters._link import StoreLink
+link = StoreLink(sys.argv[1]).start()
+parent_cid = link.client().cid
+link.client().put("from-parent", b"p")
+
+def child(q):
+    c = link.client()                 # not the parent's client: a new one of its own
+    q.put((c.cid, bytes(c.read("from-parent")), c.put("from-child", b"c")))
+
+ctx = multiprocessing.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+cid, got, wrote = q.get(timeout=30)
+p.join(30)
+assert p.exitcode == 0, p.exitcode
+assert cid != parent_cid and got == b"p" and wrote, (cid, parent_cid, got, wrote)
+assert bytes(link.client().read("from-child")) == b"c"     # the parent's client still works
+link.close()
+print("ok")
+"""
+
+
+def test_store_link_after_fork_uses_a_client_of_its_own(daemon):
+    r = run_py(LINK_FORK_CHILD, daemon.socket, timeout=60)
+    assert r.stdout.strip().endswith("ok"), r.stdout + r.stderr
