@@ -10,7 +10,6 @@ every case here and stop with exit status 0.
 import logging
 import os
 import re
-import signal
 import socket
 
 import pytest

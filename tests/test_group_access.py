@@ -46,6 +46,10 @@ try:
 except ImportError:
     torch = None
 import daemon.__main__, daemon.server, daemon.startup
+try:
+    import lmdb._envid, lmdb.verify   # imported lazily by lmdb; the user cannot read them later
+except ImportError:
+    pass
 
 def become(name):
     pw = pwd.getpwnam(name)
@@ -363,6 +367,58 @@ def test_a_daemon_that_is_not_a_member_refuses_in_one_line(accounts, shared_dir)
     assert "group: " in lines[0] and "neither root nor a member" in lines[0], lines[0]
     assert "usermod -aG " + accounts["group"] in lines[0]
     assert not data.exists()
+
+
+def test_a_member_that_is_not_root_runs_the_daemon_for_the_group(accounts, shared_dir):
+    """The daemon needs no root for group access: a member of the group may give the
+    store's files to it (chown to one's own group)."""
+    import pwd
+    import signal
+    base, _ = shared_dir
+    pw = pwd.getpwnam(accounts["member"])
+    home = base / "member-home"
+    home.mkdir()
+    os.chown(home, pw.pw_uid, -1)
+    os.chmod(home, 0o711)
+    sock, data, log_path = home / "kv.sock", home / "data", base / "member-daemon.log"
+    code = """
+        import logging
+        sys.exit(daemon.__main__.main(["--socket", sys.argv[2], "--data-dir", sys.argv[3],
+                                       "--group", sys.argv[4], "--hugepages", "off", "--size",
+                                       "16MiB", "--discard-on-exit"]))
+        """
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code), pw.pw_name,
+                                 str(sock), str(data), accounts["group"]],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env=dict(os.environ, HOME="/tmp"))
+    try:
+        wait_for(lambda: "ready: serving" in log_path.read_text() or proc.poll() is not None,
+                 timeout=30, what="the member's daemon")
+        assert proc.poll() is None, log_path.read_text()
+        from kvstore.client import Client
+        with Client(str(sock)) as c:
+            assert c.put("k", b"v" * 100) and c.read("k") == b"v" * 100
+            seg = c.stats()["segment_path"]
+        gid = accounts["gid"]
+        for p in (sock, seg, f"/dev/shm/{os.path.basename(seg)}-slots"):
+            st = os.stat(p)
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (pw.pw_uid, gid, 0o660), p
+        st = os.stat(data)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (pw.pw_uid, 0o700)
+        out = run_as(accounts["outsider"], OUTSIDER_WORK, sock)
+        assert out["error"] == "StoreUnavailable" and "ermission denied" in out["message"], out
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        subprocess.run([sys.executable, "-m", "kvstore.daemon", "--data-dir", str(data), "--destroy"],
+                       capture_output=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, log_path.read_text()
 
 
 def test_check_group_accepts_root_and_members():
