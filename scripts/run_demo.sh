@@ -58,16 +58,18 @@ LOG=$RUN/daemon.log
 DAEMON=""
 
 cleanup() {
-    local rc=$?
-    if [ -n "$DAEMON" ] && kill -0 "$DAEMON" 2>/dev/null; then
-        kill -TERM "$DAEMON" 2>/dev/null || true
-        for _ in $(seq 1 100); do kill -0 "$DAEMON" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$DAEMON" 2>/dev/null || true
-        wait "$DAEMON" 2>/dev/null || true
-    fi
-    # whatever a daemon that did not stop cleanly left: its segment and index
-    if [ -n "$DAEMON" ] && [ -d "$DATA" ] && [ -n "$(ls -A "$DATA" 2>/dev/null)" ]; then
-        "$PY" -m kvstore.daemon --data-dir "$DATA" --destroy >/dev/null 2>&1 || true
+    local rc=$? drc=0
+    if [ -n "$DAEMON" ]; then
+        if kill -0 "$DAEMON" 2>/dev/null; then
+            kill -TERM "$DAEMON" 2>/dev/null || true
+            for _ in $(seq 1 100); do kill -0 "$DAEMON" 2>/dev/null || break; sleep 0.1; done
+            kill -KILL "$DAEMON" 2>/dev/null || true
+        fi
+        wait "$DAEMON" 2>/dev/null || drc=$?
+        # a daemon that did not stop cleanly leaves its segment and index: remove them
+        if [ "$drc" != 0 ] || [ -n "$(ls -A "$DATA" 2>/dev/null)" ]; then
+            "$PY" -m kvstore.daemon --data-dir "$DATA" --destroy >/dev/null 2>&1 || true
+        fi
     fi
     [ -z "$OWN_DATA" ] || rm -rf "$OWN_DATA"
     rm -rf "$RUN"
