@@ -271,3 +271,33 @@ print("ok")
 def test_store_link_after_fork_uses_a_client_of_its_own(daemon):
     r = run_py(LINK_FORK_CHILD, daemon.socket, timeout=60)
     assert r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_hung_daemon_costs_one_timeout_per_outage(make_daemon):
+    """A daemon that stops answering (SIGSTOP): the first call waits its ``timeout``,
+    the connection is reset and the watchdog takes over; later calls wait at most what
+    is left of reconnect_timeout, then fail at once; after SIGCONT the client is back."""
+    d = make_daemon()
+    c = d.client(timeout=1.0, reconnect_timeout=0.5)
+    try:
+        c.put("k", b"v")
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                c.stats()
+            assert 0.8 <= time.monotonic() - t0 < 3.0
+            wait_for(lambda: c._down, what="the watchdog taking over")
+            times = []
+            for _ in range(20):
+                t0 = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    c.stats()
+                times.append(time.monotonic() - t0)
+            assert sum(times) < 1.5 and sorted(times)[-2] < 0.1, times
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: c.connected, timeout=20, what="reconnection after SIGCONT")
+        assert bytes(c.read("k")) == b"v" and c.stats()["objects"] >= 1
+    finally:
+        c.close()
