@@ -424,3 +424,24 @@ def test_a_member_that_is_not_root_runs_the_daemon_for_the_group(accounts, share
 def test_check_group_accepts_root_and_members():
     check_group(Config())                               # no group: nothing to check
     check_group(Config(group=str(os.getegid())))        # our own group
+
+
+def test_a_socket_the_group_cannot_reach_is_warned_about(accounts, make_daemon, tmp_path):
+    from kvstore.access import searchable_by
+    blocked = searchable_by(str(tmp_path / "d0" / "kv.sock"), accounts["gid"])
+    assert blocked is not None                          # pytest's tmp dirs are 0700
+    d = make_daemon(extra=["--hugepages", "off", "--group", accounts["group"]])
+    line = next(l for l in d.read_log().splitlines() if "cannot reach the socket" in l)
+    assert f"members of group {accounts['group']}" in line and "WARNING" in line
+    top = tempfile.mkdtemp(prefix="kvreach-", dir="/tmp")    # /tmp itself: 1777
+    try:
+        sock = os.path.join(top, "kv.sock")
+        os.chmod(top, 0o711)
+        assert searchable_by(sock, accounts["gid"]) is None
+        os.chmod(top, 0o700)
+        assert searchable_by(sock, accounts["gid"]) == top
+        os.chown(top, -1, accounts["gid"])
+        os.chmod(top, 0o750)                            # the group may pass, others not
+        assert searchable_by(sock, accounts["gid"]) is None
+    finally:
+        os.rmdir(top)
