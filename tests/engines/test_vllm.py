@@ -470,3 +470,39 @@ def test_client_options_in_the_extra_config(tmp_path, make_daemon):
     assert c._conn.timeout == 3.5 and c.reconnect_timeout == 0.25
     with pytest.raises(KVStoreConfigError, match="reconnect_timeout"):
         Engine(d.socket, llama_dir(tmp_path), extra={"reconnect_timeout": "soon"})
+
+
+def test_daemon_killed_between_lookup_and_load_is_never_silent(make_daemon, tmp_path, caplog):
+    """The daemon dies after the scheduler found the blocks and before the worker loads
+    them: every block is either loaded byte-identical or reported to vLLM as a load
+    error (recomputed) and counted in the connector's stats; the request finishes."""
+    caplog.set_level(logging.INFO, logger="kvstore")
+    d = make_daemon()
+    model = llama_dir(tmp_path)
+    a = Engine(d.socket, model, extra={"reconnect_timeout": 0.5})
+    a.run(a.request("a", PROMPT))
+    b = Engine(d.socket, model, extra={"reconnect_timeout": 0.5})
+
+    def kill(out):
+        assert len(out.kv_connector_metadata.loads) == 3          # the lookup hit
+        d.stop(signal.SIGKILL)
+        wait_for(lambda: not b.worker._link.connected, what="the worker's client noticing")
+
+    b.before_load = kill
+    req = b.request("b", PROMPT, max_tokens=2)
+    b.scheduler.add_request(req)
+    out, pos = b.step()
+    b.before_load = None
+    assert pos["b"] == 3 * BLOCK
+    failed = b.invalid[0]
+    assert b.stat("blocks_load_failed") == len(failed)
+    assert b.stat("blocks_loaded") == 3 - len(failed)
+    for _ in range(4):
+        if req.request_id not in b.scheduler.requests:
+            break
+        b.step()
+    assert req.request_id not in b.scheduler.requests
+    if not failed:                    # loaded from the shared segment without the daemon
+        for x, y in zip(a.blocks("a", 3), b.blocks("b", 3)):
+            assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+    print("blocks failed to load with the daemon killed:", len(failed))
