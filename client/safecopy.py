@@ -34,7 +34,9 @@ import os
 import threading
 
 import numpy as np
+import xxhash
 
+from kvstore.checksum import CHUNK
 from kvstore.errors import InvalidValue
 
 log = logging.getLogger("kvstore.client")
@@ -131,6 +133,42 @@ def _split(fn, local, remote, n):
     return half + second
 
 
+# kvstore.checksum's two levels (tests/test_mooncake_hardening.py checks they agree)
+_h64, _d64 = xxhash.xxh3_64_intdigest, xxhash.xxh3_64_digest
+
+
+def _pieces(fn, ours, local, remote, lo, hi, out):
+    """Copy [lo, hi) CHUNK by CHUNK and digest each piece of our side right after its
+    copy, while it is in cache, into out. Returns the first offset not copied (hi: all)."""
+    for o in range(lo, hi, CHUNK):
+        e = min(hi, o + CHUNK)
+        got = _copy(fn, local + o, remote + o, e - o)
+        if got < e - o:
+            return o + got
+        out[o // CHUNK] = _d64(ours[o:e])
+    return hi
+
+
+def _hashed(fn, ours, remote, n):
+    """Copy n bytes between ours (a flat memoryview of our memory) and remote caller
+    memory, hashing our side as it goes: (first offset not copied or n, the checksum
+    of ``ours[:n]`` as kvstore.checksum.checksum computes it, or None if short)."""
+    local = address_of(ours)
+    if n <= CHUNK:
+        got = _split(fn, local, remote, n)
+        return got, (_h64(ours[:n]) if got == n else None)
+    out = [None] * ((n + CHUNK - 1) // CHUNK)
+    if n >= PARALLEL:
+        mid = (len(out) // 2) * CHUNK
+        fut = _helper().submit(_pieces, fn, ours, local, remote, mid, n, out)
+        first = _pieces(fn, ours, local, remote, 0, mid, out)
+        second = fut.result()
+        got = first if first < mid else second
+    else:
+        got = _pieces(fn, ours, local, remote, 0, n, out)
+    return got, (_h64(b"".join(out)) if got == n else None)
+
+
 _pool = None
 _pool_pid = 0
 
@@ -203,6 +241,32 @@ class CallerMemory:
         if got < n:
             raise self._refused(got, "read")
 
+    def read_into_hashed(self, dst):
+        """read_into(), returning the checksum of what landed in dst (hashed piece by
+        piece right after each piece's copy, as kvstore.checksum's copies do)."""
+        n = self.nbytes
+        if not (_checked or checked()):
+            self.read_into(dst)
+            return _checksum(dst[:n])
+        got, csum = _hashed(_readv, dst, self.ptr, n)
+        if got < n:
+            raise self._refused(got, "read")
+        return csum
+
+    def write_hashed(self, src):
+        """write_from(), returning the checksum of src (hashed piece by piece right after
+        each piece's copy, while it is in cache)."""
+        n = src.nbytes
+        if n > self.nbytes:
+            raise InvalidValue(f"{self!r} has room for {self.nbytes} bytes, not {n}")
+        if not (_checked or checked()):
+            self.write_from(src)
+            return _checksum(src)
+        got, csum = _hashed(_writev, src, self.ptr, n)
+        if got < n:
+            raise self._refused(got, "write")
+        return csum
+
     def write_from(self, src):
         """Copy src (a flat memoryview of ours, at most nbytes long) into the caller's
         memory. Raises InvalidValue if any of the caller's pages is not writable (the
@@ -223,6 +287,11 @@ class CallerMemory:
         got = _split(_writev, addr, self.ptr, n)
         if got < n:
             raise self._refused(got, "write")
+
+
+def _checksum(view):
+    from kvstore.checksum import checksum
+    return checksum(view)
 
 
 def scatter(addr, n, dsts):

@@ -312,7 +312,7 @@ class Writer:
         device into the pinned segment), wait once, then hash and seal each."""
         att = self.conn.att
         copies = device_copy.CopyBatch(lambda v: mapping_of(att, v))
-        taken = []
+        taken, hashed = [], {}
         try:
             for i in dev:
                 parts, n, _ = partss[i]
@@ -324,7 +324,10 @@ class Writer:
                     if type(p) is memoryview:
                         att.rw[pos:e] = p
                     elif type(p) is CallerMemory:     # the Mooncake facade's pointers
-                        p.read_into(att.rw[pos:e])
+                        if len(parts) == 1:
+                            hashed[i] = p.read_into_hashed(att.rw[pos:e])
+                        else:
+                            p.read_into(att.rw[pos:e])
                     else:
                         copies.to_segment(att.rw[pos:e], p)
                     pos = e
@@ -335,7 +338,7 @@ class Writer:
                 self._untake(off, n)
             raise
         for i, off, n in taken:
-            csum = checksum(att.rw[off:off + n])  # the mapping written: no fault to map it again
+            csum = hashed[i] if i in hashed else checksum(att.rw[off:off + n])  # rw: mapped already
             self.seq += 1
             self._outbox.append(protocol.seal_item(self.seq, ks[i], off, n, csum, flags))
             self.pending[ks[i]] = (off, n, csum, self.seq)

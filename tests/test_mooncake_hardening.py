@@ -133,6 +133,23 @@ def test_heap_buffer_freed_after_register(daemon):
     assert_survived_refused(rc, got, out, PUTS + GETS)
 
 
+def test_heap_buffer_freed_and_its_address_reserved(daemon):
+    """The freed range is mapped again PROT_NONE (as glibc's thread arenas and guard pages
+    reserve address space): still mapped, so a mincore() probe passes, and any access faults."""
+    rc, got, out = child(daemon, """
+        n = 1 << 20
+        p = libc.malloc(n)
+        assert s.register_buffer(p, n) == 0
+        libc.free(p)
+        base = p & ~(PAGE - 1)
+        MAP_FIXED_NOREPLACE = 0x100000
+        q = libc.mmap(base, n + PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANON | MAP_FIXED_NOREPLACE, -1, 0)
+        assert q == base, "the freed range was taken by something else meanwhile"
+        calls(p, n)
+    """)
+    assert_survived_refused(rc, got, out, PUTS + GETS)
+
+
 def test_buffer_reprotected_read_only(daemon):
     rc, got, out = child(daemon, """
         n = 4 * PAGE
@@ -382,3 +399,17 @@ def test_without_process_vm_the_facade_still_works_and_refuses_unmapped_memory(d
     assert rc == 0 and "survived" in got, out
     for name in PUTS + GETS:
         assert int(got[name][0]) == BAD and got[name][1] == "1", (name, out)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4096, 1 << 20, (1 << 20) + 1, (5 << 20) + 7])
+def test_hashed_copies_give_the_store_checksum(n):
+    """The copies that hash as they go compute kvstore.checksum's checksum exactly (one
+    level up to a CHUNK, two above; split over two threads from safecopy.PARALLEL)."""
+    from kvstore.checksum import checksum
+    src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    dst = np.zeros(n, dtype=np.uint8)
+    assert CallerMemory(src.ctypes.data, n).read_into_hashed(memoryview(dst)) == checksum(src)
+    assert np.array_equal(src, dst)
+    out = np.zeros(n, dtype=np.uint8)
+    assert CallerMemory(out.ctypes.data, n).write_hashed(memoryview(src)) == checksum(src)
+    assert np.array_equal(src, out)
