@@ -80,6 +80,30 @@ def _parse_level(value, field):
     return s
 
 
+def _parse_quotas(value, field):
+    """Namespace quotas: a TOML table {name = size}, or "name=size,name=size" (env, flag)."""
+    if isinstance(value, str):
+        items = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            name, eq, size = part.rpartition("=")
+            if not eq:
+                raise ConfigError(f"{field}: {part!r} is not name=size; write e.g. "
+                                  f"\"tenant-a=4GiB,tenant-b=2GiB\"")
+            items[name.strip()] = size.strip()
+        value = items
+    if not isinstance(value, dict):
+        raise ConfigError(f"{field}: {value!r} is not a table of namespace = size")
+    out = {}
+    for name, size in value.items():
+        if not isinstance(name, str) or len(name.encode("utf-8")) > 64:
+            raise ConfigError(f"{field}: namespace {name!r} must be a string of at most 64 bytes")
+        q = parse_size(size, f"{field}.{name or '(default namespace)'}")
+        if q <= 0:
+            raise ConfigError(f"{field}: the quota of {name!r} must be positive")
+        out[name] = q
+    return out
+
+
 def _size_or_auto(value, field):
     if str(value).strip().lower() == "auto":
         return 0
@@ -114,6 +138,8 @@ class Config:
     log_level: str = "INFO"
     #: group (name or number) given the socket and the shared files; "" = the daemon's
     group: str = ""
+    #: namespace -> guaranteed share in bytes (kvstore.store.quotas); empty: no quotas
+    namespace_quotas: dict = dataclasses.field(default_factory=dict)
 
     def group_id(self):
         """The gid of ``group``, or None when no group is configured."""
@@ -139,6 +165,7 @@ _PARSERS = {
     "discard_on_exit": _parse_bool,
     "socket_mode": lambda v, f: _parse_mode(v, f),
     "log_level": _parse_level,
+    "namespace_quotas": _parse_quotas,
     "group": lambda v, f: _parse_group(v, f),
 }
 
@@ -232,4 +259,8 @@ def load_config(file=None, env=None, overrides=None):
             f"low_watermark: {cfg.low_watermark} must be below high_watermark {cfg.high_watermark}")
     if cfg.size < (1 << 20):
         raise ConfigError(f"size: {cfg.size} bytes is too small; use at least 1MiB")
+    reserved = sum(cfg.namespace_quotas.values())
+    if reserved > cfg.size:
+        raise ConfigError(f"namespace_quotas: they add up to {reserved} bytes, more than the "
+                          f"{cfg.size}-byte segment; lower them or raise size")
     return cfg

@@ -92,13 +92,15 @@ def test_environment_names_every_field():
            "KVSTORE_HUGETLBFS_DIR": "/tmp/xh", "KVSTORE_HIGH_WATERMARK": "0.7",
            "KVSTORE_LOW_WATERMARK": "0.5", "KVSTORE_INDEX_MAP_SIZE": "80MiB",
            "KVSTORE_MAX_CLIENTS": "3", "KVSTORE_DISCARD_ON_EXIT": "1",
-           "KVSTORE_SOCKET_MODE": "660", "KVSTORE_LOG_LEVEL": "warning", "KVSTORE_GROUP": "0"}
+           "KVSTORE_SOCKET_MODE": "660", "KVSTORE_LOG_LEVEL": "warning", "KVSTORE_GROUP": "0",
+           "KVSTORE_NAMESPACE_QUOTAS": "a=1MiB"}
     assert {k[len("KVSTORE_"):].lower() for k in env} == set(FIELDS)
     cfg = load_config(env=env)
     assert cfg == Config(socket="/tmp/x.sock", size=2 * MiB, data_dir="/tmp/xd", hugepages="off",
                          reserve_hugepages=True, hugetlbfs_dir="/tmp/xh", high_watermark=0.7,
                          low_watermark=0.5, index_map_size=80 * MiB, max_clients=3,
-                         discard_on_exit=True, socket_mode="0660", log_level="WARNING", group="0")
+                         discard_on_exit=True, socket_mode="0660", log_level="WARNING", group="0",
+                         namespace_quotas={"a": MiB})
 
 
 def test_file_with_kvstore_table(tmp_path):
