@@ -219,13 +219,15 @@ class Client:
 
     def release(self, key):
         """Drop one hold taken by get(); at the last one the object may be evicted or,
-        if deleted meanwhile, freed."""
-        self._reader.release_many([self._key(key)], self._lock)
+        if deleted meanwhile, freed. Works while the daemon is away (holds are this
+        client's own): it never waits for it."""
+        self._reader.release_many([self._ns + encode_key(key)], self._lock)
 
     def release_many(self, keys):
         """release() each key; raises ObjectNotFound, changing nothing, if any key is
         not held (as many times as it is named)."""
-        self._reader.release_many(self._keys(keys), self._lock)
+        ns = self._ns
+        self._reader.release_many([ns + encode_key(k) for k in keys], self._lock)
 
     def read(self, key, out=None, timeout=None):
         """A verified copy of the object: into ``out`` (returns the number of bytes) or,

@@ -301,3 +301,29 @@ def test_hung_daemon_costs_one_timeout_per_outage(make_daemon):
         assert bytes(c.read("k")) == b"v" and c.stats()["objects"] >= 1
     finally:
         c.close()
+
+
+def test_release_during_an_outage_is_immediate_and_sticks(make_daemon):
+    """Holds are the client's own: releasing a view while the daemon is away neither
+    waits reconnect_timeout nor fails (a view's finalizer releases it too), and the
+    restarted daemon sees the object unheld (it can be deleted and its space reused)."""
+    d = make_daemon()
+    c = d.client(reconnect_timeout=5)
+    try:
+        c.put("k", b"v" * 1000)
+        v = c.get("k")
+        assert bytes(v[:3]) == b"vvv"
+        d.stop(signal.SIGKILL)
+        wait_for(lambda: c._down, what="the watchdog noticing the outage")
+        t0 = time.monotonic()
+        c.release("k")
+        assert time.monotonic() - t0 < 0.5
+        with pytest.raises(KeyError):            # ObjectNotFound: it was released once
+            c.release("k")
+        d.start()
+        wait_for(lambda: c.connected, timeout=20, what="reconnection")
+        assert not c._reader.held
+        assert c.delete("k") and c.get("k") is None
+        assert c.verify() == []
+    finally:
+        c.close()
