@@ -285,9 +285,11 @@ class Client:
             after = found[-1]
 
     def get_array(self, key, dtype=np.uint8, shape=None, timeout=None):
-        """A read-only numpy array over the object (held until release), or None."""
+        """A read-only numpy array over the object (held until release), or None. Like
+        get_tensor's, its pages are this view's own copy-on-write mapping (client/views.py)."""
         v = self.get(key, timeout)
-        return None if v is None else views.convert(self.release, key, buffers.to_numpy, v, dtype, shape)
+        return None if v is None else views.convert(self.release, key, views.array, v, self._conn,
+                                                    self._lock, dtype, shape)
 
     def get_tensor(self, key, dtype=None, shape=None, timeout=None):
         """A torch tensor over the object (held until release); in-place writes raise
@@ -304,12 +306,13 @@ class Client:
         """An immutable pyarrow Buffer over the object (held until release), or None."""
         buffers.require("pyarrow", "get_buffer")
         v = self.get(key, timeout)
-        return None if v is None else views.convert(self.release, key, buffers.to_arrow, v)
+        return None if v is None else views.convert(self.release, key, views.arrow, v, self._conn, self._lock)
 
     def get_buffers(self, keys, timeout=None):
         """get_buffer() for many keys (Plasma's get_buffers)."""
         buffers.require("pyarrow", "get_buffers")
-        return [None if v is None else buffers.to_arrow(v) for v in self.get_many(keys, timeout)]
+        vs = self.get_many(keys, timeout)
+        return views.convert_many(self.release, keys, views.arrow, vs, self._conn, self._lock)
 
     # ---- removing and pinning ---------------------------------------------------------
     def delete(self, key):

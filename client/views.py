@@ -1,8 +1,8 @@
 """Typed views of held objects: numpy arrays, torch tensors, pyarrow Buffers.
 
 Owns: converting a held read-only view into the caller's type (client/buffers.py does
-the conversions), releasing the hold when a conversion fails, and the memory tensors
-view.
+the conversions), releasing the hold when a conversion fails, and the memory typed
+views use: a private copy-on-write mapping per view (``private_memory``).
 
 Tensors. torch has no read-only tensors, and ReadOnlyTensor cannot see every write:
 ``torch.ops.aten.add_.Tensor(t, 1)``, ``t.as_subclass(torch.Tensor)``, ``u.set_(t)``,
@@ -19,8 +19,8 @@ own pages: no copy, no extra memory.
 Cost on /dev/shm: one mmap (and one munmap when the tensor dies), about 5 us, and the
 first touch of each 4 KiB page maps it (about 0.13 us a page: some 0.55 ms per 16 MiB
 tensor read whole, a third of a memcpy of the same size; a 4 KiB tensor costs no
-measurable extra). A process can have about 65,000 tensor views alive at once
-(vm.max_map_count counts each); past that get_tensor raises TooManyHolds.
+measurable extra). A process can have about 65,000 typed views alive at once
+(vm.max_map_count counts each mapping); past that they raise TooManyHolds.
 (The single process-wide private mapping used before kept a written page for the
 process's whole life: a later tensor of another object put in the same extent showed
 the old bytes. Scrubbing written pages with /proc/self/pagemap + MADV_DONTNEED before
@@ -38,12 +38,14 @@ what remains is a copy on every get_tensor (no longer a zero-copy view) or a vie
 through which the write reaches the shared bytes (wrong data for everyone). A crash at
 the faulty write shows no wrong byte anywhere, so we keep it.
 
-numpy arrays (get_array), pyarrow Buffers (get_buffer) and get()'s memoryviews view
-the PROT_READ shared mapping on both backings: numpy's and pyarrow's read-only flags
-refuse writes and cannot be turned off, so only code that ignores them (ctypes,
-torch.from_dlpack or torch.as_tensor of a read-only array) reaches the page, and then
-faults (SIGSEGV) instead of writing.
-Must never: hand out a writable view of the segment's shared mapping, or map a tensor
+numpy arrays (get_array) and pyarrow Buffers (get_buffer, get_buffers) get a private
+mapping of their own the same way, exposed read-only: their flags refuse writes and
+cannot be turned off, and a conversion that ignores them (torch.from_dlpack or
+torch.as_tensor of the array, or of numpy's view of the Buffer) writes into that
+private copy instead of faulting. get()'s memoryviews are the raw zero-copy views of the
+read-only shared mapping (PROT_READ): a write through one (only by ignoring its
+read-only flag, e.g. torch.frombuffer, which warns) faults with SIGSEGV and never lands.
+Must never: hand out a writable view of the segment's shared mapping, or map a typed
 view of anything but the pages of its own extent.
 """
 
@@ -89,11 +91,22 @@ def _unmapper(addr, length):
 
 def tensor(view, conn, lock, dtype=None, shape=None):
     """A ReadOnlyTensor of the held view (the hold is the caller's)."""
-    return buffers.to_tensor(tensor_memory(conn, view, lock), dtype, shape)
+    return buffers.to_tensor(private_memory(conn, view, lock, "get_tensor"), dtype, shape)
 
 
-def tensor_memory(conn, v, lock):
-    """The memory a tensor of view v (a get() view) should use: see the module docstring."""
+def array(view, conn, lock, dtype=None, shape=None):
+    """A read-only numpy array of the held view, on private memory (module docstring)."""
+    return buffers.to_numpy(private_memory(conn, view, lock, "get_array").toreadonly(), dtype, shape)
+
+
+def arrow(view, conn, lock):
+    """An immutable pyarrow Buffer of the held view, on private memory (module docstring)."""
+    return buffers.to_arrow(private_memory(conn, view, lock, "get_buffer").toreadonly())
+
+
+def private_memory(conn, v, lock, what):
+    """The memory a typed view of v (a get() view) should use: a private copy-on-write
+    mapping of v's pages, as a writable flat memoryview (see the module docstring)."""
     n = v.nbytes
     if n == 0:
         return v
@@ -102,11 +115,11 @@ def tensor_memory(conn, v, lock):
         att = conn.att
         lo, hi = att.ro_range
         if not lo <= addr < hi:
-            raise StoreUnavailable("the daemon switched to a fresh store during get_tensor; "
-                                   "the object is gone from this client's view, get it again")
+            raise StoreUnavailable(f"the daemon switched to a fresh store during {what}; "
+                                   f"the object is gone from this client's view, get it again")
         fd = att.cow_fd
         if fd < 0:
-            raise ClientClosed("get_tensor: the client was closed meanwhile; open a new Client")
+            raise ClientClosed(f"{what}: the client was closed meanwhile; open a new Client")
         if att.backing == "shm":
             page, flags = PAGE, mmap.MAP_PRIVATE
         else:                     # hugetlbfs: its own page size, no reservation (docstring)
@@ -116,7 +129,7 @@ def tensor_memory(conn, v, lock):
         length = min(att.size, -(-(off + n) // page) * page) - start
         base = _mmap(None, length, _PROT_RW, flags, fd, start)
     if base is None or base == _MAP_FAILED:
-        raise _map_error(ctypes.get_errno(), length)
+        raise _map_error(ctypes.get_errno(), length, what)
     try:
         mem = (ctypes.c_char * length).from_address(base)
         ref = weakref.ref(mem, _unmapper(base, length))
@@ -129,15 +142,15 @@ def tensor_memory(conn, v, lock):
     return memoryview(mem).cast("B")[a:a + n]
 
 
-def _map_error(err, length):
+def _map_error(err, length, what):
     if err == errno.ENOMEM:
-        return TooManyHolds(f"get_tensor: cannot map another {length}-byte tensor view: this process "
-                            f"has too many mappings (vm.max_map_count) or too little memory; free "
-                            f"tensors you no longer use")
+        return TooManyHolds(f"{what}: cannot map another {length}-byte view: this process has too "
+                            f"many mappings (vm.max_map_count) or too little memory; free the "
+                            f"tensors, arrays and buffers you no longer use")
     if err in (errno.EBADF, errno.EACCES, errno.ENODEV, errno.EINVAL, errno.ENXIO, errno.EOVERFLOW):
-        return SegmentGone(f"get_tensor: cannot map the segment ({os.strerror(err)}); it was "
+        return SegmentGone(f"{what}: cannot map the segment ({os.strerror(err)}); it was "
                            f"removed or changed behind the store's back: restart the daemon")
-    return KVStoreError(f"get_tensor: cannot map the tensor's pages ({os.strerror(err)})")
+    return KVStoreError(f"{what}: cannot map the object's pages ({os.strerror(err)})")
 
 
 def convert(release, key, fn, view, *args):
@@ -149,4 +162,18 @@ def convert(release, key, fn, view, *args):
             release(key)
         except KVStoreError:      # the hold went with the store (fresh store, closed)
             pass
+        raise
+
+
+def convert_many(release, keys, fn, vs, *args):
+    """[fn(v, *args) or None per view]; every hold is released if one conversion fails."""
+    try:
+        return [None if v is None else fn(v, *args) for v in vs]
+    except BaseException:
+        for k, v in zip(keys, vs):
+            if v is not None:
+                try:
+                    release(k)
+                except KVStoreError:
+                    pass
         raise

@@ -182,6 +182,47 @@ def test_view_memory_lives_as_long_as_its_users(make_daemon):
     assert r.stdout.strip() == "ok"
 
 
+def test_array_and_buffer_views_refuse_writes_and_never_fault(make_daemon):
+    """numpy arrays and pyarrow Buffers are read-only by flags that cannot be turned off;
+    a conversion that ignores them (torch.from_dlpack of the array, or of numpy's view
+    of the Buffer) writes into the view's private pages: no fault, and no other view sees
+    it. get()'s memoryviews refuse writes too."""
+    d = make_daemon(size="4MiB", extra=SHM)
+    with d.client() as c:
+        c.put("k", np.full(4096, 3, np.uint8))
+        arr, buf, v = c.get_array("k"), c.get_buffer("k"), c.get("k")
+        with pytest.raises(ValueError):
+            arr[0] = 1
+        with pytest.raises(ValueError):
+            arr.flags.writeable = True
+        assert not buf.is_mutable and memoryview(buf).readonly
+        with pytest.raises(TypeError):
+            v[0] = 1
+        # a tensor view can be put back (read as a source) and round-trips
+        t = c.get_tensor("k")
+        assert c.put("copy", t) and c.read("copy") == b"\x03" * 4096
+        r = run_py("""
+            import sys, warnings
+            import numpy as np, torch
+            from kvstore.client import Client
+            warnings.simplefilter("ignore")
+            c = Client(sys.argv[1])
+            a = c.get_array("k")
+            ta = torch.from_dlpack(a)                   # torch ignores the read-only flag
+            b = c.get_buffer("k")
+            tb = torch.from_dlpack(np.frombuffer(b, np.uint8))   # the same, through numpy
+            ta.add_(1); tb.add_(2)
+            assert bytes(a) == b"\\x04" * 4096 and bytes(b) == b"\\x05" * 4096  # their own pages
+            assert bytes(c.get("k")) == bytes(c.get_array("k")) == b"\\x03" * 4096
+            assert bytes(c.get_tensor("k").numpy()) == c.read("k") == b"\\x03" * 4096
+            print("ok")
+            """, d.socket)
+        assert r.stdout.strip() == "ok"
+        assert bytes(v) == bytes(arr) == bytes(t.numpy()) == buf.to_pybytes() == b"\x03" * 4096
+        for _ in range(4):
+            c.release("k")
+
+
 # ---- hugetlbfs: a private copy when a huge page is spare, else SIGBUS; never wrong bytes ---
 
 def _huge_daemon(make_daemon, tmp_path):
