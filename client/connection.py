@@ -174,9 +174,9 @@ class Connection:
             if not (left > 0 and self.up.wait(left)) and self.down and self.closed_why is None:
                 away = time.monotonic() - self.down_since
                 raise StoreUnavailable(
-                    f"the daemon at {self.socket_path} has been unreachable for {away:.1f} s (this "
-                    f"client reconnects by itself, in the background, and fails calls at once "
-                    f"meanwhile); start the daemon, or give the Client a longer reconnect_timeout")
+                    f"the daemon at {self.socket_path} has been unreachable for {away:.1f} s; this "
+                    f"client keeps reconnecting in the background, and until it is back calls fail "
+                    f"at once. Start the daemon, or give the Client a longer reconnect_timeout")
         if self.closed_why is not None:
             raise ClientClosed(f"this client is closed ({self.closed_why}); create a new Client")
 
