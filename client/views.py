@@ -16,11 +16,12 @@ long as they live. It never reaches the segment, another process, another view o
 same object (a second get_tensor, a get, a read), nor any later view of the same extent
 after the object is deleted and its space reused. Unwritten pages are the segment's
 own pages: no copy, no extra memory.
-Cost on /dev/shm: one mmap (and one munmap when the tensor dies), about 5 us, and the
-first touch of each 4 KiB page maps it (about 0.13 us a page: some 0.55 ms per 16 MiB
-tensor read whole, a third of a memcpy of the same size; a 4 KiB tensor costs no
-measurable extra). A process can have about 65,000 typed views alive at once
-(vm.max_map_count counts each mapping); past that they raise TooManyHolds.
+Cost on /dev/shm: one mmap and one munmap (about 5-10 us; munmap also flushes the TLBs
+of the process's other threads), and the first touch of the view's pages maps them
+(about 5 us for a 4 KiB view, some 0.5 ms for a 16 MiB one read whole: a third of a
+memcpy of the same size). On hugetlbfs a few page-table entries map 2 MiB each: nearly
+free. A process can have about 65,000 typed views alive at once (vm.max_map_count
+counts each mapping); past that they raise TooManyHolds.
 (The single process-wide private mapping used before kept a written page for the
 process's whole life: a later tensor of another object put in the same extent showed
 the old bytes. Scrubbing written pages with /proc/self/pagemap + MADV_DONTNEED before

@@ -409,3 +409,42 @@ def test_view_that_cannot_be_mapped_is_a_typed_error(make_daemon):
         print("ok")
         """, d.socket)
     assert r.stdout.strip() == "ok"
+
+
+def test_views_from_many_threads(make_daemon):
+    """Threads taking, writing past the guard and dropping views at once: every fresh view
+    shows the sealed bytes, and every mapping is gone at the end."""
+    d = make_daemon(size="16MiB", extra=SHM)
+    r = run_py("""
+        import gc, sys, threading, time
+        import numpy as np, torch
+        from kvstore.client import Client, views
+        c = Client(sys.argv[1])
+        keys = [f"k{i}" for i in range(16)]
+        c.put_many(keys, [np.full(1000 + 61 * i, i, np.uint8) for i in range(16)])
+        bad, stop = [], time.monotonic() + 1.5
+        def work(seed):
+            rng = np.random.default_rng(seed)
+            while time.monotonic() < stop:
+                i = int(rng.integers(16))
+                t = c.get_tensor(keys[i])
+                if not bool((t.as_subclass(torch.Tensor) == i).all()):
+                    bad.append((seed, i))
+                torch.ops.aten.add_.Tensor(t, 1)           # a write past the guard
+                a = c.get_array(keys[i])
+                if not bool((a == i).all()):
+                    bad.append((seed, i, "array"))
+                del t, a
+                c.release(keys[i]); c.release(keys[i])
+        ts = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+        for t in ts: t.start()
+        for t in ts: t.join()
+        gc.collect()
+        assert not bad, bad[:5]
+        assert views._LIVE == {}, len(views._LIVE)
+        from kvstore.client import buffers
+        assert buffers._VIEW_STARTS == [] and buffers._VIEW_RANGES == {}
+        assert c._reader.held == {}
+        print("ok")
+        """, d.socket)
+    assert r.stdout.strip() == "ok"
