@@ -39,9 +39,13 @@ its range still overlaps none of the client's segment mappings, and is done by t
 kernel (client/safecopy.py: process_vm_readv/writev on our own pid), so a buffer
 freed, re-protected, replaced by a read-only mapping or cut short by a truncated file
 after registration, even during the copy, is a -600 and never a SIGSEGV or SIGBUS.
-get_into with a pointer copies under a hold, verifying the object first.
+The copies hash as they go, like the store's own: put_from seals the checksum of what
+landed in the segment; get_into hashes the object's bytes as they are copied and counts
+the copy only if the object stayed published meanwhile (client/reader.py), else it
+copies again under a hold. (A freed heap chunk that malloc keeps mapped is still
+writable memory: no check can tell it from a live buffer, as with Mooncake itself.)
 Must never: copy more than once between a registered buffer and the segment, touch a
-registered buffer's memory other than through the kernel's checked copy, accept a
+registered buffer's memory other than through client/safecopy.py, accept a
 buffer in the segment, log an existing key or a miss as an error, or let a failed
 transfer look like a success.
 """
@@ -185,19 +189,23 @@ def _segment_ranges(c):
 
 def _overlap(ranges, ptr, size):
     end = ptr + max(size, 1)
-    return next(((lo, hi) for lo, hi in ranges if ptr < hi and lo < end), None)
+    for lo, hi in ranges:
+        if ptr < hi and lo < end:
+            return lo, hi
+    return None
 
 
 def _tensor_mapping(ptr, size):
     """The private mapping of a live tensor view (client/views.py, registered with
     client/buffers.py) that [ptr, ptr+size) overlaps, or None."""
-    starts, ranges = getattr(buffers, "_VIEW_STARTS", ()), getattr(buffers, "_VIEW_RANGES", {})
-    end = ptr + max(size, 1)
-    i = bisect.bisect_left(starts, end) - 1       # the last mapping starting before end
+    starts = getattr(buffers, "_VIEW_STARTS", None)
+    if not starts:
+        return None
+    i = bisect.bisect_left(starts, ptr + max(size, 1)) - 1    # the last mapping starting before the end
     if i < 0:
         return None
     lo = starts[i]
-    got = ranges.get(lo)
+    got = buffers._VIEW_RANGES.get(lo)
     return (lo, got[0]) if got is not None and got[0] > ptr else None
 
 

@@ -368,8 +368,8 @@ class Reader:
                 except KVStoreError:
                     slow.append(i)
                     continue
-                if type(dsts[0]) is CallerMemory and e.bucket >= 0:
-                    ok = self._read_to_caller(e, src, dsts, table)
+                if type(dsts[0]) is CallerMemory:
+                    ok = self._read_to_caller(k, e, src, dsts, table)
                     if isinstance(ok, KVStoreError):
                         results[i] = ok           # a stale pointer: reported, not retried
                         continue
@@ -385,17 +385,18 @@ class Reader:
                 table.mark(e.bucket)              # counts as a use, like a release
         return results, slow, missed
 
-    def _read_to_caller(self, e, src, dsts, table):
+    def _read_to_caller(self, k, e, src, dsts, table):
         """The optimistic read into caller memory named by address (the Mooncake facade):
         the kernel copies (safecopy) and the landed bytes are never read back, so the
-        source is hashed after the copy, and the copy counts only if the entry is still
-        the one looked up: an object that stays published keeps its extent, so what was
-        copied is the sealed object. Returns whether it counts, or the copy's error."""
+        source is hashed as it is copied, and the copy counts only if the entry is still
+        the one looked up (the re-check of _get_pass): an object that stays published,
+        or stays this client's own seal in flight, keeps its extent, so what was copied
+        is the sealed object. Returns whether it counts, or the copy's error."""
         if not all(type(d) is CallerMemory for d in dsts) or sum(d.nbytes for d in dsts) < e.size:
             return False
         try:
             if len(dsts) == 1:
-                csum = dsts[0].write_hashed(src)          # hashed as it is copied
+                csum = dsts[0].write_hashed(src, self.conn.att.ro_range[0] + e.offset)  # hashed as copied
             else:
                 scatter(self.conn.att.ro_range[0] + e.offset, e.size, dsts)
                 csum = checksum(src)
@@ -404,7 +405,9 @@ class Reader:
         if csum != e.checksum:
             return False
         fence()
-        return table.unchanged(e)
+        if e.bucket >= 0:
+            return table.unchanged(e)
+        return self.writer.in_flight(k) is not None or self._same_published(table, k, e)
 
     def _read_held(self, keys, ks, outs, timeout, lock):
         """read_many under holds: waits for objects being created, verifies under the

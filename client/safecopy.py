@@ -149,11 +149,13 @@ def _pieces(fn, ours, local, remote, lo, hi, out):
     return hi
 
 
-def _hashed(fn, ours, remote, n):
-    """Copy n bytes between ours (a flat memoryview of our memory) and remote caller
-    memory, hashing our side as it goes: (first offset not copied or n, the checksum
-    of ``ours[:n]`` as kvstore.checksum.checksum computes it, or None if short)."""
-    local = address_of(ours)
+def _hashed(fn, ours, remote, n, local=None):
+    """Copy n bytes between ours (a flat memoryview of our memory, at address local if
+    known) and remote caller memory, hashing our side as it goes: (first offset not
+    copied or n, the checksum of ``ours[:n]`` as kvstore.checksum.checksum computes it,
+    or None if short)."""
+    if local is None:
+        local = address_of(ours)
     if n <= CHUNK:
         got = _split(fn, local, remote, n)
         return got, (_h64(ours[:n]) if got == n else None)
@@ -253,16 +255,16 @@ class CallerMemory:
             raise self._refused(got, "read")
         return csum
 
-    def write_hashed(self, src):
+    def write_hashed(self, src, addr=None):
         """write_from(), returning the checksum of src (hashed piece by piece right after
-        each piece's copy, while it is in cache)."""
+        each piece's copy, while it is in cache). addr: src's address, if known."""
         n = src.nbytes
         if n > self.nbytes:
             raise InvalidValue(f"{self!r} has room for {self.nbytes} bytes, not {n}")
         if not (_checked or checked()):
             self.write_from(src)
             return _checksum(src)
-        got, csum = _hashed(_writev, src, self.ptr, n)
+        got, csum = _hashed(_writev, src, self.ptr, n, addr)
         if got < n:
             raise self._refused(got, "write")
         return csum
