@@ -175,7 +175,8 @@ class Writer:
                 del self.pending[k]
             from kvstore.errors import IndexFull
             raise IndexFull(f"the daemon could not record {len(lost) or 'some'} earlier put(s) of this "
-                            f"client: the index is full; restart the daemon with a larger index_map_size")
+                            f"client: the index is full; restart the daemon with a larger --index-map-size "
+                            f"(index_map_size in its config file)")
 
     def in_flight(self, k):
         """This client's own seal of k, if the daemon has not applied it yet."""

@@ -1,12 +1,15 @@
 """Command line of the daemon: ``kvstore-daemon`` / ``python -m kvstore.daemon``.
 
 Owns: flag parsing and turning start-up refusals into one line on stderr and a
-non-zero exit (2 for a bad configuration, 1 for any other refusal).
+non-zero exit (2 for a bad configuration, 1 for any other refusal, including a damaged
+index that could not be rebuilt: kvstore.errors.IndexDamaged). ``--destroy`` says what
+it removed, or that there was nothing to remove (exit 0 either way: the store is gone).
 Must never: print a traceback for a refusal it can explain.
 """
 
 import argparse
 import logging
+import os
 import sys
 
 from kvstore.config import FIELDS, load_config
@@ -55,11 +58,20 @@ def main(argv=None):
         return 2
     logging.basicConfig(level=cfg.log_level, stream=sys.stderr,
                         format="%(asctime)s kvstore-daemon %(levelname)s %(message)s")
-    from .server import Daemon, destroy_store
+    from .server import Daemon
+    from .startup import destroy_store
     try:
         if args.destroy:
-            destroy_store(cfg)
-            print(f"kvstore-daemon: removed the store in {cfg.data_dir}", file=sys.stderr)
+            removed = destroy_store(cfg)
+            if removed:
+                print(f"kvstore-daemon: removed the store in {cfg.data_dir} "
+                      f"({', '.join(removed)})", file=sys.stderr)
+            elif not os.path.isdir(cfg.data_dir):
+                print(f"kvstore-daemon: nothing to remove: {cfg.data_dir} does not exist "
+                      f"(and no segment of it is left)", file=sys.stderr)
+            else:
+                print(f"kvstore-daemon: nothing to remove: no store in {cfg.data_dir}",
+                      file=sys.stderr)
             return 0
         Daemon(cfg).run()
     except (DaemonStartError, KVStoreError, OSError) as e:

@@ -9,8 +9,16 @@ new published table for this run (the previous run's table is retired first, so 
 readers move over before anything is freed). Recovery drops dead clients, reclaims
 doomed extents nobody holds, verifies every sealed object's checksum (corrupt ones are
 dropped), checks that the extents tile the segment, and publishes every record.
-Must never: adopt an index that does not describe the segment next to it, free anything
-before the old table is retired, or start from a half-checked store.
+Before this process opens an index left on disk, daemon/salvage.py checks it in a child
+process and rebuilds it if it is damaged (LMDB can crash on a damaged page). Adopting an
+index needs no new space on the data dir's file system (only write access is checked;
+a new store is probed with a file), so a full file system does not keep a crashed store
+down; the index files get their space before LMDB writes through its map (a full file
+system is then a refusal, not SIGBUS). ``remove_files`` reads the index's description in
+a child process too, and returns what it removed.
+Must never: adopt an index that does not describe the segment next to it, open an
+unchecked index, free anything before the old table is retired, or start from a
+half-checked store.
 """
 
 import errno
@@ -26,11 +34,13 @@ import uuid
 import numpy as np
 
 from kvstore import access, host, protocol, segment, table as table_mod
-from kvstore.errors import DaemonStartError, KVStoreError, ProtocolError
+from kvstore.errors import DaemonStartError, IndexFull, KVStoreError, ProtocolError
 from kvstore.keys import user_key
 from kvstore.slots import SlotsFile
-from kvstore.store import maintenance
+from kvstore.store import index_check, maintenance
 from kvstore.store.schema import SCHEMA, Env
+
+from . import salvage
 
 log = logging.getLogger("kvstore.daemon")
 
@@ -40,10 +50,7 @@ def check_data_dir(cfg):
     d = cfg.data_dir
     try:
         access.make_dirs(d)      # 0700: no client needs the data dir (see kvstore.access)
-        probe = os.path.join(d, f".write-probe-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.unlink(probe)
+        _check_writable(d)
     except OSError as e:
         raise DaemonStartError(f"data dir {d} is not writable ({e.strerror}); "
                                f"choose another --data-dir or fix its permissions") from None
@@ -55,9 +62,38 @@ def check_data_dir(cfg):
         os.close(fd)
         raise DaemonStartError(f"data dir {d} is in use by another daemon (pid {other or '?'}); "
                                f"stop it or choose another --data-dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    pid = str(os.getpid()).encode()
+    try:                         # over the old pid in place: no new space on a full disk
+        os.pwrite(fd, pid, 0)
+        os.ftruncate(fd, len(pid))
+    except OSError as e:         # the pid is only for the refusal message of another daemon
+        log.debug("could not record the pid in %s/daemon.lock: %s", d, e.strerror)
     return fd
+
+
+def _check_writable(d):
+    """Raise OSError unless the daemon can write in d. An index left there is adopted
+    in place and needs no new space, so then only write access is checked (a full file
+    system must not keep the store down after a crash); a new store needs space, so a
+    probe file is written."""
+    index = os.path.join(d, "index")
+    if os.path.exists(os.path.join(index, "data.mdb")):
+        for path in (d, index):
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        for name in ("data.mdb", "lock.mdb"):
+            if os.path.exists(os.path.join(index, name)):
+                os.close(os.open(os.path.join(index, name), os.O_RDWR))
+        return
+    probe = os.path.join(d, f".write-probe-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
 
 
 def check_socket(path):
@@ -87,15 +123,37 @@ def index_path(cfg):
     return os.path.join(cfg.data_dir, "index")
 
 
+#: smallest index map accepted (LMDB needs a few pages; recovery and a loop turn need more)
+MIN_INDEX_MAP = 1 << 20
+
+
+def map_too_small(map_size, why):
+    return (f"index_map_size {map_size} bytes is too small ({why}); raise --index-map-size "
+            f"(index_map_size in the config file), or leave it auto")
+
+
 def open_index(cfg, mode):
     """The LMDB index, created if needed, with its disk space reserved now (with a
     write-mapped index a full disk would otherwise surface as SIGBUS at run time)."""
     path = index_path(cfg)
     map_size = cfg.index_map_bytes()
+    if map_size < MIN_INDEX_MAP:
+        raise DaemonStartError(map_too_small(map_size, f"the index needs at least {MIN_INDEX_MAP}"))
     try:
         access.make_dirs(path)
         os.chmod(path, 0o700)    # the index is the daemon's alone, whatever the access mode
+    except OSError as e:
+        raise DaemonStartError(f"cannot open the index in {path} ({e}); move it away or run "
+                               f"kvstore-daemon --destroy --data-dir {cfg.data_dir}") from None
+    try:                         # before LMDB writes through its map (a full disk: SIGBUS)
+        salvage.reserve_files(path, map_size)
+    except OSError as e:
+        raise DaemonStartError(f"data dir {cfg.data_dir} has no room for the {map_size}-byte index "
+                               f"({e.strerror}); free space or lower --index-map-size") from None
+    try:
         env = Env(path, map_size, create=True, mode=mode)
+    except IndexFull:
+        raise DaemonStartError(map_too_small(map_size, "the index's tables do not fit in it")) from None
     except (OSError, KVStoreError) as e:
         raise DaemonStartError(f"cannot open the index in {path} ({e}); move it away or run "
                                f"kvstore-daemon --destroy --data-dir {cfg.data_dir}") from None
@@ -125,6 +183,7 @@ class Opened:
         self.env = self.segment = self.slots = self.table = None
         self.segment_id = ""
         self.incarnation = 0
+        self.salvaged = None          # what rebuilding a damaged index did (daemon/salvage.py)
         self.map_size = 0
 
     def close(self):
@@ -141,6 +200,9 @@ def open_store(cfg, mode, nslots):
     o = Opened()
     name = segment.segment_name(cfg.data_dir)
     try:
+        # an index left on disk is checked (and rebuilt if damaged) in child processes
+        # before this process opens it: LMDB can crash on a damaged page (daemon/salvage.py)
+        o.salvaged = salvage.check_or_salvage(cfg, index_path(cfg), mode, name, shm_path)
         o.env, o.map_size = open_index(cfg, mode)
         desc = o.env.describe()
         seg = None
@@ -168,6 +230,10 @@ def open_store(cfg, mode, nslots):
                 return o
         _fresh(o, cfg, name, mode, nslots, desc)
         return o
+    except IndexFull:
+        o.close()
+        raise DaemonStartError(map_too_small(o.map_size or cfg.index_map_bytes(),
+                                             "this store's index does not fit in it")) from None
     except BaseException:
         o.close()
         raise
@@ -334,6 +400,9 @@ def destroy_store(cfg):
     uses the data dir. Finds the segment from the index when it is readable, else at
     the default names on /dev/shm and on the CONFIGURED hugetlbfs mount."""
     data_dir = cfg.data_dir
+    if not os.path.isdir(data_dir):
+        removed = remove_files(cfg, None)      # a segment may outlive its data dir
+        return removed
     lock = os.path.join(data_dir, "daemon.lock")
     if os.path.exists(lock):
         fd = os.open(lock, os.O_RDWR)
@@ -344,46 +413,50 @@ def destroy_store(cfg):
                 raise DaemonStartError(f"a daemon is running on {data_dir}; stop it first") from None
         finally:
             os.close(fd)
-    remove_files(cfg, None)
+    return remove_files(cfg, None)
 
 
 def remove_files(cfg, desc):
-    """Remove the segment, index and shared files of the store in cfg.data_dir."""
+    """Remove the segment, index and shared files of the store in cfg.data_dir.
+    Returns the paths it removed (empty: there was no store). The index's description
+    is read in a child process (a damaged index must not crash --destroy); an
+    unreadable one leaves the default names."""
     name = segment.segment_name(cfg.data_dir)
     path = index_path(cfg)
-    if desc is None and os.path.exists(os.path.join(path, "data.mdb")):
-        try:
-            env = Env(path, 1 << 20)
-            desc = env.describe()
-            env.close()
-        except (KVStoreError, OSError):
-            desc = None                 # an unreadable index: fall back to the default names
-    if desc:
-        segment.remove(desc["segment_path"], desc.get("backing") or None)
-        for p in (desc.get("table_path"), desc.get("slots_path")):
-            if p:
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
-    for p, backing in segment.default_paths(cfg, name):
-        segment.remove(p, backing)
-    for what in ("slots",):
-        try:
-            os.unlink(shm_path(name, what))
-        except OSError:
-            pass
+    if desc is None:
+        desc = index_check.read_meta(path)
+    removed = []
+    segs = [(desc["segment_path"], desc.get("backing") or None)] if desc and desc.get("segment_path") else []
+    for p, backing in segs + segment.default_paths(cfg, name):
+        if os.path.exists(p) and p not in removed:
+            segment.remove(p, backing)
+            removed.append(p)
+    shared = [(desc or {}).get("table_path"), (desc or {}).get("slots_path"), shm_path(name, "slots")]
     try:
-        for f in os.listdir("/dev/shm"):
-            if f.startswith(name + "-table-"):
-                os.unlink(os.path.join("/dev/shm", f))
+        shared += [os.path.join("/dev/shm", f) for f in os.listdir("/dev/shm")
+                   if f.startswith(name + "-table-")]
     except OSError:
         pass
-    shutil.rmtree(path, ignore_errors=True)
+    for p in shared:
+        if p and p not in removed:
+            try:
+                os.unlink(p)
+                removed.append(p)
+            except OSError:
+                pass
+    try:                                  # the index and what a rebuild or fresh start left
+        left = [os.path.join(cfg.data_dir, f) for f in os.listdir(cfg.data_dir)
+                if f == "index" or f.startswith(("index.old-", "index.rebuilt-", "index.damaged-"))]
+    except OSError:
+        left = []
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
     try:
         os.unlink(os.path.join(cfg.data_dir, "daemon.lock"))
     except OSError:
         pass
+    return removed
 
 
 def warn_if_not_tmpfs(cfg):

@@ -48,7 +48,8 @@ LE64 = struct.Struct("<Q")         # counter values
 ARENA = struct.Struct("<QQQ")      # cid, end, frontier
 pack64 = U64.pack
 
-_INDEX_FULL = "the index is full; restart the daemon with a larger index_map_size"
+_INDEX_FULL = ("the index is full; restart the daemon with a larger --index-map-size "
+               "(index_map_size in the config file)")
 
 
 class Write:

@@ -1,0 +1,303 @@
+"""Start-up with an index on disk: check it in a child process, and rebuild a damaged one
+from what it still yields before anything in the daemon's own process opens it.
+
+``check_or_salvage`` runs kvstore.store.index_check's check. A sound index is left as
+it is. A damaged one (or one whose reading killed the reader) is salvaged at once, with
+no flag needed: the records the objects table still yields (walked forwards and
+backwards in child processes) and, when the walks could not reach every object LMDB
+counted, those a plain scan of the data file's pages finds, are each kept only if the
+record unpacks, describes a sealed object inside the segment, and the segment's bytes
+there still match the record's checksum (so nothing kept can serve wrong bytes); of
+records whose extents overlap, one is kept. A new index describing exactly the kept
+objects (the rest of the segment free) replaces the damaged one, under a new store
+identity: clients reconnect as new clients (their in-flight puts and holds belong to
+the old store), exactly as when the slots file is lost. The log says, at ERROR, why
+the index was rejected and how many objects were kept and dropped (and how many the
+damaged index counted, when it could still count them); nothing is dropped silently.
+If the segment is gone there is nothing to keep: a damaged index that still says it is
+a kvstore index of this schema is removed and the store starts empty, saying so at
+ERROR; one that says nothing (not even that it is ours) is left alone and the daemon
+refuses. The daemon also refuses when the rebuild itself fails (no space for the new
+index, say). A refusal is one line naming ``kvstore-daemon --destroy --data-dir ...``.
+
+Owns: the decision between adopting, rebuilding and refusing, the choice of the kept
+records, and writing the rebuilt index.
+Must never: open the damaged index in this process, keep a record whose bytes do not
+match its checksum or whose extent overlaps a kept one, or drop objects without
+logging how many.
+"""
+
+import logging
+import mmap
+import os
+import shutil
+import uuid
+from bisect import bisect_right
+
+import xxhash
+
+from kvstore import checksum, record, segment, table as table_mod
+from kvstore.errors import IndexDamaged, IndexFull, KVStoreError
+from kvstore.record import State
+from kvstore.store import allocator, index_check
+from kvstore.store.schema import SCHEMA, Env, pack64
+
+log = logging.getLogger("kvstore.daemon")
+
+
+def destroy_hint(cfg):
+    return f"kvstore-daemon --destroy --data-dir {cfg.data_dir}"
+
+
+def check_or_salvage(cfg, path, mode, name, shm_path):
+    """Check the index at path (if there is one); rebuild it if it is damaged. Returns
+    None when the index was sound or absent, else a one-line summary of what was done
+    (also logged). Raises IndexDamaged when it can neither be adopted nor rebuilt."""
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return None
+    v = index_check.check(path)
+    if v.status == "ok":
+        return None
+    desc, counted, walked, notes = index_check.read_objects(path)
+    desc = desc or v.desc or {}
+    counted = counted if counted is not None else v.objects
+    seg_path, backing = _segment_of(cfg, name, desc)
+    if seg_path is None and desc.get("schema") != SCHEMA:
+        # no segment and no description of ours: nothing to keep, and nothing says
+        # these files are a kvstore index (a wrong --data-dir?): the operator decides
+        raise IndexDamaged(f"cannot open the index in {path} ({v.reason}); no segment of this "
+                           f"store is left, so nothing can be salvaged: move it away or run "
+                           f"{destroy_hint(cfg)}")
+    if seg_path is None:
+        _swap(path, None)
+        msg = (f"the index in {path} was damaged ({v.reason}) and the segment of its "
+               f"{counted if counted is not None else 'unknown number of'} objects is gone: "
+               f"starting empty")
+        log.error("%s", msg)
+        return msg
+    for n in notes:
+        log.debug("salvage of %s: %s", path, n)
+    scanned = {}
+    if counted is None or len(walked) < counted:
+        try:
+            scanned = index_check.scan_pages(path)
+        except OSError as e:
+            log.warning("salvage: could not scan the index file (%s)", e.strerror)
+    try:
+        with open(seg_path, "rb") as f:
+            seg_size = os.fstat(f.fileno()).st_size
+            if desc.get("size") and desc["size"] <= seg_size:
+                seg_size = desc["size"]
+            m = mmap.mmap(f.fileno(), seg_size, prot=mmap.PROT_READ) if seg_size else None
+        try:
+            kept, dropped_bad = choose(walked, scanned, memoryview(m) if m else b"", seg_size)
+        finally:
+            if m is not None:
+                m.close()
+        info = {"segment_id": uuid.uuid4().hex, "segment_path": seg_path, "backing": backing,
+                "slots_path": shm_path(name, "slots"), "table_path": desc.get("table_path") or "",
+                "incarnation": desc.get("incarnation") or _last_incarnation(name)}
+        new = path + f".rebuilt-{uuid.uuid4().hex[:8]}"
+        try:
+            write_index(new, cfg.index_map_bytes(), mode, seg_size, info, kept)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        _retire_tables(desc, name)
+        for p in {desc.get("slots_path") or "", shm_path(name, "slots")} - {""}:
+            try:
+                os.unlink(p)            # its holds and rings belong to the old store identity
+            except OSError:
+                pass
+        _swap(path, new)
+    except (OSError, KVStoreError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise IndexDamaged(f"the index in {path} is damaged ({v.reason}) and could not be rebuilt "
+                           f"({why}); run {destroy_hint(cfg)} to start empty") from None
+    found = len(set(walked) | set(scanned))
+    if counted is not None:
+        msg = (f"the index in {path} was damaged ({v.reason}); rebuilt the damaged index from what "
+               f"could still be read: kept {len(kept)} objects of the {counted} it counted, "
+               f"dropped {max(counted - len(kept), 0)}")
+    else:
+        msg = (f"the index in {path} was damaged ({v.reason}); rebuilt the damaged index from what "
+               f"could still be read: kept {len(kept)} objects, dropped "
+               f"{max(found - len(kept), 0)} (it could not count its objects: others may be lost)")
+    msg += (f"; {dropped_bad} records read failed their checks; "
+            f"clients reconnect as new clients")
+    log.error("%s", msg)
+    return msg
+
+
+def _segment_of(cfg, name, desc):
+    """(path, backing) of the store's segment: where the index says, else at its
+    default names; (None, None) if it is nowhere."""
+    if desc.get("segment_path") and os.path.exists(desc["segment_path"]):
+        return desc["segment_path"], desc.get("backing") or segment.backing_of(desc["segment_path"])
+    for p, backing in segment.default_paths(cfg, name):
+        if os.path.exists(p):
+            return p, backing
+    return None, None
+
+
+def _retire_tables(desc, name):
+    paths = {desc.get("table_path") or ""} - {""}
+    try:
+        paths |= {os.path.join("/dev/shm", f) for f in os.listdir("/dev/shm")
+                  if f.startswith(name + "-table-")}
+    except OSError:
+        pass
+    for p in paths:
+        table_mod.retire_file(p)
+
+
+def _last_incarnation(name):
+    best = 0
+    try:
+        for f in os.listdir("/dev/shm"):
+            if f.startswith(name + "-table-"):
+                try:
+                    best = max(best, int(f[len(name) + 7:].split("-")[0]))
+                except ValueError:
+                    pass
+    except OSError:
+        pass
+    return best
+
+
+def _swap(path, new):
+    """Put the rebuilt index (or nothing) where the damaged one was, and remove that."""
+    old = path + f".damaged-{uuid.uuid4().hex[:8]}"
+    os.rename(path, old)
+    if new is not None:
+        os.rename(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _valid(raw, view, usable):
+    """The record if it is a sealed object inside the segment whose bytes match."""
+    if len(raw) != record.PACKED_SIZE:
+        return None
+    try:
+        rec = record.unpack(raw)
+    except ValueError:
+        return None
+    if rec.state != State.SEALED or rec.offset % allocator.ALIGN or \
+            rec.offset + allocator.extent_size(rec.size) > usable:
+        return None
+    data = view[rec.offset:rec.offset + rec.size]
+    got = xxhash.xxh3_64_intdigest(data) if rec.size <= checksum.CHUNK else checksum.checksum(data)
+    return rec if got == rec.checksum else None
+
+
+def choose(walked, scanned, view, seg_size):
+    """([(key, Record)] to keep, number of records read that failed their checks).
+    Records the walks read come first; versions found only by the page scan fill in
+    keys the walks missed (newest seal first). No two kept extents overlap."""
+    usable = seg_size & ~(allocator.ALIGN - 1)
+    bad = 0
+    first = []
+    for key, raw in walked.items():
+        rec = _valid(raw, view, usable)
+        if rec is None:
+            bad += 1
+        else:
+            first.append((key, rec))
+    second = []
+    for key, raws in scanned.items():
+        if key in walked:
+            continue
+        recs = [r for r in (_valid(raw, view, usable) for raw in set(raws)) if r is not None]
+        if recs:
+            second.append((key, max(recs, key=lambda r: r.stamp)))
+        else:
+            bad += 1
+    kept = _no_overlap(first)
+    starts = [r.offset for _, r in kept]
+    ends = [r.offset + allocator.extent_size(r.size) for _, r in kept]
+    fill = []
+    for key, rec in _no_overlap(second):
+        i = bisect_right(starts, rec.offset) - 1
+        end = rec.offset + allocator.extent_size(rec.size)
+        if (i >= 0 and ends[i] > rec.offset) or (i + 1 < len(starts) and starts[i + 1] < end):
+            continue
+        fill.append((key, rec))
+    return kept + fill, bad
+
+
+def _no_overlap(items):
+    items = sorted(items, key=lambda kr: kr[1].offset)
+    out, end = [], -1
+    for key, rec in items:
+        if rec.offset >= end:
+            out.append((key, rec))
+            end = rec.offset + allocator.extent_size(rec.size)
+    return out
+
+
+#: bytes of lock.mdb reserved up front (LMDB's reader table for the daemon's 16 readers)
+LOCK_BYTES = 64 << 10
+
+
+def reserve_files(path, map_size):
+    """Give the index files at path their space before LMDB writes through its maps:
+    the index is write-mapped, and a page a full file system cannot back is SIGBUS, not
+    an error. A new data file gets its two meta pages written (plainly, no map) first,
+    as LMDB reads a file of zeros as not its own. Raises OSError (ENOSPC) instead."""
+    fd = os.open(os.path.join(path, "lock.mdb"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < LOCK_BYTES:
+            os.posix_fallocate(fd, 0, LOCK_BYTES)
+    finally:
+        os.close(fd)
+    data = os.path.join(path, "data.mdb")
+    if not os.path.exists(data):
+        import lmdb
+        try:
+            lmdb.open(path, map_size=map_size, subdir=True, lock=False, writemap=False,
+                      create=True).close()
+        except lmdb.Error as e:
+            raise OSError(getattr(e, "errno", None) or 28, str(e)) from None
+    fd = os.open(data, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, max(map_size, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+def write_index(path, map_size, mode, seg_size, info, kept):
+    """A fresh index at path describing exactly the kept objects (all else free)."""
+    os.makedirs(path, mode=0o700)
+    reserve_files(path, map_size)
+    env = Env(path, map_size, create=True, mode=mode)
+    try:
+        d = env.dbs
+        usable = seg_size & ~(allocator.ALIGN - 1)
+        with env.write() as txn:
+            env.set_meta(txn, "schema", str(SCHEMA))
+            env.set_meta(txn, "size", seg_size)
+            env.set_meta(txn, "next_cid", 1)
+            for k, v in info.items():
+                env.set_meta(txn, k, v)
+            used = lru_bytes = 0
+            at = 0
+            for key, rec in sorted(kept, key=lambda kr: kr[1].offset):
+                ext = allocator.extent_size(rec.size)
+                if rec.offset > at:
+                    allocator.free(txn, d, at, rec.offset - at)
+                at = rec.offset + ext
+                rec = rec._replace(creator=0)
+                txn.put(key, record.pack(rec), db=d.objects)
+                used += ext
+                if not rec.pinned:
+                    txn.put(pack64(rec.stamp) + key, b"", db=d.lru)
+                    lru_bytes += ext
+            if usable > at:
+                allocator.free(txn, d, at, usable - at)
+            env.set_meta(txn, "used", used)
+            env.set_meta(txn, "lru_bytes", lru_bytes)
+    except IndexFull:
+        raise IndexFull(f"the {len(kept)} objects kept do not fit an index of index_map_size "
+                        f"{map_size} bytes; raise --index-map-size") from None
+    finally:
+        env.close()

@@ -1,0 +1,432 @@
+"""Looking at an index left on disk without letting it hurt the daemon: the start-up
+check, the salvage read, and reading a store's description for ``--destroy``.
+
+LMDB trusts its data file. A page overwritten with garbage can make it raise
+(``MDB_CORRUPTED``, ``MDB_BAD_TXN``), return records that do not unpack, open a missing
+table as a new empty one, or read outside its map and kill the process (SIGSEGV). So
+every look at an index that a previous run left goes through ``in_child``: a forked
+child opens the environment itself (read-only, no lock file: the caller holds the data
+dir lock, and no client ever opens the index), sends what it found through a pipe, and
+exits; the parent only reads the pipe and the child's exit status. A child that dies
+of a signal or runs past its time is a verdict like any other.
+
+``check`` walks every table and every record: sizes and formats of keys and values,
+records unpacked with kvstore.record, extents inside the segment, lru and creating
+entries that name existing objects of the right state, each table's entry count
+against LMDB's own count (a lost subtree), the free lists mirroring each other, the
+extents of objects, doomed extents, arena tails and free space tiling the segment
+exactly, and the ``used`` and ``lru_bytes`` counters. Last, a write transaction that
+is aborted (no write map, nothing reaches the file) makes LMDB read its free-page list,
+whose damage would otherwise show only as failed puts later.
+
+``read_objects`` is the salvage read: the objects table walked from its first key
+forwards and from its last key backwards (a damaged page stops a walk; the two walks
+together get everything on either side of it), streamed in small batches so a child
+that crashes half-way still delivers what it read before.
+
+Owns: the verdict on an index on disk (ok / damaged / crashed), the records a damaged
+one still yields, and its description read safely.
+Must never: open an index in the caller's process, write to the index it looks at, or
+take longer than its timeout.
+"""
+
+import io
+import os
+import pickle
+import select
+import signal
+import struct
+import time
+
+from kvstore import record
+from kvstore.record import State
+
+from . import allocator
+from .schema import ARENA, LE64, SCHEMA, TABLES, U64
+
+#: seconds a look may take (a million objects are walked in a few seconds)
+TIMEOUT = 300.0
+#: records per message of the salvage read (what a crash can lose of what was read)
+BATCH = 128
+_TEXT = ("segment_id", "segment_path", "backing", "slots_path", "table_path")
+_INTS = ("size", "used", "lru_bytes", "next_cid", "incarnation")
+
+
+class Verdict:
+    """status: "ok", "damaged" or "crashed"; problems: what was wrong (first is the
+    reason); desc: the index's own description (describe()'s fields) when readable;
+    objects: how many objects LMDB counted in the objects table, when readable."""
+
+    def __init__(self, status, problems=(), desc=None, objects=None):
+        self.status, self.problems, self.desc, self.objects = status, list(problems), desc, objects
+
+    @property
+    def reason(self):
+        return self.problems[0] if self.problems else ""
+
+    def __repr__(self):
+        return f"Verdict({self.status!r}, {self.problems[:3]!r}, objects={self.objects})"
+
+
+# ---- the child process ---------------------------------------------------------------------
+def in_child(fn, *args, timeout=TIMEOUT):
+    """Run fn(send, *args) in a forked child. Returns (messages sent, how it ended):
+    "exit 0", "exit N", "signal NAME" or "timeout" (the child is killed)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                    # the child: never returns
+        code = 0
+        try:
+            os.close(r)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)            # LMDB's assertion text: the verdict says it all
+            import faulthandler
+            faulthandler.disable()      # (a test runner's: its stack dump would go elsewhere)
+            out = os.fdopen(w, "wb", buffering=1 << 16)
+
+            def send(obj):
+                pickle.dump(obj, out, protocol=pickle.HIGHEST_PROTOCOL)
+                out.flush()
+            try:
+                fn(send, *args)
+            except BaseException as e:              # noqa: BLE001 (reported, not raised)
+                send(("error", f"{type(e).__name__}: {e}"))
+                code = 3
+            out.close()
+        except BaseException:                       # noqa: BLE001
+            code = 4
+        os._exit(code)
+    os.close(w)
+    buf = bytearray()
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select([r], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(r, 1 << 20)
+                if not chunk:
+                    break
+                buf += chunk
+    finally:
+        os.close(r)
+        if timed_out:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, status = os.waitpid(pid, 0)
+    msgs = []
+    f = io.BytesIO(bytes(buf))
+    while f.tell() < len(buf):
+        try:
+            msgs.append(pickle.load(f))
+        except Exception:                           # noqa: BLE001 (a message cut by a crash)
+            break
+    if timed_out:
+        how = "timeout"
+    elif os.WIFSIGNALED(status):
+        how = "signal " + signal.Signals(os.WTERMSIG(status)).name
+    else:
+        how = f"exit {os.WEXITSTATUS(status)}"
+    return msgs, how
+
+
+def _open(path, readonly=True):
+    import lmdb
+    return lmdb.open(path, subdir=True, readonly=readonly, lock=False, create=False,
+                     max_dbs=len(TABLES) + 1, writemap=False, readahead=False, map_size=1 << 20)
+
+
+def _read_meta(txn, env):
+    """describe()'s fields, each read on its own (one bad value spoils only itself)."""
+    db = env.open_db(b"meta", txn=txn, create=False)
+    out = {}
+    for k in ("schema",) + _TEXT + _INTS:
+        raw = txn.get(k.encode(), db=db)
+        if raw is None:
+            out[k] = None
+        elif k == "schema":
+            out[k] = int(raw)
+        elif k in _TEXT:
+            out[k] = raw.decode()
+        else:
+            out[k] = LE64.unpack(raw)[0]
+    return out
+
+
+def _meta_child(send, path):
+    env = _open(path)
+    with env.begin() as txn:
+        send(("desc", _read_meta(txn, env)))
+    env.close()
+
+
+def read_meta(path, timeout=30.0):
+    """The description an index on disk carries, or None if it cannot be read."""
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return None
+    msgs, _ = in_child(_meta_child, path, timeout=timeout)
+    return next((m[1] for m in msgs if m[0] == "desc"), None)
+
+
+# ---- the check ------------------------------------------------------------------------------
+class _Damage(Exception):
+    pass
+
+
+def _walk(txn, db, name, n_expected, problems):
+    """Every (key, value) of a table; its count checked against LMDB's own."""
+    items = list(txn.cursor(db=db))
+    if len(items) != n_expected:
+        problems.append(f"table {name} holds {len(items)} entries, LMDB counts {n_expected}")
+    return items
+
+
+def _check_child(send, path):
+    import lmdb
+    import numpy as np
+    problems = []
+    env = _open(path)
+    with env.begin() as txn:
+        names = set(txn.cursor().iternext(keys=True, values=False))
+        missing = [n for n in TABLES if n.encode() not in names]
+        if missing:
+            send(("objects", None))
+            raise _Damage(f"table {missing[0]} is missing from the index")
+        dbs = {n: env.open_db(n.encode(), txn=txn, create=False) for n in TABLES}
+        counts = {n: txn.stat(dbs[n])["entries"] for n in TABLES}
+        send(("objects", counts["objects"]))
+        desc = _read_meta(txn, env)
+        send(("desc", desc))
+        if desc["schema"] != SCHEMA:               # another layout: the caller starts fresh
+            return
+        for k in ("schema", "segment_path") + _INTS:
+            if desc[k] is None:
+                raise _Damage(f"meta has no {k}")
+        size = desc["size"]
+        usable = size & ~(allocator.ALIGN - 1)
+        t = {n: _walk(txn, dbs[n], n, counts[n], problems) for n in TABLES}
+    env.close()
+
+    # objects, vectorised (a million records take a fraction of a second)
+    from .maintenance import RECORD_DTYPE
+    keys = [k for k, _ in t["objects"]]
+    for k, v in t["objects"]:
+        if not k or len(v) != record.PACKED_SIZE:
+            raise _Damage(f"object record of {len(v)} bytes under key {k[:40]!r}")
+    recs = np.frombuffer(b"".join(v for _, v in t["objects"]), RECORD_DTYPE)
+    state, flags = recs["state"], recs["flags"]
+    sizes, offsets = recs["size"].astype(np.uint64), recs["offset"].astype(np.uint64)
+    ext = np.maximum(np.uint64(allocator.ALIGN),
+                     (sizes + np.uint64(allocator.ALIGN - 1)) & ~np.uint64(allocator.ALIGN - 1))
+    bad = ~np.isin(state, (int(State.CREATING), int(State.SEALED))) | (flags & ~np.uint8(1) != 0)
+    bad |= (offsets % np.uint64(allocator.ALIGN) != 0) | (sizes > np.uint64(usable)) \
+        | (offsets > np.uint64(usable) - np.minimum(ext, np.uint64(usable)))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise _Damage(f"object {keys[i][:40]!r} has a bad record (state {int(state[i])}, "
+                      f"flags {int(flags[i])}, {int(offsets[i])}+{int(sizes[i])})")
+    unp = np.flatnonzero((state == State.SEALED) & (flags & np.uint8(1) == 0))
+    unpinned_bytes = int(ext[unp].sum())
+    stamps = recs["stamp"][unp].astype(">u8").tobytes()
+    want = {stamps[8 * j:8 * j + 8] + keys[i] for j, i in enumerate(unp.tolist())}
+    if any(v for _, v in t["lru"]) or len(t["lru"]) != len(want) or \
+            not all(k in want for k, _ in t["lru"]):
+        raise _Damage(f"lru has {len(t['lru'])} entries that do not match the {len(want)} "
+                      f"sealed unpinned objects")
+    creating = sorted(keys[i] for i in np.flatnonzero(state == State.CREATING).tolist())
+    if any(v for _, v in t["creating"]) or sorted(k[8:] for k, _ in t["creating"]) != creating:
+        raise _Damage("creating entries do not match the objects being created")
+    exts = ext.astype(np.int64)
+    offs = offsets.astype(np.int64)
+    # space
+    other = []
+    for k, v in t["doomed"]:
+        other.append((U64.unpack(k)[0], LE64.unpack(v)[0]))
+    for k, v in t["arenas"]:
+        U64.unpack(k)
+        owner, end, frontier = ARENA.unpack(v)
+        if not frontier <= end <= usable:
+            raise _Damage(f"arena {k.hex()} ends past the segment")
+        if end > frontier:
+            other.append((frontier, end - frontier))
+    free = [(U64.unpack(k)[0], LE64.unpack(v)[0]) for k, v in t["free_off"]]
+    by_size = sorted(struct.unpack(">QQ", k)[::-1] for k, v in t["free_size"])
+    if by_size != sorted(free):
+        raise _Damage("the two free-space tables disagree")
+    import json
+    for k, v in t["clients"]:
+        U64.unpack(k)
+        if not isinstance(json.loads(v), dict):
+            raise _Damage("a client entry is not a JSON object")
+    offs = np.concatenate([offs, np.array([o for o, _ in free + other], dtype=np.int64)])
+    lens = np.concatenate([exts, np.array([n for _, n in free + other], dtype=np.int64)])
+    order = np.argsort(offs, kind="stable")
+    offs, lens = offs[order], lens[order]
+    ends = offs + lens
+    expect = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    bad = np.flatnonzero(offs != expect)
+    if len(bad):
+        i = int(bad[0])
+        raise _Damage(f"the extents do not tile the segment (one at {int(offs[i])}, "
+                      f"expected one at {int(expect[i])})")
+    if (int(ends[-1]) if len(ends) else 0) != usable:
+        raise _Damage(f"the extents end at {int(ends[-1]) if len(ends) else 0}, not at {usable}")
+    busy = int(exts.sum()) + sum(n for _, n in other)
+    if busy != desc["used"]:
+        raise _Damage(f"the used counter says {desc['used']} bytes, the records {busy}")
+    if unpinned_bytes != desc["lru_bytes"]:
+        raise _Damage(f"the lru_bytes counter says {desc['lru_bytes']}, the records {unpinned_bytes}")
+    if problems:
+        raise _Damage(problems[0])
+
+    # LMDB's free-page list: read by any allocation. Aborted, and without a write map
+    # nothing reaches the file.
+    if os.access(os.path.join(path, "data.mdb"), os.W_OK):
+        env = _open(path, readonly=False)
+        info = env.info()
+        psize = env.stat()["psize"]
+        pages = min(info["last_pgno"] + 1, 1024)
+        txn = env.begin(write=True)
+        try:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            txn.put(b"\x00check", bytes(pages * psize), db=meta)
+        except lmdb.MapFullError:
+            pass
+        finally:
+            txn.abort()
+        env.close()
+    send(("ok",))
+
+
+def check(path, timeout=TIMEOUT):
+    """The verdict on the index in path (which must exist), from a child process."""
+    msgs, how = in_child(_check_child, path, timeout=timeout)
+    desc = next((m[1] for m in msgs if m[0] == "desc"), None)
+    objects = next((m[1] for m in msgs if m[0] == "objects"), None)
+    if any(m[0] == "ok" for m in msgs) or (desc and desc.get("schema") != SCHEMA and how == "exit 0"):
+        return Verdict("ok", (), desc, objects)
+    errors = [m[1] for m in msgs if m[0] == "error"]
+    if how.startswith("signal") or how == "timeout":
+        return Verdict("crashed", [f"reading it killed the reader ({how})"] + errors, desc, objects)
+    return Verdict("damaged", [e.split(": ", 1)[1] if e.startswith("_Damage") else e
+                               for e in errors] or [f"the check ended with {how}"], desc, objects)
+
+
+# ---- the salvage read -----------------------------------------------------------------------
+def _read_child(send, path, backward):
+    env = _open(path)
+    txn = env.begin()
+    try:
+        try:
+            send(("desc", _read_meta(txn, env)))
+        except Exception as e:                      # noqa: BLE001 (no description: go on)
+            send(("no-desc", str(e)))
+        db = env.open_db(b"objects", txn=txn, create=False)
+        try:
+            send(("objects", txn.stat(db)["entries"]))
+        except Exception:                           # noqa: BLE001
+            pass
+        cur = txn.cursor(db=db)
+        batch = []
+        try:
+            ok = cur.last() if backward else cur.first()
+            while ok:
+                batch.append((cur.key(), cur.value()))
+                if len(batch) >= BATCH:
+                    send(("recs", batch))
+                    batch = []
+                ok = cur.prev() if backward else cur.next()
+        finally:
+            send(("recs", batch))
+    finally:
+        txn.abort()
+        env.close()
+
+
+def read_objects(path, timeout=TIMEOUT):
+    """What a damaged index still yields: (desc or None, objects LMDB counted or None,
+    {key: raw record}, notes on where the walks stopped)."""
+    desc, counted, recs, notes = None, None, {}, []
+    for backward in (False, True):
+        msgs, how = in_child(_read_child, path, backward, timeout=timeout)
+        for m in msgs:
+            if m[0] == "desc" and desc is None:
+                desc = m[1]
+            elif m[0] == "objects" and counted is None:
+                counted = m[1]
+            elif m[0] == "recs":
+                recs.update(m[1])
+            elif m[0] == "error":
+                notes.append(f"{'backward' if backward else 'forward'} walk: {m[1]}")
+        if how != "exit 0" and how != "exit 3":
+            notes.append(f"{'backward' if backward else 'forward'} walk: {how}")
+    return desc, counted, recs, notes
+
+
+# ---- the page scan --------------------------------------------------------------------------
+_PAGE = struct.Struct("<QHHHH")         # pgno, pad, flags, lower, upper
+_NODE = struct.Struct("<HHHH")          # lo, hi, flags, ksize
+_P_LEAF, _P_LEAF2, _P_META = 0x02, 0x20, 0x08
+_MAGIC = 0xBEEFC0DE
+
+
+def _last_page(f, psize):
+    """The highest last-used page either meta page names (None if neither is valid)."""
+    best = None
+    for pg in (0, 1):
+        f.seek(pg * psize)
+        page = f.read(psize)
+        if len(page) < 160:
+            continue
+        pgno, _, flags, _, _ = _PAGE.unpack_from(page)
+        magic = struct.unpack_from("<I", page, 16)[0]
+        if pgno == pg and flags & _P_META and magic == _MAGIC:
+            last = struct.unpack_from("<Q", page, 136)[0]
+            best = last if best is None else max(best, last)
+    return best
+
+
+def scan_pages(path, psize=4096):
+    """{key: [raw record, ...]} of every leaf node on any page of the data file that
+    holds a record-sized value: a plain read of the file (no LMDB, nothing that can
+    crash), for an index whose tables cannot be walked. Pages no longer in use are
+    read too, so a key can come with older versions of its record; the caller keeps
+    only records that pass their checks."""
+    import numpy as np
+    found = {}
+    fpath = os.path.join(path, "data.mdb")
+    with open(fpath, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        last = _last_page(f, psize)
+        npages = size // psize if last is None else min(size // psize, last + 1)
+        chunk = 4096                      # pages per read
+        for first in range(2, npages, chunk):
+            f.seek(first * psize)
+            buf = f.read(min(chunk, npages - first) * psize)
+            n = len(buf) // psize
+            flags = np.frombuffer(buf, np.uint16, count=n * psize // 2).reshape(n, psize // 2)[:, 5]
+            for i in np.flatnonzero((flags & (_P_LEAF | _P_LEAF2 | _P_META)) == _P_LEAF).tolist():
+                _scan_leaf(memoryview(buf)[i * psize:(i + 1) * psize], psize, found)
+    return found
+
+
+def _scan_leaf(page, psize, found):
+    _, _, _, lower, upper = _PAGE.unpack_from(page)
+    if not 16 <= lower <= upper <= psize:
+        return
+    for i in range((lower - 16) // 2):
+        at = struct.unpack_from("<H", page, 16 + 2 * i)[0]
+        if at < upper or at + 8 > psize:
+            continue
+        lo, hi, nflags, ksize = _NODE.unpack_from(page, at)
+        dsize = lo | (hi << 16)
+        if nflags or dsize != record.PACKED_SIZE or not ksize or at + 8 + ksize + dsize > psize:
+            continue
+        key = bytes(page[at + 8:at + 8 + ksize])
+        found.setdefault(key, []).append(bytes(page[at + 8 + ksize:at + 8 + ksize + dsize]))
