@@ -8,19 +8,24 @@ process with SIGSEGV or SIGBUS. Here the copy is done by the kernel, with
 process_vm_readv/process_vm_writev on our own pid: it checks every page and answers
 EFAULT (or a short count) instead of faulting, and we raise InvalidValue.
 
-Measured on this machine (2 cores, median of many runs, same run, memmove vs one
-process_vm_readv call): 4 KiB 0.42 us vs 1.54 us; 64 KiB 1.6 vs 3.6 us; 1 MiB 47 vs
-74 us (22.6 vs 14.2 GB/s); 16 MiB 1.24 vs 1.58 ms (13.5 vs 10.6 GB/s). Split over two
-threads (ctypes lets go of the GIL) the 16 MiB copy takes 0.9 ms (18.5 GB/s), faster
-than one memmove, so copies of PARALLEL bytes and more are split. A probe that checks
-each page before a fast memcpy would cost the same page walk as the checked copy itself
-and still race with a caller that unmaps during the copy, so every copy of caller
-memory is a checked copy.
+Measured here (2 shared cores under load; min/median of thousands of calls, memmove
+and the checked copy in the same run, with this module's Python around the syscall):
+4 KiB 0.47/0.55 us vs 2.37/2.55 us; 64 KiB 1.58/1.66 vs 4.49/4.74 us; 1 MiB 35/55
+vs 72/109 us; 16 MiB 1.18/1.27 ms vs 0.85/1.58 ms. The bare syscall costs about 1.1
+us more than memmove at 4 KiB, and one process_vm_readv of 16 MiB reaches 0.75-0.8x
+memmove (10.6 vs 13.5 GB/s: the kernel pins each page); split over two threads
+(ctypes lets go of the GIL) it takes 0.9 ms (18.5 GB/s), faster than one memmove, so
+copies of PARALLEL bytes and more are split. A probe of each page before a plain
+memcpy would walk the same pages as the checked copy itself, and still race with a
+caller that unmaps during the copy, so every copy of caller memory is a checked one.
+Like kvstore.checksum's copies, ``read_into_hashed`` and ``write_hashed`` hash each
+1 MiB piece right after copying it, while it is in cache (the same two-level xxh3).
 
-Owns: ``CallerMemory`` (a range of caller memory known only by its address) and its two
+Owns: ``CallerMemory`` (a range of caller memory known only by its address) and its
 copies, ``read_into`` (caller memory into a view of ours, e.g. the segment) and
-``write_from`` (a view of ours into caller memory); the fallback when the kernel
-refuses process_vm_* (seccomp, ENOSYS): a mincore probe and memmove, logged once.
+``write_from`` (a view of ours into caller memory), with or without hashing; the
+fallback when the kernel refuses process_vm_* (seccomp, ENOSYS): a mincore probe and
+memmove, logged once (it catches freed memory only).
 Must never: dereference caller memory from user space while the checked copy is
 available (no memoryview, numpy array or ctypes object over it), or report a short copy
 as complete.
