@@ -83,10 +83,12 @@ _LIVE = {}
 
 
 def _unmapper(addr, length):
-    def unmap(ref):
-        _LIVE.pop(addr, None)
-        buffers.unregister_view_range(addr, ref)
-        _munmap(addr, length)
+    def unmap(ref, munmap=_munmap):
+        try:
+            _LIVE.pop(addr, None)
+            buffers.unregister_view_range(addr, ref)
+        finally:
+            munmap(addr, length)
     return unmap
 
 
