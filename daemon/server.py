@@ -285,7 +285,7 @@ class Daemon:
             return batch, {}
         tails, first, seen = {}, [], set()
         by_slot = {c.slot: c for c in self.conns.values() if c.cid is not None and not c.closing}
-        for cid, slot in self.slot_of.items():
+        for cid, slot in list(self.slot_of.items()):   # _close may drop a client
             if slot not in ringing:
                 continue
             conn = by_slot.get(slot) or _Ghost(cid, slot)
