@@ -59,12 +59,15 @@ def _demo_leftovers():
 
 
 def run_demo(*args, user=None, timeout=120):
+    """scripts/run_demo.sh with args, as root (user None) or as ``user``, a tuple
+    (name, python, pythonpath) from the ``nobody`` fixture."""
     env = dict(os.environ, KVSTORE_DEMO_PYTHON=sys.executable)
     env.pop("KVSTORE_SOCKET", None)
     cmd = [DEMO, *map(str, args)]
     if user:
-        cmd = ["runuser", "-u", user, "--", "env", f"KVSTORE_DEMO_PYTHON={sys.executable}",
-               f"PATH={os.environ['PATH']}", *cmd]
+        name, python, path = user
+        cmd = ["runuser", "-u", name, "--", "env", f"KVSTORE_DEMO_PYTHON={python}", f"PYTHONPATH={path}",
+               f"PATH={os.environ['PATH']}", "HOME=/", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
 
 
@@ -111,7 +114,16 @@ def test_demo_failure_is_one_line(args, says):
     assert _demo_leftovers() <= before
 
 
-def _other_user():
+def _runs_as(user, *cmd):
+    return subprocess.run(["runuser", "-u", user, "--", *cmd], capture_output=True, timeout=60).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def nobody():
+    """(user, python, pythonpath) for running the demo as the user nobody: a python of
+    this version that nobody may run, and a world-readable copy of the packages the
+    daemon and the demo import (this test's environment may be private: tox makes .tox/
+    0700)."""
     if os.geteuid() != 0:
         pytest.skip("running the demo as a second user needs root (runuser)")
     if not shutil.which("runuser"):
@@ -120,25 +132,43 @@ def _other_user():
         pwd.getpwnam("nobody")
     except KeyError:
         pytest.skip("no user nobody on this host")
-    # nobody must be able to reach this checkout and this python
-    for path in (ROOT, sys.executable):
-        probe = subprocess.run(["runuser", "-u", "nobody", "--", "test", "-r", path], capture_output=True)
-        if probe.returncode != 0:
-            pytest.skip(f"user nobody cannot read {path} (tox keeps .tox/ private, pyenv "
-                        f"lives in /root): run the demo as two users by hand, as the README says")
-    return "nobody"
+    if not _runs_as("nobody", "test", "-r", os.path.join(ROOT, "scripts", "demo.py")):
+        pytest.skip(f"user nobody cannot read this checkout ({ROOT})")
+    version = "%d.%d" % sys.version_info[:2]
+    python = next((p for p in (sys._base_executable, f"/usr/bin/python{version}", shutil.which(f"python{version}"))
+                   if p and _runs_as("nobody", p, "-c", f"import sys; assert sys.version.startswith('{version}.')")),
+                  None)
+    if python is None:
+        pytest.skip(f"no python{version} that user nobody may run (pyenv's lives in /root)")
+    import importlib
+    lib = tempfile.mkdtemp(prefix="kvstore-nobody-lib.")
+    try:
+        for mod in ("numpy", "lmdb", "posix_ipc", "xxhash"):
+            f = importlib.import_module(mod).__file__
+            site = os.path.dirname(os.path.dirname(f)) if f.endswith("__init__.py") else os.path.dirname(f)
+            for entry in os.listdir(site):
+                if entry == mod or entry.startswith(mod + ".") and not entry.endswith(".dist-info"):
+                    src = os.path.join(site, entry)
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(lib, entry))
+        subprocess.run(["chmod", "-R", "a+rX", lib], check=True)
+        if not _runs_as("nobody", "env", f"PYTHONPATH={lib}", python, "-c", "import numpy, lmdb, posix_ipc, xxhash"):
+            pytest.skip(f"{python} cannot import this environment's numpy, lmdb, posix_ipc, xxhash")
+        yield "nobody", python, f"{lib}:{ROOT}"     # kvstore itself from this checkout
+    finally:
+        shutil.rmtree(lib, ignore_errors=True)
 
 
 @pytest.mark.parametrize("order", ["root-then-nobody", "nobody-then-root"])
-def test_demo_back_to_back_by_two_users(order):
+def test_demo_back_to_back_by_two_users(order, nobody):
     """The old demo left a root-owned /dev/shm/kvstore-data behind, and the next user's
     demo then failed; each run now has its own paths and removes them."""
-    other = _other_user()
-    users = [None, other] if order == "root-then-nobody" else [other, None]
+    before = _demo_leftovers()
+    users = [None, nobody] if order == "root-then-nobody" else [nobody, None]
     for user in users:
         r = run_demo("--size", "64MiB", "--hugepages", "off", user=user)
-        assert r.returncode == 0, f"as {user or 'root'}: {r.stdout}{r.stderr}"
+        assert r.returncode == 0, f"as {user[0] if user else 'root'}: {r.stdout}{r.stderr}"
         assert "read-only equal" in r.stdout
+    assert _demo_leftovers() <= before
 
 
 # ---- the scripts' virtual environments ----------------------------------------------------
