@@ -88,6 +88,13 @@ class Env:
         # ``mode`` is accepted for the callers' sake and not used: the index is the
         # daemon's alone (no client opens it), so its files are 0600 whatever the
         # store's access mode, set explicitly below (LMDB's mode goes through the umask)
+        if create:
+            # py-lmdb would create a missing directory with ``mode`` (0600: no search bit),
+            # which only root can then enter
+            try:
+                os.makedirs(path, 0o700, exist_ok=True)
+            except OSError as e:
+                raise StoreUnavailable(f"cannot create the index directory {path}: {e.strerror}") from None
         try:
             self.env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=len(TABLES), mode=0o600,
                                  max_readers=16, sync=False, metasync=False, writemap=True,
