@@ -96,7 +96,9 @@ def test_a_frozen_client_stalls_nobody(make_daemon):
             assert victim.poll() is None, victim.stderr.read()   # it survived every stop
             print("longest waits while the other client was stopped:",
                   {k: f"{v * 1e3:.1f} ms" for k, v in worst.items()})
-            assert max(worst.values()) < 0.1, worst
+            # each stop lasts 0.3 s: waiting on the stopped client would take at least
+            # that; the bound leaves room for a loaded 2-core machine (quiet: under 25 ms)
+            assert max(worst.values()) < 0.25, worst
             assert c.verify() == []
     finally:
         victim.kill()
