@@ -140,6 +140,10 @@ class Store:
         #: each turn): a flood of requests that cannot fit costs one walk per turn
         self.full_at = float("inf")
         self.quotas = None                        # kvstore.store.quotas.Quotas, if configured
+        #: Quotas.version at which the watermark sweep last found no object it may take
+        #: (every namespace above its quota by less than one of its extents): it walks
+        #: again only after usage, pins or the evictable objects changed
+        self._futile_sweep = None
 
     def set_quotas(self, quotas, keys, recs):
         """Enforce per-namespace quotas from now on (quotas: namespace name -> bytes),
@@ -239,12 +243,19 @@ class Store:
         """The watermark sweep: evict in CLOCK order until ``need`` bytes were freed (or
         used <= target_used). Victims are unpublished first, then freed once no hold
         table names them. Returns the number of objects evicted."""
-        allow = None
-        if self.quotas is not None:
-            if not self.quotas.evictable_anywhere(b):
+        allow, q, allowed = None, self.quotas, [False]
+        if q is not None:
+            if q.version == self._futile_sweep or not q.evictable_anywhere(b):
                 return 0                          # everyone is within their quota
-            allow = self.quotas.victim_filter(b)
+            share = q.victim_filter(b)
+
+            def allow(key, ext):
+                ok = share(key, ext)
+                allowed[0] = allowed[0] or ok
+                return ok
         victims = self._take_victims(b, need, target_used, max_objects, allow)
+        if q is not None and not allowed[0]:
+            self._futile_sweep = q.version        # no walk again until something changes
         for key, _, _ in victims:
             b.hide(key)
         self._release_extents(b, [(off, ext) for _, off, ext in victims])
@@ -379,6 +390,8 @@ class Store:
                     if not rec.pinned:
                         txn.put(pack64(rec.stamp) + key, b"", db=d.lru)
                         self._lru_bytes(txn, ext)
+                        if self.quotas is not None:
+                            self.quotas.touch()          # evictable now: the sweep may look
                     b.show(key, rec)
                     return SealResult.SEALED
             self._drop_arena_space(b, cid, off, ext)     # the key exists: the copy goes

@@ -54,6 +54,9 @@ class Quotas:
         self.unreserved = max(0, segment_size - self.reserved)
         self.used = defaultdict(int)         # namespace prefix -> extent bytes (committed)
         self.pinned = defaultdict(int)       # namespace prefix -> pinned extent bytes
+        #: bumped by every change of usage or pins (and by ``touch``), committed or not:
+        #: a victim walk that found nothing allowed stays futile while it is unchanged
+        self.version = 0
 
     def rebuild(self, keys, recs):
         """Count usage from every record (keys and records as maintenance.load_records)."""
@@ -80,6 +83,7 @@ class Quotas:
 
     # ---- changes (recorded in the batch; applied at commit) ------------------------------
     def charge(self, b, key, ext, pinned=False):
+        self.version += 1
         ns = namespace_of(key)
         b.quota_delta[ns] = b.quota_delta.get(ns, 0) + ext
         if pinned:
@@ -89,6 +93,7 @@ class Quotas:
         self.charge(b, key, -ext, pinned)
 
     def repin(self, b, key, ext, pinned):
+        self.version += 1
         ns = namespace_of(key)
         if pinned:
             self.check_pin(b, ns, ext, key)
@@ -110,6 +115,10 @@ class Quotas:
                 f"pin of {key[len(ns):]!r}: namespaces without a quota would pin more than the "
                 f"{self.unreserved} bytes the quotas leave; unpin or delete objects, or give "
                 f"namespace {_name(ns)!r} a quota (namespace_quotas)")
+
+    def touch(self):
+        """An object became evictable without a change of usage (a create() sealed)."""
+        self.version += 1
 
     def commit(self, b):
         for ns, d in b.quota_delta.items():
