@@ -448,3 +448,279 @@ def test_views_from_many_threads(make_daemon):
         print("ok")
         """, d.socket)
     assert r.stdout.strip() == "ok"
+
+
+# ---- released view mappings are cached for reuse (client/mapcache.py) ----------------------
+
+# The child: a view written past the guard is released into the cache; the next view of
+# the same pages, of the same object (a) and of a new object in the same extent (b),
+# reuses that very mapping and shows the sealed bytes. The written pages are reverted
+# when the view is released (pagemap sees none left; on hugetlbfs the copy's huge page
+# goes back to the pool then, not when the mapping is unmapped).
+REUSE_CHILD = """
+import gc, sys
+import numpy as np, torch
+from kvstore.client import Client, buffers, mapcache, views
+
+sock = sys.argv[1]
+N = 3 * 4096
+A, B = np.full(N, 1, np.uint8), np.full(N, 7, np.uint8)
+
+def put(key, value):
+    with Client(sock) as w:
+        assert w.put(key, value)
+
+def offset(c, key):
+    v = c.get(key)
+    off = np.frombuffer(v, np.uint8).ctypes.data - c._ro_range[0]
+    del v
+    c.release(key)
+    return off
+
+def free_huge():
+    return int(dict(l.split(":") for l in open("/proc/meminfo"))["HugePages_Free"])
+
+def write(t):
+    {write}
+    assert bytes(t.as_subclass(torch.Tensor).numpy()[:4]) != bytes(4), "the bypass wrote nothing"
+
+def raw(x):
+    return bytes(x.as_subclass(torch.Tensor).numpy()) if isinstance(x, torch.Tensor) else bytes(x)
+
+failed = []
+
+def check(ok, what):
+    if not ok:
+        failed.append(what)
+
+c = Client(sock)
+put("a", A)
+off_a = offset(c, "a")
+t = c.get_tensor("a")
+(base,) = list(views._LIVE)                         # t's own mapping
+length = buffers._VIEW_RANGES[base][0] - base
+before = free_huge()
+write(t)
+assert bytes(t.as_subclass(torch.Tensor).numpy()) == bytes(A + 1)
+assert len(mapcache.private_pages(base, length)) > 0, "pagemap does not see the written pages"
+written = free_huge()
+del t
+c.release("a")
+gc.collect()
+cache = c._conn.att.view_cache
+check(cache.stats() == (1, length), f"the released mapping was not cached: {cache.stats()}")
+left = mapcache.private_pages(base, length)
+check(left is not None and len(left) == 0, "a written page stayed in the cached mapping")
+check(c.backing == "shm" or free_huge() > written, "the copy's huge page was kept after release")
+
+# (a) the same object again
+t = c.get_tensor("a")
+assert list(views._LIVE) == [base], "the cached mapping was not reused: the test proves nothing"
+check(raw(t) == bytes(A), "(a) the reused mapping showed the written bytes")
+check(cache.stats() == (0, 0), "a mapping in use stayed in the cache")
+write(t)
+del t
+c.release("a")
+a = c.get_array("a")                                # an array reuses the tensor's mapping
+assert list(views._LIVE) == [base]
+check(raw(a) == bytes(A), "(a) an array on the reused mapping showed the written bytes")
+del a
+c.release("a")
+t = c.get_tensor("a")
+write(t)
+del t
+c.release("a")
+gc.collect()
+
+# (b) a new object in the same extent
+assert c.delete("a")
+put("b", B)
+assert offset(c, "b") == off_a, "B is not in A's extent: the test proves nothing"
+tb = c.get_tensor("b")
+assert list(views._LIVE) == [base], "the cached mapping was not reused for B"
+check(raw(tb) == bytes(B), "(b) get_tensor of B on the reused mapping showed other bytes")
+write(tb)
+del tb
+c.release("b")
+buf = c.get_buffer("b")
+assert list(views._LIVE) == [base]
+check(buf.to_pybytes() == bytes(B), "(b) get_buffer of B on the reused mapping showed other bytes")
+check(bytes(c.get("b")) == c.read("b") == bytes(B), "the segment saw a write")
+del buf
+c.release("b"); c.release("b")
+c.close()
+print("ok" if not failed else "FAILED: " + "; ".join(failed), flush=True)
+"""
+
+
+@pytest.mark.parametrize("bypass", ["aten_add_", "np_from_dlpack"])
+def test_written_view_released_into_the_cache_shows_sealed_bytes_when_reused(make_daemon, bypass):
+    d = make_daemon(size="4MiB", extra=SHM)
+    r = run_py(REUSE_CHILD.replace("{write}", BYPASSES[bypass]), d.socket, check=False)
+    assert r.returncode == 0, f"child failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    assert r.stdout.strip() == "ok", r.stdout
+    with d.client() as c:                    # another process: B's bytes, never a written one
+        assert bytes(c.get_tensor("b").numpy()) == b"\x07" * (3 * 4096)
+        c.release("b")
+
+
+@pytest.mark.parametrize("bypass", ["aten_add_", "np_from_dlpack"])
+def test_hugetlbfs_written_view_released_into_the_cache(make_daemon, tmp_path, bypass):
+    """The same on hugetlbfs, where pagemap reports a written huge page as private (one
+    entry per base page) and MADV_DONTNEED gives it back to the pool at release."""
+    d, mnt, nr_before = _huge_daemon(make_daemon, tmp_path)
+    try:
+        with open("/proc/sys/vm/nr_hugepages") as f:
+            nr = int(f.read())
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:      # undone by _undo_huge
+            f.write(str(nr + 1))
+        if _free_huge_pages() < 1:
+            pytest.skip("the kernel gave no spare huge page")
+        r = run_py(REUSE_CHILD.replace("{write}", BYPASSES[bypass]), d.socket, check=False)
+        assert r.returncode == 0, f"child failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+        assert r.stdout.strip() == "ok", r.stdout
+    finally:
+        _undo_huge(d, mnt, nr_before)
+
+
+def _private_maps(inode):
+    """[(lo, hi)] of this process's private mappings of the file with this inode."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 5 and parts[1][3] == "p" and parts[4] == str(inode):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out.append((lo, hi))
+    return out
+
+
+def test_view_cache_is_bounded_and_emptied_at_close(make_daemon):
+    """At most MAX_MAPPINGS released mappings and MAX_BYTES of range stay cached (the
+    oldest are unmapped); close() unmaps them all, and a view freed after close is
+    unmapped, not cached: no private mapping of the segment is left in the process."""
+    d = make_daemon(size="16MiB", extra=SHM)
+    r = run_py("""
+        import gc, os, sys
+        import numpy as np, torch
+        from kvstore.client import Client, buffers, mapcache, views
+        c = Client(sys.argv[1])
+        ino = os.fstat(c._conn.att.cow_fd).st_ino
+        def private_bytes():
+            n = 0
+            for line in open("/proc/self/maps"):
+                p = line.split()
+                if len(p) >= 5 and p[1][3] == "p" and p[4] == str(ino):
+                    lo, hi = (int(x, 16) for x in p[0].split("-"))
+                    n += hi - lo
+            return n
+        keys = [f"k{i}" for i in range(300)]
+        c.put_many(keys, [np.full(4096, i % 251, np.uint8) for i in range(300)])
+        ts = [c.get_tensor(k) for k in keys]              # 300 different page ranges
+        assert len(views._LIVE) == 300
+        del ts
+        c.release_many(keys)
+        gc.collect()
+        cache = c._conn.att.view_cache
+        n, size = cache.stats()
+        assert n == mapcache.MAX_MAPPINGS == 256, n
+        assert private_bytes() == size > 0, (private_bytes(), size)   # the rest were unmapped
+        assert bytes(c.get_tensor("k299").numpy()) == bytes([299 % 251]) * 4096   # cached, fresh bytes
+        c.release("k299")
+        gc.collect()
+        # the byte bound, on a cache made with a smaller one
+        cache.max_bytes = 3 * 65536
+        c.put_many(["b0", "b1", "b2", "b3"], [np.full(65536 - 64, 5, np.uint8)] * 4)
+        ts = [c.get_array(k) for k in ("b0", "b1", "b2", "b3")]
+        del ts
+        c.release_many(["b0", "b1", "b2", "b3"])
+        gc.collect()
+        n, size = cache.stats()
+        assert size <= 3 * 65536 and n <= 3, (n, size)
+        assert private_bytes() == size
+        # close: everything unmapped; a view that outlives the client is unmapped when freed
+        kept = c.get_tensor("k0")
+        assert private_bytes() > size
+        c.close()
+        assert cache.stats() == (0, 0) and cache.closed
+        (base,) = list(views._LIVE)
+        assert private_bytes() == buffers._VIEW_RANGES[base][0] - base    # kept's only
+        assert bytes(kept.numpy()) == bytes(4096)
+        del kept
+        gc.collect()
+        assert private_bytes() == 0 and views._LIVE == {}
+        print("ok")
+        """, d.socket)
+    assert r.stdout.strip() == "ok"
+
+
+def test_fresh_store_never_reuses_a_mapping_of_the_old_segment(make_daemon):
+    """When the client moves to a fresh store (the daemon came back with a new segment),
+    the old attachment's cached mappings are unmapped, and a view of an object of the new
+    store at the same offset maps the new segment."""
+    import gc
+    from conftest import wait_for
+    d = make_daemon(size="4MiB", extra=SHM)
+    c = d.client()
+    try:
+        c.put("k", np.full(4096, 1, np.uint8))
+        t = c.get_tensor("k")
+        old_base = t.data_ptr()
+        del t
+        c.release("k")
+        gc.collect()
+        old_att = c._conn.att
+        old_ino = os.fstat(old_att.cow_fd).st_ino
+        old_cache = old_att.view_cache
+        assert old_cache.stats()[0] == 1 and len(_private_maps(old_ino)) == 1
+        seg = c.stats()["segment_path"]
+        d.stop(signal.SIGKILL)
+        os.unlink(seg)                                   # the next daemon starts a fresh store
+        d.start()
+        wait_for(lambda: c._conn.att is not old_att and not c._down, timeout=15,
+                 what="the client moving to the fresh store")
+        assert old_cache.closed and old_cache.stats() == (0, 0)
+        assert _private_maps(old_ino) == []              # the old segment's mappings are gone
+        c.put("k", np.full(4096, 2, np.uint8))
+        t = c.get_tensor("k")
+        assert bytes(t.numpy()) == b"\x02" * 4096
+        new_ino = os.fstat(c._conn.att.cow_fd).st_ino
+        assert new_ino != old_ino
+        assert any(lo <= t.data_ptr() < hi for lo, hi in _private_maps(new_ino)), old_base
+        del t
+        c.release("k")
+    finally:
+        c.close()
+
+
+def test_cached_mappings_give_way_when_the_address_space_is_short(make_daemon):
+    """A view that cannot be mapped for lack of room first unmaps the cached mappings and
+    tries again: the room they took is not lost to the process."""
+    d = make_daemon(size="64MiB", extra=SHM)
+    r = run_py("""
+        import gc, resource, sys
+        import numpy as np, torch
+        from kvstore.client import Client
+        c = Client(sys.argv[1])
+        c.put("cached", np.ones(16 << 20, np.uint8))
+        c.put("next", np.full(12 << 20, 2, np.uint8))
+        t = c.get_tensor("cached")
+        del t
+        c.release("cached")
+        gc.collect()
+        cache = c._conn.att.view_cache
+        assert cache.stats() == (1, 16 << 20), cache.stats()
+        vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (8 << 20), hard))
+        try:
+            t = c.get_tensor("next")          # fits only once the cached mapping is gone
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        assert cache.stats() == (0, 0), cache.stats()
+        assert int(t[0]) == 2 and int(t[-1]) == 2
+        del t
+        c.release("next")
+        print("ok")
+        """, d.socket)
+    assert r.stdout.strip() == "ok"
