@@ -115,6 +115,9 @@ class Attachment:
         if self.cow_fd >= 0:
             os.close(self.cow_fd)
             self.cow_fd = -1
+        cache = self.__dict__.get("view_cache")    # released view mappings (client/mapcache.py)
+        if cache is not None:
+            cache.close()
         # Unmap the segment now unless views handed out still point into it (then it is
         # unmapped when the last of them goes).
         for view in (self.rw, self.ro):
