@@ -20,7 +20,8 @@ Bounds: at most ``MAX_MAPPINGS`` mappings and ``MAX_BYTES`` of mapped range per 
 Threads: the weakref callbacks that release mappings run in whatever thread frees the
 last user, possibly inside the garbage collector while this very thread is in the
 cache, so they never wait for the lock: they queue the mapping and whoever holds the
-lock settles the queue before letting go.
+lock settles the queue before letting go. In a forked child every cache closes (its
+clients are orphaned; nothing is reused there).
 Must never: hand out a mapping with a private page in it, a mapping of another range or
 of a closed attachment's segment, or keep a mapping after close().
 """
@@ -29,6 +30,7 @@ import ctypes
 import mmap
 import os
 import threading
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -56,10 +58,22 @@ _CLEAN = bytes(b for b in range(256) if not b & 0x40 and b & 0xA0 != 0x80)
 _PM = [-1, 0]                           # the pagemap fd and the pid that opened it
 
 
+_CACHES = weakref.WeakSet()
+
+
 def _after_fork_in_child():
+    # The child's clients are orphaned (client/connection.py): nothing is reused there.
+    # Its caches close, on fresh locks (the fork may have caught another thread holding
+    # one); the child unmaps its copies of the cached mappings, and of views when freed.
     fd, _PM[:] = _PM[0], [-1, 0]
     if fd >= 0:
         os.close(fd)
+    for cache in list(_CACHES):
+        cache._lock = threading.Lock()
+        try:
+            cache.close()
+        except Exception:                   # caught mid-update by the fork: leave it
+            pass
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -125,6 +139,7 @@ class MapCache:
         self._bytes = 0
         self._queue = []                # (addr, start, length) released, not yet filed
         self.closed = False
+        _CACHES.add(self)
 
     def take(self, start, length):
         """The address of a cached mapping of exactly [start, start+length), or None."""

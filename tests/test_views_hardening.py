@@ -724,3 +724,47 @@ def test_cached_mappings_give_way_when_the_address_space_is_short(make_daemon):
         print("ok")
         """, d.socket)
     assert r.stdout.strip() == "ok"
+
+
+def test_forked_child_closes_its_copy_of_the_cache(make_daemon):
+    """After fork the child's copy of the cache is closed (its client is orphaned): its
+    copies of cached mappings are unmapped, and so are its views when freed; the
+    parent's cache is untouched and still reused."""
+    d = make_daemon(size="4MiB", extra=SHM)
+    r = run_py("""
+        import gc, os, sys
+        import numpy as np, torch
+        from kvstore.client import Client, views
+        c = Client(sys.argv[1])
+        c.put("k", np.full(8192, 4, np.uint8))
+        ino = os.fstat(c._conn.att.cow_fd).st_ino
+        def private_maps():
+            return sum(1 for l in open("/proc/self/maps")
+                       if len(l.split()) >= 5 and l.split()[1][3] == "p" and l.split()[4] == str(ino))
+        t, u = c.get_tensor("k"), c.get_tensor("k")
+        del u
+        c.release("k")
+        gc.collect()
+        cache = c._conn.att.view_cache
+        assert cache.stats()[0] == 1 and private_maps() == 2
+        pid = os.fork()
+        if pid == 0:
+            ok = private_maps() == 1 and cache.closed and cache.stats() == (0, 0)
+            del t
+            gc.collect()
+            os._exit(0 if ok and private_maps() == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert cache.stats()[0] == 1 and not cache.closed and private_maps() == 2
+        assert bytes(t.numpy()) == b"\\x04" * 8192
+        del t
+        c.release("k")
+        t = c.get_tensor("k")                        # a cached one: no new mapping
+        assert private_maps() == 2 and bytes(t.numpy()) == b"\\x04" * 8192
+        del t
+        c.release("k")
+        c.close()
+        assert private_maps() == 0
+        print("ok")
+        """, d.socket)
+    assert r.stdout.strip() == "ok"
