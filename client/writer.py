@@ -104,7 +104,7 @@ class Writer:
             a[1] = off
         elif a is None or not a[0] <= off < a[2]:      # space of its own
             try:
-                self.conn.send(protocol.give_back(off))
+                self.conn.send(protocol.give_back(off, off + extent_size(n)))
             except StoreUnavailable:
                 pass
 
@@ -118,7 +118,7 @@ class Writer:
         frees from the last seal it has seen to the arena's end)."""
         a, self._arena = self._arena, None
         if a is not None and a[1] < a[2]:
-            self._retired.append(a[0])
+            self._retired.append((a[0], a[2]))
 
     def flush(self):
         """Put the seals prepared so far into the ring, then give back retired arenas."""
@@ -126,7 +126,7 @@ class Writer:
             items, self._outbox = self._outbox, []
             self._send_seals(items, self.seq)
         while self._retired:
-            self.conn.send(protocol.give_back(self._retired[0]))
+            self.conn.send(protocol.give_back(*self._retired[0]))
             self._retired.pop(0)
 
     def give_back_quietly(self):

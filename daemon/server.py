@@ -660,7 +660,7 @@ class Daemon:
             off, size = store.grant(b, cid, max(least, min(want, self.segment.size)), least, conn.ns)
             return protocol.granted(off, size)
         if mtype == protocol.RETURN:
-            store.give_back(b, cid, protocol.read_give_back(body))
+            store.give_back(b, cid, protocol.read_give_back(body), protocol.read_give_back_end(body))
             return None
         if mtype == protocol.CREATE:
             key, size, pinned = protocol.read_create(body)

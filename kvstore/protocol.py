@@ -222,13 +222,20 @@ def read_granted(payload):
     return _U64x2.unpack_from(payload)
 
 
-def give_back(start):
-    return frame(RETURN, _U64.pack(start))
+def give_back(start, end=None):
+    """RETURN of the arena granted at start; with its end (the daemon finds the arena by
+    its end: its start may have been freed and granted again meanwhile)."""
+    return frame(RETURN, _U64.pack(start) + (b"" if end is None else _U64.pack(end)))
 
 
 def read_give_back(payload):
     _exact(payload, _U64.size, "RETURN")
     return _U64.unpack_from(payload)[0]
+
+
+def read_give_back_end(payload):
+    """The end a RETURN names, or None (a client that sent only the start)."""
+    return _U64.unpack_from(payload, _U64.size)[0] if len(payload) >= 2 * _U64.size else None
 
 
 def create(key, size, pinned):

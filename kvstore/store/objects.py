@@ -14,7 +14,11 @@ The order of effects, the whole safety argument of the store:
   an extent still held goes to ``doomed`` and is freed by a later ``reclaim``.
 
 Space for puts: a client is granted an arena (``grant``) and fills it from the front
-without asking; each seal must lie at or after the arena's frontier. Space the client
+without asking; each seal must lie at or after the arena's frontier. An arena's record
+is keyed by its frontier (moved with it), so the key always lies in the space the arena
+still reserves: objects of its used part may be deleted and their space granted again,
+even at the arena's first offset, without shadowing or replacing its record. A client
+gives an arena back naming its end (``give_back``). Space the client
 skipped (a put that failed after taking space) is freed when a later seal passes it,
 and the rest of the arena when the client gives it back or goes away.
 Must never: publish an object before its commit, free an extent a hold table names, or
@@ -337,12 +341,20 @@ class Store:
         txn.put(pack64(off), ARENA.pack(cid, off + size, off), db=self.dbs.arenas)
         return off, size
 
-    def give_back(self, b, cid, start):
-        """A client returns the unused rest of its arena that starts at ``start``
-        (everything past the frontier its seals reached). False if it has none there."""
+    def give_back(self, b, cid, start, end=None):
+        """A client returns the unused rest of its arena granted at ``start`` and ending
+        at ``end`` (everything past the frontier its seals reached). False if it has none
+        there. The arena is found by its end (its record is keyed by its frontier, and
+        its start may be another arena's by now); without an end (an older client) only
+        an arena still keyed at ``start`` is found."""
         txn = b.txn
-        if start >= self.segment_size:
+        if start >= self.segment_size or (end is not None and not start < end <= self.segment_size):
             return False
+        if end is not None:
+            arena = self._arena_of(txn, cid, end - 1)
+            if arena is None or arena[1] != end:
+                return False
+            start = arena[0]
         raw = txn.get(pack64(start), db=self.dbs.arenas)
         if raw is None:
             return False
@@ -355,7 +367,8 @@ class Store:
         return True
 
     def _arena_of(self, txn, cid, off):
-        """(start, end, frontier) of cid's arena containing off, or None."""
+        """(key, end, frontier) of cid's arena whose unused part contains off, or None
+        (the key is its frontier; in an index of an older daemon, where it began)."""
         cur = txn.cursor(db=self.dbs.arenas)
         if cur.set_range(pack64(off + 1)):
             if not cur.prev():
@@ -427,16 +440,18 @@ class Store:
         return flags
 
     def _advance(self, txn, arena, new_frontier, gap_end):
-        """Move an arena's frontier past an object; free what the client skipped."""
-        start, end, frontier = arena
+        """Move an arena's frontier past an object; free what the client skipped. The
+        record moves with the frontier: its key stays in the space the arena reserves
+        (what lies before the frontier is objects' space, freed and granted again
+        independently of the arena)."""
+        key, end, frontier = arena
         if gap_end > frontier:
             self._free(txn, frontier, gap_end - frontier)
         d = self.dbs
-        if new_frontier >= end:
-            txn.delete(pack64(start), db=d.arenas)
-        else:
-            owner = ARENA.unpack(txn.get(pack64(start), db=d.arenas))[0]
-            txn.put(pack64(start), ARENA.pack(owner, end, new_frontier), db=d.arenas)
+        owner = ARENA.unpack(txn.get(pack64(key), db=d.arenas))[0]
+        txn.delete(pack64(key), db=d.arenas)
+        if new_frontier < end:
+            txn.put(pack64(new_frontier), ARENA.pack(owner, end, new_frontier), db=d.arenas)
 
     def _drop_arena_space(self, b, cid, off, ext):
         """A rejected seal's extent: the client may hold it (it read its own put), so

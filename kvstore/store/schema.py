@@ -19,7 +19,8 @@ Tables (byte keys; integers big-endian so LMDB order is numeric order):
   creating     cid(8) + key -> ''            what each client is creating (create())
   doomed       offset(8) -> extent size      unpublished, freed once no hold names it
   clients      cid(8) -> JSON {pid, start, namespace, slot}
-  arenas       offset(8) -> cid, end, frontier   space granted to a client for its puts
+  arenas       frontier(8) -> cid, end, frontier space granted to a client for its puts
+                                                 (keyed by its frontier: kvstore.store.objects)
   free_off / free_size                       see allocator.py
   meta         schema, size, used, next_cid, segment_id, segment_path, backing,
                slots_path, table_path, incarnation
