@@ -65,6 +65,7 @@ MAX_RERUNS = 4               # re-runs of one turn after failed requests, then o
 SEGMENT_CHECK_EVERY = 2.0     # seconds between checks that the segment file is intact
 #: Why a registered client is dropped when it misbehaved (those lines are rate-limited)
 _BAD_DROPS = ("protocol error", "not reading its replies", "corrupt seal ring")
+_NOT_BACK = f"did not come back within {RESUME_GRACE} s"   # (rate-limited too)
 
 
 class _Conn:
@@ -778,8 +779,9 @@ class Daemon:
                 # lost without BYE (a timeout reset): it reconnects by itself and resumes
                 # with its id, slot and holds, within RESUME_GRACE (else it is forgotten)
                 self.kept[cid] = (time.monotonic() + RESUME_GRACE, conn.pid)
-                log.info("client %d (pid %s) lost its connection; kept %d s for it to resume",
-                         cid, conn.pid, RESUME_GRACE)
+                # rate-limited: a live process may open and drop connections in a loop
+                self._limited("kept", logging.INFO, "client %d (pid %s) lost its connection; kept "
+                              "%d s for it to resume", cid, conn.pid, RESUME_GRACE)
                 return
             self._drop_client(cid, conn.pid, why)
 
@@ -801,7 +803,7 @@ class Daemon:
         self.store.doomed_added = True
         line = ("client %d (pid %s) %s: reclaimed %d unsealed objects and %d bytes of unused space",
                 cid, pid, why, creations, freed)
-        if why in _BAD_DROPS:                 # a flood of bad clients: rate-limited
+        if why in _BAD_DROPS or why == _NOT_BACK:   # a flood of bad clients: rate-limited
             self._limited("drop-" + why, logging.INFO, *line)
         else:
             log.info(*line)
@@ -835,7 +837,7 @@ class Daemon:
                 del self.kept[cid]
             elif now > deadline:
                 del self.kept[cid]
-                self._drop_client(cid, pid, f"did not come back within {RESUME_GRACE} s")
+                self._drop_client(cid, pid, _NOT_BACK)
         for cid, info in maintenance.dead_clients(self.store.env).items():
             conn = by_cid.get(cid)
             if conn is not None:        # its process died but a child inherited the socket
