@@ -19,6 +19,8 @@ a kvstore index of this schema is removed and the store starts empty, saying so 
 ERROR; one that says nothing (not even that it is ours) is left alone and the daemon
 refuses. The daemon also refuses when the rebuild itself fails (no space for the new
 index, say). A refusal is one line naming ``kvstore-daemon --destroy --data-dir ...``.
+A start-up killed in the middle of a rebuild is finished (killed between the renames
+that swap the rebuilt index in) or undone (killed while writing it) by the next one.
 
 Owns: the decision between adopting, rebuilding and refusing, the choice of the kept
 records, and writing the rebuilt index.
@@ -53,6 +55,7 @@ def check_or_salvage(cfg, path, mode, name, shm_path):
     """Check the index at path (if there is one); rebuild it if it is damaged. Returns
     None when the index was sound or absent, else a one-line summary of what was done
     (also logged). Raises IndexDamaged when it can neither be adopted nor rebuilt."""
+    _finish_interrupted(path)
     if not os.path.exists(os.path.join(path, "data.mdb")):
         return None
     v = index_check.check(path)
@@ -163,6 +166,37 @@ def _last_incarnation(name):
     except OSError:
         pass
     return best
+
+
+def _finish_interrupted(path):
+    """Finish or undo what a start-up killed in the middle of a rebuild left. Killed
+    between the two renames of ``_swap`` (no index, the damaged one renamed away): the
+    rebuilt index was complete, so the newest one goes in (else the next start would
+    create an empty index and remove the segment with every object). Killed while
+    writing a rebuilt index, or while removing the damaged one: those are removed (a
+    rebuilt one has the whole index map reserved on disk)."""
+    parent, base = os.path.split(path)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    rebuilt = [os.path.join(parent, n) for n in names if n.startswith(base + ".rebuilt-")]
+    damaged = [os.path.join(parent, n) for n in names if n.startswith(base + ".damaged-")]
+    if not os.path.exists(path) and damaged and rebuilt:
+        def written(p):
+            try:
+                return os.stat(os.path.join(p, "data.mdb")).st_mtime_ns
+            except OSError:
+                return -1
+        newest = max(rebuilt, key=written)
+        os.rename(newest, path)
+        rebuilt.remove(newest)
+        log.error("an earlier start was killed while putting the index it rebuilt from a damaged "
+                  "one in place (%s); it is in place now. Objects the damaged index held beyond "
+                  "those it kept are lost (that start could not say how many)", path)
+    for p in rebuilt + damaged:
+        log.warning("removing %s, left by a start-up killed during an index rebuild", p)
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _swap(path, new):
