@@ -15,7 +15,8 @@ them as a miss or a skipped save).
 engine's extra config: ``timeout`` and ``reconnect_timeout``.
 Must never: block an engine call on a daemon that is known to be away (beyond the
 Client's per-outage ``reconnect_timeout``), log once per failed call during an outage,
-hide an outage (the WARNING, the counters), or use a Client created before a fork.
+hide an outage (the WARNING, the counters), or use a Client created before a fork (nor
+a lock a parent's thread held at the fork: a forked child gets fresh ones).
 """
 
 import logging
@@ -36,6 +37,19 @@ ENGINE_RECONNECT_TIMEOUT = 1.0
 
 #: Errors that mean "the store is unreachable" rather than "this call went wrong".
 OUTAGE_ERRORS = (StoreUnavailable, ClientClosed)
+
+
+_LINKS = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    """A lock a parent's thread held at the fork (connecting under it) stays held for
+    ever in the child, where that thread does not exist: each link gets a fresh one."""
+    for link in list(_LINKS):
+        link._lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def outage_error(e):
@@ -82,6 +96,7 @@ class StoreLink:
         self._failed_calls = 0            # in this outage
         self.outages = 0                  # outages seen so far
         self.failed_calls = 0             # store calls failed by outages, in total
+        _LINKS.add(self)
 
     # ---- the client --------------------------------------------------------------------
     def start(self):
