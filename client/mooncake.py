@@ -209,8 +209,24 @@ def _tensor_mapping(ptr, size):
     return (lo, got[0]) if got is not None and got[0] > ptr else None
 
 
+def _other_clients_ranges(c):
+    """[lo, hi) of the segment mappings of every other open Client of this process (an
+    engine connector next to the facade, a second facade): a buffer freed after
+    register_buffer may have been reused by one of them, and its read-write mapping
+    would let a copy change sealed objects in place."""
+    from . import connection
+    out = []
+    for conn in list(connection._LIVE):
+        att = conn.__dict__.get("att")
+        if conn is c._conn or att is None or conn.closed_why is not None:
+            continue
+        out += [att.rw_range, att.ro_range]
+    return out
+
+
 def _in_segment(c, ptr, size):
-    return _overlap(_segment_ranges(c), ptr, size) or _tensor_mapping(ptr, size)
+    return (_overlap(_segment_ranges(c), ptr, size) or _tensor_mapping(ptr, size)
+            or _overlap(_other_clients_ranges(c), ptr, size))
 
 
 def _segment_files(maps, c):
