@@ -26,7 +26,8 @@ range, oldest out first), its written pages reverted to the file's (pagemap +
 MADV_DONTNEED), and the next view of exactly the same pages (the same object again, or
 the next object in the same extent: KV blocks are uniform) takes it with its page-table
 entries already made: a 16 MiB get_tensor, read whole and released, went from about
-680 us to 130 us. Attachment.close (client close, a move to a fresh store) unmaps the
+660 us to 150 us (a new 16 MiB view costs about half a memcpy of it, a reused one an
+eighth). Attachment.close (client close, a move to a fresh store) unmaps the
 cache; a mapping that cannot be checked is unmapped, never cached. On hugetlbfs a few
 page-table entries map 2 MiB each (nearly free); the cache works the same there
 (pagemap reports a written huge page as private, and MADV_DONTNEED gives it back to
