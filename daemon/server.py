@@ -63,9 +63,7 @@ SYNC_PUTS_AT = 0.9            # index map fill at which puts wait for their verd
 TURN_BUDGET = 64              # work units of one client's requests applied per loop turn
 MAX_RERUNS = 4               # re-runs of one turn after failed requests, then one by one
 SEGMENT_CHECK_EVERY = 2.0     # seconds between checks that the segment file is intact
-#: Why a registered client is dropped when it misbehaved (those lines are rate-limited)
-_BAD_DROPS = ("protocol error", "not reading its replies", "corrupt seal ring")
-_NOT_BACK = f"did not come back within {RESUME_GRACE} s"   # (rate-limited too)
+_NOT_BACK = f"did not come back within {RESUME_GRACE} s"
 
 
 class _Conn:
@@ -465,7 +463,7 @@ class Daemon:
             self.slot_of[cid] = slot
             self._update_high()
         else:
-            log.info("client %d (pid %d) reconnected", cid, conn.pid)
+            self._limited("reconnected", logging.INFO, "client %d (pid %d) reconnected", cid, conn.pid)
         conn.cid, conn.slot = cid, self.slot_of[cid]
         conn.ns = namespace_prefix(namespace)
         t = self.store.table
@@ -803,10 +801,9 @@ class Daemon:
         self.store.doomed_added = True
         line = ("client %d (pid %s) %s: reclaimed %d unsealed objects and %d bytes of unused space",
                 cid, pid, why, creations, freed)
-        if why in _BAD_DROPS or why == _NOT_BACK:   # a flood of bad clients: rate-limited
-            self._limited("drop-" + why, logging.INFO, *line)
-        else:
-            log.info(*line)
+        # rate-limited per kind (why, less its detail): a process that opens and drops
+        # connections in a loop must not write a line per connection
+        self._limited("drop-" + why.split(" (", 1)[0], logging.INFO, *line)
 
     # ---- background duties ------------------------------------------------------------
     def _reclaim(self):
