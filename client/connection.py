@@ -323,6 +323,7 @@ class Connection:
                                 "client's registration): earlier holds and creations are gone")
                 else:
                     att.new_table(fds[1])
+                    att.quotas = bool(body.get("quotas", False))   # the restarted daemon's
             if body["cid"] == att.cid and body["segment_id"] == att.segment_id:
                 for cb in self.on_resume:
                     cb()
