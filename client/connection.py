@@ -86,6 +86,7 @@ class Attachment:
         self.cid, self.slot_no = body["cid"], body["slot"]
         self.segment_id, self.incarnation = body["segment_id"], body.get("incarnation", 0)
         self.size, self.backing = body["segment_size"], body["backing"]
+        self.quotas = bool(body.get("quotas", False))   # pins go by PIN request (writer.put_many)
         _check_segment_file(seg_fd, self.size)
         seg = Segment(seg_fd, self.size, self.backing, "", reused=True)
         try:
