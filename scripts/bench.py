@@ -101,6 +101,22 @@ def bench_size(c, nbytes, label, count):
     rows += [("get (zero-copy)", t_get, None), ("release", t_rel, None),
              ("get + copy-out + release", t_copy, nbytes), ("contains", t_has, None),
              ("get_many(64)", t_batch, None), ("release_many(64)", t_batch_rel, None)]
+    try:
+        import torch  # noqa: F401  (the torch extra; the row is left out without it)
+    except ImportError:
+        torch = None
+    if torch is not None:
+        step = 4096 if nbytes >= 4096 else 1
+
+        def tensor_touch(k):       # a typed view (its own mapping) with every page read
+            t = c.get_tensor(k)
+            int(t[::step].sum())
+            del t
+            c.release(k)
+        t_tensor = []
+        for _ in range(ROUNDS):
+            t_tensor += timed(tensor_touch, keys)
+        rows.append(("get_tensor + touch + release", t_tensor, None))
     for k in keys:
         c.delete(k)
     puts_per_s = len(keys) / sum(t_put)
