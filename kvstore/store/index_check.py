@@ -395,9 +395,15 @@ def _last_page(f, psize):
 def scan_pages(path, psize=4096):
     """{key: [raw record, ...]} of every leaf node on any page of the data file that
     holds a record-sized value: a plain read of the file (no LMDB, nothing that can
-    crash), for an index whose tables cannot be walked. Pages no longer in use are
-    read too, so a key can come with older versions of its record; the caller keeps
-    only records that pass their checks."""
+    crash), for an index whose tables cannot be walked. Pages LMDB's own free list
+    names are skipped (``free_pages``): they hold older versions of records, among them
+    records of objects deleted since, whose bytes may still be in the segment and would
+    pass every check (a deleted object, or the value a key had before it was deleted
+    and put again, would come back). They are read only when no other page yields a
+    record at all (the objects table lost whole: better old versions than nothing).
+    Other pages no longer in use may still be read (when the free list cannot be read),
+    so a key can come with older versions of its record; the caller keeps only records
+    that pass their checks."""
     import numpy as np
     found = {}
     fpath = os.path.join(path, "data.mdb")
@@ -405,15 +411,106 @@ def scan_pages(path, psize=4096):
         size = os.fstat(f.fileno()).st_size
         last = _last_page(f, psize)
         npages = size // psize if last is None else min(size // psize, last + 1)
-        chunk = 4096                      # pages per read
-        for first in range(2, npages, chunk):
-            f.seek(first * psize)
-            buf = f.read(min(chunk, npages - first) * psize)
-            n = len(buf) // psize
-            flags = np.frombuffer(buf, np.uint16, count=n * psize // 2).reshape(n, psize // 2)[:, 5]
-            for i in np.flatnonzero((flags & (_P_LEAF | _P_LEAF2 | _P_META)) == _P_LEAF).tolist():
-                _scan_leaf(memoryview(buf)[i * psize:(i + 1) * psize], psize, found)
+        free = free_pages(f, psize, npages)
+        for use_free in (False, True):
+            if use_free and (found or not free):
+                break                     # free pages only when nothing else yields a record
+            chunk = 4096                  # pages per read
+            for first in range(2, npages, chunk):
+                f.seek(first * psize)
+                buf = f.read(min(chunk, npages - first) * psize)
+                n = len(buf) // psize
+                flags = np.frombuffer(buf, np.uint16, count=n * psize // 2).reshape(n, psize // 2)[:, 5]
+                for i in np.flatnonzero((flags & (_P_LEAF | _P_LEAF2 | _P_META)) == _P_LEAF).tolist():
+                    if (first + i in free) == use_free:
+                        _scan_leaf(memoryview(buf)[i * psize:(i + 1) * psize], psize, found)
     return found
+
+
+class _BadFreeList(Exception):
+    pass
+
+
+_P_BRANCH, _P_OVERFLOW, _F_BIGDATA = 0x01, 0x04, 0x01
+_FREE_ROOT_AT, _TXNID_AT = 80, 144      # in a meta page: mm_dbs[FREE_DBI].md_root, mm_txnid
+
+
+def free_pages(f, psize, npages):
+    """The page numbers LMDB's free list (its FREE_DBI tree) names, read from the newest
+    meta page whose free list reads cleanly (plain reads, bounds checked: a damaged
+    tree is a refusal, never a crash); an empty set when neither does."""
+    metas = []
+    for pg in (0, 1):
+        f.seek(pg * psize)
+        page = f.read(psize)
+        if len(page) < 160:
+            continue
+        pgno, _, flags, _, _ = _PAGE.unpack_from(page)
+        if pgno == pg and flags & _P_META and struct.unpack_from("<I", page, 16)[0] == _MAGIC:
+            metas.append((struct.unpack_from("<Q", page, _TXNID_AT)[0],
+                          struct.unpack_from("<Q", page, _FREE_ROOT_AT)[0]))
+    for _, root in sorted(metas, reverse=True):
+        try:
+            return _free_tree(f, psize, npages, root)
+        except (_BadFreeList, struct.error):
+            continue
+    return set()
+
+
+def _free_tree(f, psize, npages, root):
+    def page(pg, expect_pgno=True):
+        if not 2 <= pg < npages:
+            raise _BadFreeList(f"page {pg} out of range")
+        f.seek(pg * psize)
+        p = f.read(psize)
+        if len(p) < psize or (expect_pgno and _PAGE.unpack_from(p)[0] != pg):
+            raise _BadFreeList(f"page {pg} is not itself")
+        return p
+
+    free = set()
+    if root == 0xFFFFFFFFFFFFFFFF:           # P_INVALID: an empty free list
+        return free
+    todo, seen = [(root, 0)], set()
+    while todo:
+        pg, depth = todo.pop()
+        if pg in seen or depth > 32:
+            raise _BadFreeList("a loop in the free list")
+        seen.add(pg)
+        p = page(pg)
+        _, _, flags, lower, upper = _PAGE.unpack_from(p)
+        if not 16 <= lower <= upper <= psize or not flags & (_P_BRANCH | _P_LEAF):
+            raise _BadFreeList(f"page {pg} is not a tree page")
+        for i in range((lower - 16) // 2):
+            at = struct.unpack_from("<H", p, 16 + 2 * i)[0]
+            if at < upper or at + 8 > psize:
+                raise _BadFreeList(f"a node of page {pg} is out of place")
+            lo, hi, nflags, ksize = _NODE.unpack_from(p, at)
+            if flags & _P_BRANCH:
+                todo.append((lo | (hi << 16) | (nflags << 32), depth + 1))
+                continue
+            dsize, start = lo | (hi << 16), at + 8 + ksize
+            if nflags & _F_BIGDATA:
+                ov = struct.unpack_from("<Q", p, start)[0]
+                head = page(ov)
+                if not _PAGE.unpack_from(head)[2] & _P_OVERFLOW:
+                    raise _BadFreeList(f"page {ov} is not an overflow page")
+                npg = struct.unpack_from("<I", head, 12)[0]
+                if not 16 + dsize <= npg * psize or ov + npg > npages:
+                    raise _BadFreeList(f"overflow page {ov} is too short")
+                f.seek(ov * psize + 16)
+                data = f.read(dsize)
+            else:
+                data = p[start:start + dsize]
+            if len(data) != dsize or dsize < 8 or dsize % 8:
+                raise _BadFreeList(f"a free-list entry of page {pg} has {dsize} bytes")
+            n = struct.unpack_from("<Q", data)[0]
+            if (n + 1) * 8 > dsize:
+                raise _BadFreeList(f"a free-list entry of page {pg} counts {n} pages")
+            ids = struct.unpack_from(f"<{n}Q", data, 8)
+            if any(not 2 <= x < npages for x in ids):
+                raise _BadFreeList(f"a free-list entry of page {pg} names a page out of range")
+            free.update(ids)
+    return free
 
 
 def _scan_leaf(page, psize, found):
