@@ -102,6 +102,8 @@ class Writer:
         a = self._arena
         if a is not None and a[1] == off + extent_size(n):
             a[1] = off
+        elif any(s <= off < e for s, e in self._retired):
+            pass        # a retired arena's: its RETURN, after the seals before it, frees it
         elif a is None or not a[0] <= off < a[2]:      # space of its own
             try:
                 self.conn.send(protocol.give_back(off, off + extent_size(n)))
