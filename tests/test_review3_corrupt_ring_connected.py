@@ -6,7 +6,7 @@ client only, and keep serving everyone else."""
 
 import struct
 
-from conftest import run_py, wait_line
+from conftest import run_py, wait_for, wait_line
 
 CHILD = """
     import struct, sys, time
@@ -35,7 +35,9 @@ def test_a_connected_clients_corrupt_ring_costs_only_that_client(make_daemon):
             assert bytes(other.get("k")) == b"v" * 1000
             other.release("k")
             assert d.proc.poll() is None, d.read_log()[-3000:]
-            assert "corrupt seal ring" in d.read_log()
+            # puts return before the daemon applies them: wait for its turn to see the ring
+            wait_for(lambda: "corrupt seal ring" in d.read_log(), what="the corrupt ring noticed")
+            assert d.proc.poll() is None, d.read_log()[-3000:]
         finally:
             child.kill()
             child.wait()
