@@ -737,6 +737,7 @@ class Daemon:
         st["segment_problem"] = self.segment_trouble and self.segment_trouble[1]
         if self.store.quotas is not None:
             st["namespaces"] = self.store.quotas.report()
+            st["namespaces_in_use"] = self.store.quotas.in_use()
         return st
 
     def _send(self, conn, frame):

@@ -36,6 +36,10 @@ from kvstore.keys import namespace_prefix
 from . import allocator
 
 
+#: namespaces without a quota that stats() lists at most (those using the most)
+REPORT_MOST = 100
+
+
 def namespace_of(key):
     """The namespace prefix (length byte and name) of an index key."""
     return bytes(key[:1 + key[0]])
@@ -125,6 +129,10 @@ class Quotas:
             self.used[ns] += d
         for ns, d in b.pin_delta.items():
             self.pinned[ns] += d
+        for ns in b.quota_delta:                 # an empty namespace is forgotten (any
+            if not self.used.get(ns) and not self.pinned.get(ns):   # number may come and go)
+                self.used.pop(ns, None)
+                self.pinned.pop(ns, None)
 
     # ---- eviction ------------------------------------------------------------------------
     def over_share(self, b, ns, ext):
@@ -160,7 +168,14 @@ class Quotas:
             f"its quota (namespace_quotas)")
 
     def report(self):
-        """{namespace: {"used", "pinned", "quota"}} for stats()."""
-        names = set(self.quota) | {ns for ns, v in self.used.items() if v}
-        return {_name(ns): {"used": self.used[ns], "pinned": self.pinned[ns],
-                            "quota": self.quota.get(ns, 0)} for ns in sorted(names)}
+        """{namespace: {"used", "pinned", "quota"}} for stats(): every namespace with a
+        quota and the REPORT_MOST others using the most (a STATS reply has a size limit,
+        and any number of namespaces may be in use; ``in_use`` counts them all)."""
+        others = sorted((ns for ns, v in self.used.items() if v and ns not in self.quota),
+                        key=lambda ns: -self.used[ns])[:REPORT_MOST]
+        return {_name(ns): {"used": self.used.get(ns, 0), "pinned": self.pinned.get(ns, 0),
+                            "quota": self.quota.get(ns, 0)} for ns in sorted(set(self.quota) | set(others))}
+
+    def in_use(self):
+        """How many namespaces have objects."""
+        return sum(1 for v in self.used.values() if v)
