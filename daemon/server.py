@@ -705,9 +705,16 @@ class Daemon:
                 self._send(conn, protocol.encode(protocol.CHECK_REPLY, {"problems": problems[:50]}))
             elif mtype == protocol.KEYS:
                 prefix, after, limit = protocol.read_keys(body)
-                found = self.store.keys(prefix, after, min(max(limit, 1), KEYS_PAGE) + 1)
-                more = len(found) > min(max(limit, 1), KEYS_PAGE)
-                self._send(conn, protocol.keys_reply(found[:min(max(limit, 1), KEYS_PAGE)], more))
+                n = min(max(limit, 1), KEYS_PAGE)
+                found = self.store.keys(prefix, after, n + 1)
+                more = len(found) > n
+                found, size = found[:n], 1
+                for i, k in enumerate(found):     # a page fits one message too (512 long
+                    size += 2 + len(k)            # keys do not): the client asks for more
+                    if size > protocol.MAX_PAYLOAD:
+                        found, more = found[:i], True
+                        break
+                self._send(conn, protocol.keys_reply(found, more))
             elif mtype == protocol.TABLE:
                 t = self.store.table
                 frame = protocol.encode(protocol.TABLE_REPLY, {"table_generation": t.generation})
