@@ -133,3 +133,18 @@ def test_bad_quota_config(value, match):
 def test_quota_config_forms():
     cfg = load_config(env={"KVSTORE_NAMESPACE_QUOTAS": "a=1GiB, =512MiB"}, overrides={"size": "4GiB"})
     assert cfg.namespace_quotas == {"a": 1 << 30, "": 512 * MiB}
+
+
+def test_unsealed_creations_are_bounded_like_pins(make_daemon):
+    d = make_daemon(size="16MiB", extra=(*NO_SWEEP, "--namespace-quotas", "a=1MiB,b=8MiB"))
+    with d.client(namespace="a") as a, d.client(namespace="c") as c:
+        for i in range(8):
+            a.create(f"a{i}", 128 * KiB)        # a's whole quota, unsealed
+        with pytest.raises(QuotaExceeded, match="create of b?'a8'.*unsealed"):
+            a.create("a8", 128 * KiB)
+        a.seal("a0")                            # sealed, it may be evicted: room again
+        a.create("a8", 128 * KiB)
+        with pytest.raises(QuotaExceeded, match="without a quota"):
+            for i in range(64):                 # c may not hold b's share fixed either
+                c.create(f"c{i}", 512 * KiB)
+        assert c.stats()["namespaces"]["c"]["pinned"] <= 7 * MiB

@@ -403,8 +403,8 @@ class Store:
                     if not rec.pinned:
                         txn.put(pack64(rec.stamp) + key, b"", db=d.lru)
                         self._lru_bytes(txn, ext)
-                        if self.quotas is not None:
-                            self.quotas.touch()          # evictable now: the sweep may look
+                        if self.quotas is not None:      # evictable now: no longer held fixed
+                            self.quotas.repin(b, key, ext, False)
                     b.show(key, rec)
                     return SealResult.SEALED
             self._drop_arena_space(b, cid, off, ext)     # the key exists: the copy goes
@@ -473,11 +473,11 @@ class Store:
             return Created(None, State.SEALED)
         ext = extent_size(size)
         ns = namespace_of(key)
-        if pinned and self.quotas is not None:
-            self.quotas.check_pin(b, ns, ext, key)
+        if self.quotas is not None:              # unsealed, it cannot be evicted: like a pin
+            self.quotas.check_pin(b, ns, ext, key, op="create")
         off = self.allocate(b, ext, ns)
         if self.quotas is not None:
-            self.quotas.charge(b, key, ext, pinned)
+            self.quotas.charge(b, key, ext, True)
         rec = Record(off, size, cid, 0, 0, State.CREATING, Flag.PINNED if pinned else Flag.NONE,
                      self.incarnation)
         txn.put(key, record.pack(rec), db=d.objects)
@@ -512,7 +512,7 @@ class Store:
         txn = b.txn
         txn.delete(key, db=self.dbs.objects)
         if self.quotas is not None:
-            self.quotas.credit(b, key, extent_size(rec.size), rec.pinned)
+            self.quotas.credit(b, key, extent_size(rec.size), rec.pinned or not rec.sealed)
         if rec.sealed and not rec.pinned:
             txn.delete(pack64(rec.stamp) + key, db=self.dbs.lru)
             self._lru_bytes(txn, -extent_size(rec.size))
@@ -551,7 +551,7 @@ class Store:
         rec = record.unpack(raw)
         if rec.pinned == pinned:
             return
-        if self.quotas is not None:
+        if self.quotas is not None and rec.sealed:   # an unsealed one is counted as held already
             self.quotas.repin(b, key, extent_size(rec.size), pinned)
         rec = rec._replace(flags=(rec.flags | Flag.PINNED) if pinned else (rec.flags & ~Flag.PINNED))
         txn.put(key, record.pack(rec), db=d.objects)

@@ -13,9 +13,10 @@ The rules, applied by kvstore.store.objects when it must evict to make room:
 - Nobody's puts (nor the watermark sweep) evict another namespace's objects below that
   namespace's quota. Namespaces without a quota have a guaranteed share of 0 and share
   what the quotas leave, in plain LRU order, as before.
-- Pinned objects count as used. A namespace with a quota may pin up to its quota; the
-  namespaces without one together may pin up to what the quotas leave. So pinning
-  cannot take anyone's guaranteed share.
+- Pinned objects and objects being created (create() not sealed yet) count as used and
+  cannot be evicted: "held fixed". A namespace with a quota may hold up to its quota
+  fixed; the namespaces without one together may hold up to what the quotas leave. So
+  neither pinning nor unsealed creations can take anyone's guaranteed share.
 - A namespace that cannot get room under these rules gets QuotaExceeded (a StoreFull).
 
 Usage is counted in extent bytes of sealed and being-created objects; space granted to a
@@ -67,7 +68,8 @@ class Quotas:
         self.used.clear()
         self.pinned.clear()
         ext = [allocator.extent_size(int(n)) for n in recs["size"]]
-        pinned = (recs["flags"] & 1).astype(bool).tolist()
+        # "pinned" counts every byte that cannot be evicted: pinned and being created
+        pinned = ((recs["flags"] & 1).astype(bool) | (recs["state"] != 2)).tolist()
         for key, e, p in zip(keys, ext, pinned):
             ns = namespace_of(key)
             self.used[ns] += e
@@ -96,33 +98,31 @@ class Quotas:
     def credit(self, b, key, ext, pinned=False):
         self.charge(b, key, -ext, pinned)
 
-    def repin(self, b, key, ext, pinned):
+    def repin(self, b, key, ext, pinned, check=True):
         self.version += 1
         ns = namespace_of(key)
-        if pinned:
+        if pinned and check:
             self.check_pin(b, ns, ext, key)
         b.pin_delta[ns] = b.pin_delta.get(ns, 0) + (ext if pinned else -ext)
 
-    def check_pin(self, b, ns, ext, key):
-        """Raise QuotaExceeded if pinning ext more bytes of ns would take a guaranteed share."""
+    def check_pin(self, b, ns, ext, key, op="pin"):
+        """Raise QuotaExceeded if ext more bytes of ns that cannot be evicted (a pin, or a
+        create() not sealed yet) would take a guaranteed share."""
         if ns in self.quota:
             if self._pinned_by(b, ns) + ext > self.quota[ns]:
                 raise QuotaExceeded(
-                    f"pin of {key[len(ns):]!r}: namespace {_name(ns)!r} would pin more than its "
-                    f"quota of {self.quota[ns]} bytes; unpin or delete some of its objects, or "
-                    f"raise its quota (namespace_quotas)")
+                    f"{op} of {key[len(ns):]!r}: namespace {_name(ns)!r} would hold more than its "
+                    f"quota of {self.quota[ns]} bytes in pinned and unsealed objects; unpin, seal "
+                    f"or delete some of its objects, or raise its quota (namespace_quotas)")
             return
         shared = sum(v for k, v in self.pinned.items() if k not in self.quota)
         shared += sum(v for k, v in b.pin_delta.items() if k not in self.quota)
         if shared + ext > self.unreserved:
             raise QuotaExceeded(
-                f"pin of {key[len(ns):]!r}: namespaces without a quota would pin more than the "
-                f"{self.unreserved} bytes the quotas leave; unpin or delete objects, or give "
-                f"namespace {_name(ns)!r} a quota (namespace_quotas)")
-
-    def touch(self):
-        """An object became evictable without a change of usage (a create() sealed)."""
-        self.version += 1
+                f"{op} of {key[len(ns):]!r}: namespaces without a quota would hold more than the "
+                f"{self.unreserved} bytes the quotas leave in pinned and unsealed objects; unpin, "
+                f"seal or delete objects, or give namespace {_name(ns)!r} a quota "
+                f"(namespace_quotas)")
 
     def commit(self, b):
         for ns, d in b.quota_delta.items():
