@@ -69,14 +69,30 @@ class Verdict:
 
 
 # ---- the child process ---------------------------------------------------------------------
+def _die_with_parent(parent):
+    """SIGKILL this (forked) process when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:                      # the parent died before the prctl
+        os._exit(5)
+
+
 def in_child(fn, *args, timeout=TIMEOUT):
     """Run fn(send, *args) in a forked child. Returns (messages sent, how it ended):
     "exit 0", "exit N", "signal NAME" or "timeout" (the child is killed)."""
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:                                    # the child: never returns
         code = 0
         try:
+            # it holds the parent's data-dir lock (inherited): it must not outlive the
+            # parent, or a daemon killed mid-check could not be restarted until it ends
+            _die_with_parent(parent)
             os.close(r)
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 2)            # LMDB's assertion text: the verdict says it all
