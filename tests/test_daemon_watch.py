@@ -15,7 +15,7 @@ import socket
 import pytest
 
 from conftest import raw_hello, run_py, wait_for
-from daemon.ratelimit import LogLimiter
+from kvstore.daemon.ratelimit import LogLimiter
 from kvstore import protocol
 from kvstore.errors import SegmentGone
 

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 
-from client.adapters._link import StoreLink
+from kvstore.client.adapters._link import StoreLink
 from kvstore.errors import StoreUnavailable
 
 ctx = multiprocessing.get_context("fork")
