@@ -249,11 +249,19 @@ def _check_child(send, path):
                       f"flags {int(flags[i])}, {int(offsets[i])}+{int(sizes[i])})")
     unp = np.flatnonzero((state == State.SEALED) & (flags & np.uint8(1) == 0))
     unpinned_bytes = int(ext[unp].sum())
-    stamps = recs["stamp"][unp].astype(">u8").tobytes()
-    want = {stamps[8 * j:8 * j + 8] + keys[i] for j, i in enumerate(unp.tolist())}
-    if any(v for _, v in t["lru"]) or len(t["lru"]) != len(want) or \
-            not all(k in want for k, _ in t["lru"]):
-        raise _Damage(f"lru has {len(t['lru'])} entries that do not match the {len(want)} "
+    # the lru table is (stamp, key) in LMDB order: the sealed unpinned objects sorted by
+    # stamp, then by key (keys come in LMDB order, so a key's rank is its byte order)
+    stamps = recs["stamp"][unp].astype(np.uint64)
+    order = unp[np.lexsort((unp, stamps))]
+    lru = t["lru"]
+    ok = len(lru) == len(order) and not any(v for _, v in lru) and \
+        all(len(k) > 8 for k, _ in lru)
+    if ok and len(lru):
+        got_stamps = np.frombuffer(b"".join(k[:8] for k, _ in lru), ">u8").astype(np.uint64)
+        ok = bool(np.array_equal(got_stamps, recs["stamp"][order].astype(np.uint64))) and \
+            [k[8:] for k, _ in lru] == [keys[i] for i in order.tolist()]
+    if not ok:
+        raise _Damage(f"lru has {len(lru)} entries that do not match the {len(order)} "
                       f"sealed unpinned objects")
     creating = sorted(keys[i] for i in np.flatnonzero(state == State.CREATING).tolist())
     if any(v for _, v in t["creating"]) or sorted(k[8:] for k, _ in t["creating"]) != creating:
