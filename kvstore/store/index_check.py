@@ -232,10 +232,12 @@ def _check_child(send, path):
     # objects, vectorised (a million records take a fraction of a second)
     from .maintenance import RECORD_DTYPE
     keys = [k for k, _ in t["objects"]]
-    for k, v in t["objects"]:
-        if not k or len(v) != record.PACKED_SIZE:
-            raise _Damage(f"object record of {len(v)} bytes under key {k[:40]!r}")
-    recs = np.frombuffer(b"".join(v for _, v in t["objects"]), RECORD_DTYPE)
+    values = [v for _, v in t["objects"]]
+    if not all(keys) or any(n != record.PACKED_SIZE for n in set(map(len, values))):
+        for k, v in t["objects"]:
+            if not k or len(v) != record.PACKED_SIZE:
+                raise _Damage(f"object record of {len(v)} bytes under key {k[:40]!r}")
+    recs = np.frombuffer(b"".join(values), RECORD_DTYPE)
     state, flags = recs["state"], recs["flags"]
     sizes, offsets = recs["size"].astype(np.uint64), recs["offset"].astype(np.uint64)
     ext = np.maximum(np.uint64(allocator.ALIGN),
