@@ -238,6 +238,7 @@ def test_an_existing_data_dir_keeps_its_mode_and_missing_parents_are_0700(shared
     mine.mkdir()
     os.chmod(mine, 0o755)
     d = start_daemon(shared_dir, "--data-dir", str(mine / "a" / "b"), umask=0)
+    d.data_dir = str(mine / "a" / "b")                  # so destroy() removes this store
     assert mode_group(mine)[0] == 0o755                 # not ours: left alone
     for p in (mine / "a", mine / "a" / "b", mine / "a" / "b" / "index"):
         assert mode_group(p)[0] == 0o700, p
