@@ -34,7 +34,7 @@ import uuid
 import numpy as np
 
 from kvstore import access, host, protocol, segment, table as table_mod
-from kvstore.errors import DaemonStartError, IndexFull, KVStoreError, ProtocolError
+from kvstore.errors import DaemonStartError, IndexFull, KVStoreError
 from kvstore.keys import user_key
 from kvstore.slots import SlotsFile
 from kvstore.store import index_check, maintenance
@@ -317,11 +317,11 @@ def _adopt(o, cfg, desc, name, mode, nslots):
         if not 0 <= slot < o.slots.nslots:
             continue
         data, tail = o.slots.drain(slot)      # puts queued before the crash: they count
-        try:
-            items = protocol.read_seal(data) if data else []
-        except ProtocolError as e:            # a corrupt ring: what it held is lost, not us
-            log.warning("client %d left a corrupt seal ring (%s); its queued puts are lost", cid, e)
-            items = []
+        items, bad = protocol.read_seal_prefix(data) if data else ([], None)
+        if bad is not None:                   # a corrupt ring: what follows the damage is lost
+            log.warning("client %d left a corrupt seal ring (%s); %d puts queued before the "
+                        "damage are applied (their checksums are verified below), the rest "
+                        "are lost", cid, bad, len(items))
         if items:
             with quiet.batch() as b:
                 for _, key, off, size, csum, flags, replicas in items:

@@ -189,19 +189,31 @@ def seal(items):
 
 def read_seal(payload):
     """[(seq, key, offset, size, checksum, flags, replicas)]"""
-    out = []
-    pos, n = 0, len(payload)
-    while pos < n:
-        if n - pos < _SEAL_ITEM.size:
-            raise ProtocolError("SEAL: truncated item")
-        seq, off, size, csum, flags, _, replicas, klen = _SEAL_ITEM.unpack_from(payload, pos)
-        pos += _SEAL_ITEM.size
-        key = _key(payload, pos, klen, "SEAL")
-        pos += klen
-        out.append((seq, key, off, size, csum, flags, replicas))
+    out, err = read_seal_prefix(payload)
+    if err is not None:
+        raise err
     if not out:
         raise ProtocolError("SEAL without items")
     return out
+
+
+def read_seal_prefix(payload):
+    """(the whole items before the first bad one, the ProtocolError of that one or None):
+    a dead client's corrupt seal ring still yields the puts queued before the damage."""
+    out = []
+    pos, n = 0, len(payload)
+    try:
+        while pos < n:
+            if n - pos < _SEAL_ITEM.size:
+                raise ProtocolError("SEAL: truncated item")
+            seq, off, size, csum, flags, _, replicas, klen = _SEAL_ITEM.unpack_from(payload, pos)
+            pos += _SEAL_ITEM.size
+            key = _key(payload, pos, klen, "SEAL")
+            pos += klen
+            out.append((seq, key, off, size, csum, flags, replicas))
+    except ProtocolError as e:
+        return out, e
+    return out, None
 
 
 def grant(want, least):
