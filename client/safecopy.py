@@ -41,7 +41,7 @@ import threading
 import numpy as np
 import xxhash
 
-from kvstore.checksum import CHUNK
+from kvstore.checksum import CHUNK, helper_thread
 from kvstore.errors import InvalidValue
 
 log = logging.getLogger("kvstore.client")
@@ -130,7 +130,7 @@ def _split(fn, local, remote, n):
             return n
         return _copy(fn, local, remote, n)
     half = (n // 2) & ~(_PAGE - 1)
-    fut = _helper().submit(_copy, fn, local + half, remote + half, n - half)
+    fut = helper_thread().submit(_copy, fn, local + half, remote + half, n - half)
     first = _copy(fn, local, remote, half)
     second = fut.result()
     if first < half:
@@ -167,29 +167,13 @@ def _hashed(fn, ours, remote, n, local=None):
     out = [None] * ((n + CHUNK - 1) // CHUNK)
     if n >= PARALLEL:
         mid = (len(out) // 2) * CHUNK
-        fut = _helper().submit(_pieces, fn, ours, local, remote, mid, n, out)
+        fut = helper_thread().submit(_pieces, fn, ours, local, remote, mid, n, out)
         first = _pieces(fn, ours, local, remote, 0, mid, out)
         second = fut.result()
         got = first if first < mid else second
     else:
         got = _pieces(fn, ours, local, remote, 0, n, out)
     return got, (_h64(b"".join(out)) if got == n else None)
-
-
-_pool = None
-_pool_pid = 0
-
-
-def _helper():
-    """A one-thread executor (made anew in a forked child)."""
-    global _pool, _pool_pid
-    if _pool is None or _pool_pid != os.getpid():
-        with _probe_lock:
-            if _pool is None or _pool_pid != os.getpid():
-                from concurrent.futures import ThreadPoolExecutor
-                _pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-safecopy")
-                _pool_pid = os.getpid()
-    return _pool
 
 
 def _still_mapped(ptr, n):

@@ -47,8 +47,9 @@ _pool_pid = 0
 _pool_lock = threading.Lock()
 
 
-def _helper():
-    """A one-thread executor (made anew in a forked child: the parent's thread is not there)."""
+def helper_thread():
+    """The one-thread executor that does the second half of large copies (this module's and
+    client/safecopy's), made anew in a forked child: the parent's thread is not there."""
     global _pool, _pool_pid
     if _pool is None or _pool_pid != os.getpid():
         with _pool_lock:
@@ -82,7 +83,7 @@ def _copy_one(dst, src, n):
     out = [None] * pieces
     if n >= PARALLEL:
         mid = (pieces // 2) * CHUNK
-        fut = _helper().submit(_copy_pieces, dst, src, mid, n, out)
+        fut = helper_thread().submit(_copy_pieces, dst, src, mid, n, out)
         try:
             _copy_pieces(dst, src, 0, mid, out)
         finally:
