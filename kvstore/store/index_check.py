@@ -402,20 +402,22 @@ _P_LEAF, _P_LEAF2, _P_META = 0x02, 0x20, 0x08
 _MAGIC = 0xBEEFC0DE
 
 
-def _last_page(f, psize):
-    """The highest last-used page either meta page names (None if neither is valid)."""
-    best = None
+def _meta_pages(f, psize):
+    """The valid ones of the two meta pages (page 0 and 1), as bytes."""
     for pg in (0, 1):
         f.seek(pg * psize)
         page = f.read(psize)
         if len(page) < 160:
             continue
         pgno, _, flags, _, _ = _PAGE.unpack_from(page)
-        magic = struct.unpack_from("<I", page, 16)[0]
-        if pgno == pg and flags & _P_META and magic == _MAGIC:
-            last = struct.unpack_from("<Q", page, 136)[0]
-            best = last if best is None else max(best, last)
-    return best
+        if pgno == pg and flags & _P_META and struct.unpack_from("<I", page, 16)[0] == _MAGIC:
+            yield page
+
+
+def _last_page(f, psize):
+    """The highest last-used page either meta page names (None if neither is valid)."""
+    return max((struct.unpack_from("<Q", page, 136)[0] for page in _meta_pages(f, psize)),
+               default=None)
 
 
 def scan_pages(path, psize=4096):
@@ -465,16 +467,8 @@ def free_pages(f, psize, npages):
     """The page numbers LMDB's free list (its FREE_DBI tree) names, read from the newest
     meta page whose free list reads cleanly (plain reads, bounds checked: a damaged
     tree is a refusal, never a crash); an empty set when neither does."""
-    metas = []
-    for pg in (0, 1):
-        f.seek(pg * psize)
-        page = f.read(psize)
-        if len(page) < 160:
-            continue
-        pgno, _, flags, _, _ = _PAGE.unpack_from(page)
-        if pgno == pg and flags & _P_META and struct.unpack_from("<I", page, 16)[0] == _MAGIC:
-            metas.append((struct.unpack_from("<Q", page, _TXNID_AT)[0],
-                          struct.unpack_from("<Q", page, _FREE_ROOT_AT)[0]))
+    metas = [(struct.unpack_from("<Q", page, _TXNID_AT)[0],
+              struct.unpack_from("<Q", page, _FREE_ROOT_AT)[0]) for page in _meta_pages(f, psize)]
     for _, root in sorted(metas, reverse=True):
         try:
             return _free_tree(f, psize, npages, root)
