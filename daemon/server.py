@@ -118,9 +118,11 @@ class Daemon:
             self.store = Store(o.env, o.table, self._held, o.incarnation)
             self.store.grow_table = self._grow_table
             if self.cfg.namespace_quotas:
-                self.store.set_quotas(self.cfg.namespace_quotas, *maintenance.load_records(o.env))
+                self.store.set_quotas(self.cfg.namespace_quotas,
+                                      *(o.records or maintenance.load_records(o.env)))
                 log.info("namespace quotas: %s", ", ".join(
                     f"{n or '(default)'}={q}" for n, q in self.cfg.namespace_quotas.items()))
+            o.records = None                      # a million keys need not outlive start-up
             self.store.doomed_added = True        # reclaim what the last run left, if anything
             self._psize = o.env.env.stat()["psize"]
             self._sync_puts = None

@@ -184,6 +184,7 @@ class Opened:
         self.segment_id = ""
         self.incarnation = 0
         self.salvaged = None          # what rebuilding a damaged index did (daemon/salvage.py)
+        self.records = None           # (keys, records) of an adopted store, as published
         self.map_size = 0
 
     def close(self):
@@ -366,6 +367,7 @@ def _adopt(o, cfg, desc, name, mode, nslots):
         o.table.close(unlink=True)
         o.table = _new_table(o, name, 2 * len(keys) + 1, mode)
         maintenance.fill_table(o.table, keys, recs)
+    o.records = (keys, recs)
     maintenance.set_meta(o.env, incarnation=o.incarnation, table_path=o.table.path,
                          slots_path=o.slots.path, segment_id=o.segment_id, backing=o.segment.backing)
     st = maintenance.stats(o.env)
