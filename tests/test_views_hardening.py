@@ -36,16 +36,9 @@ BYPASSES = {
     "np_from_dlpack": "a = np.from_dlpack(t); assert a.flags.writeable; a += 1",
 }
 
-# The child: puts A (4 KiB of 1s) through a short-lived writer client, so that A's
-# extent is freed whole when A is deleted and B (4 KiB of 7s) is put at the same offset.
-CHILD = """
-import sys
-import numpy as np, torch
-from kvstore.client import Client
-from kvstore.errors import ReadOnlyView
-
-sock = sys.argv[1]
-N = 4096
+# Both children's helpers (N is set by each): A and B, put through a short-lived writer
+# client, and the offset of an object in the segment.
+_PUT_AND_OFFSET = """
 A, B = np.full(N, 1, np.uint8), np.full(N, 7, np.uint8)
 
 def put(key, value):
@@ -58,7 +51,20 @@ def offset(c, key):
     del v
     c.release(key)
     return off
+"""
 
+
+# The child: puts A (4 KiB of 1s) through a short-lived writer client, so that A's
+# extent is freed whole when A is deleted and B (4 KiB of 7s) is put at the same offset.
+CHILD = """
+import sys
+import numpy as np, torch
+from kvstore.client import Client
+from kvstore.errors import ReadOnlyView
+
+sock = sys.argv[1]
+N = 4096
+""" + _PUT_AND_OFFSET + """
 failed = []                                  # every check runs; the test lists what failed
 
 def check(ok, what):
@@ -469,19 +475,7 @@ from kvstore.client import Client, buffers, mapcache, views
 
 sock = sys.argv[1]
 N = 3 * 4096
-A, B = np.full(N, 1, np.uint8), np.full(N, 7, np.uint8)
-
-def put(key, value):
-    with Client(sock) as w:
-        assert w.put(key, value)
-
-def offset(c, key):
-    v = c.get(key)
-    off = np.frombuffer(v, np.uint8).ctypes.data - c._ro_range[0]
-    del v
-    c.release(key)
-    return off
-
+""" + _PUT_AND_OFFSET + """
 def free_huge():
     return int(dict(l.split(":") for l in open("/proc/meminfo"))["HugePages_Free"])
 
