@@ -45,17 +45,9 @@ def _shm_files(data_dir):
     return [os.path.join("/dev/shm", f) for f in os.listdir("/dev/shm") if f.startswith(name)]
 
 
-@pytest.fixture
-def stopped_store(make_daemon):
-    """A data dir holding N objects of a cleanly stopped daemon, and a saved copy of
-    every file of the store (index and shared memory) to restore between tries."""
-    d = make_daemon(size=SIZE, extra=SHM + ("--index-map-size", MAP))
-    vals = _values()
-    with d.client() as c:
-        for k, v in vals.items():
-            assert c.put(k, v)
-        assert c.stats()["objects"] == N
-    assert d.stop() == 0                     # SIGTERM: the store is kept for the next start
+def _snapshot(d):
+    """Copy a stopped daemon's data dir and shared-memory files; returns restore(), which
+    puts that copy back (so each damage starts from the same pristine store)."""
     saved = os.path.join(d.dir, "pristine")
     shutil.copytree(d.data_dir, saved)
     shm = {p: open(p, "rb").read() for p in _shm_files(d.data_dir)}
@@ -69,7 +61,21 @@ def stopped_store(make_daemon):
                 f.write(b)
         shutil.rmtree(d.data_dir)
         shutil.copytree(saved, d.data_dir)
-    yield d, vals, restore
+    return restore
+
+
+@pytest.fixture
+def stopped_store(make_daemon):
+    """A data dir holding N objects of a cleanly stopped daemon, and a saved copy of
+    every file of the store (index and shared memory) to restore between tries."""
+    d = make_daemon(size=SIZE, extra=SHM + ("--index-map-size", MAP))
+    vals = _values()
+    with d.client() as c:
+        for k, v in vals.items():
+            assert c.put(k, v)
+        assert c.stats()["objects"] == N
+    assert d.stop() == 0                     # SIGTERM: the store is kept for the next start
+    yield d, vals, _snapshot(d)
     for p in _shm_files(d.data_dir):
         os.unlink(p)
 

@@ -18,11 +18,10 @@ import os
 from kvstore.errors import DaemonStartError
 
 from test_damaged_index import (N, SHM, SIZE, MAP, _overwrite_page, _served, _shm_files,
-                                _start_in_process, _used_pages, _values)
+                                _snapshot, _start_in_process, _used_pages, _values)
 
 
 def test_salvage_keeps_no_deleted_object(make_daemon, caplog):
-    import shutil
     d = make_daemon(size=SIZE, extra=SHM + ("--index-map-size", MAP))
     vals = _values()
     with d.client() as c:
@@ -33,18 +32,7 @@ def test_salvage_keeps_no_deleted_object(make_daemon, caplog):
             assert c.delete(k)
     live = {k: v for k, v in vals.items() if k not in set(deleted)}
     assert d.stop() == 0
-    saved = os.path.join(d.dir, "pristine")
-    shutil.copytree(d.data_dir, saved)
-    shm = {p: open(p, "rb").read() for p in _shm_files(d.data_dir)}
-
-    def restore():
-        for p in _shm_files(d.data_dir):
-            os.unlink(p)
-        for p, b in shm.items():
-            with open(p, "wb") as f:
-                f.write(b)
-        shutil.rmtree(d.data_dir)
-        shutil.copytree(saved, d.data_dir)
+    restore = _snapshot(d)
 
     index = os.path.join(d.data_dir, "index")
     resurrected = {}
