@@ -211,6 +211,13 @@ def main():
         print(f"  longest client wait    {max(max_wait):.2f} s")
         ok = lost == 0 and bad + sum(corrupted) == 0 and leaked == 0 and not problems \
             and st["creating"] == 0 and st["held_extents"] == 0
+        if not ok:                  # the daemon's own account of the run, before tmp goes
+            dlog.flush()
+            with open(os.path.join(tmp, "daemon.log"), errors="replace") as f:
+                lines = [ln for ln in f if " WARNING " in ln or " ERROR " in ln]
+            print("  daemon warnings and errors (last 40):")
+            for ln in lines[-40:]:
+                print("    " + ln.rstrip()[:300])
         return 0 if ok else 1
     finally:
         for p in workers.values():
