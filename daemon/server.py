@@ -97,6 +97,7 @@ class Daemon:
         self.kept = {}                # cid -> (deadline, pid): lost its connection, may resume
         self._carried = []
         self.stopping = False
+        self.stop_signal = None           # set by SIGTERM/SIGINT; logged once the loop ends
         self.started = time.monotonic()
         self._paused_accept = 0.0
         self._limited = LogLimiter(log)   # bad-connection lines: a burst, then counted
@@ -198,13 +199,18 @@ class Daemon:
             try:
                 self.serve()
             finally:
+                if self.stop_signal is not None:
+                    log.info("received %s; stopping", signal.Signals(self.stop_signal).name)
                 self.stop()
         finally:
             for sig, h in old.items():
                 signal.signal(sig, h)
 
     def _on_signal(self, signum, frame):
-        log.info("received %s; stopping", signal.Signals(signum).name)
+        # Only set flags: a handler that logs can land inside a log write of the loop
+        # itself, and a reentrant write to stderr raises before the flag is set, so the
+        # daemon would never stop (seen: a SIGTERM right as a client's departure was logged).
+        self.stop_signal = signum
         self.stopping = True
 
     def serve(self):

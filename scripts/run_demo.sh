@@ -55,7 +55,7 @@ elif [ ! -e "$DATA" ]; then
 fi
 [ -n "$SOCK" ] || SOCK=$RUN/kvstore.sock
 LOG=$RUN/daemon.log
-DAEMON=""
+DAEMON="" SERVED=""
 
 cleanup() {
     local rc=$? drc=0
@@ -63,9 +63,14 @@ cleanup() {
         if kill -0 "$DAEMON" 2>/dev/null; then
             kill -TERM "$DAEMON" 2>/dev/null || true
             for _ in $(seq 1 100); do kill -0 "$DAEMON" 2>/dev/null || break; sleep 0.1; done
-            kill -KILL "$DAEMON" 2>/dev/null || true
+            if kill -KILL "$DAEMON" 2>/dev/null; then
+                echo "$PROG: the daemon did not stop within 10 s of SIGTERM; killed it" \
+                     "(last log line: $(tail -n 1 "$LOG" 2>/dev/null))" >&2
+            fi
         fi
         wait "$DAEMON" 2>/dev/null || drc=$?
+        # it served, so a socket file left at its path is its own, dead now: remove it
+        [ -z "$SERVED" ] || [ ! -S "$SOCK" ] || rm -f "$SOCK"
         # a daemon that did not stop cleanly leaves its segment and index: remove them
         if [ "$drc" != 0 ] || [ -n "$(ls -A "$DATA" 2>/dev/null)" ]; then
             "$PY" -m kvstore.daemon --data-dir "$DATA" --destroy >/dev/null 2>&1 || true
@@ -94,6 +99,7 @@ for _ in $(seq 1 600); do
     sleep 0.1
 done
 ready || die "the daemon did not get ready within 60 s: $(tail -n 1 "$LOG")"
+SERVED=1
 grep -m1 'segment:' "$LOG" | sed 's/^.*segment: /daemon: segment: /' || true
 echo "daemon: socket $SOCK, data dir $DATA (pid $DAEMON; removed when the demo ends)"
 "$PY" scripts/demo.py "$SOCK"

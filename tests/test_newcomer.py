@@ -86,7 +86,8 @@ def test_demo_socket_and_data_dir_arguments_are_used(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"socket {sock}, data dir {data}" in r.stdout
     assert "read-only equal" in r.stdout
-    assert not sock.exists() and not data.exists()        # the daemon made data: removed again
+    assert not sock.exists(), r.stdout + r.stderr
+    assert not data.exists(), r.stdout + r.stderr         # the daemon made data: removed again
 
 
 def test_demo_keeps_a_data_dir_it_did_not_make(tmp_path):
