@@ -10,8 +10,10 @@ record unpacks, describes a sealed object inside the segment, and the segment's 
 there still match the record's checksum (so nothing kept can serve wrong bytes); of
 records whose extents overlap, one is kept. A new index describing exactly the kept
 objects (the rest of the segment free) replaces the damaged one, under a new store
-identity: clients reconnect as new clients (their in-flight puts and holds belong to
-the old store), exactly as when the slots file is lost. The log says, at ERROR, why
+identity: clients reconnect as new clients (their holds belong to the old store),
+exactly as when the slots file is lost. Puts whose put() had returned but whose seals
+were still queued in the clients' seal rings are read from the old slots file and kept
+under the same checks as records (kvstore.slots.queued_seals, ``add_queued_seals``). The log says, at ERROR, why
 the index was rejected and how many objects were kept and dropped (and how many the
 damaged index counted, when it could still count them); nothing is dropped silently.
 If the segment is gone there is nothing to keep: a damaged index that still says it is
@@ -33,6 +35,8 @@ import logging
 import mmap
 import os
 import shutil
+import struct
+import time
 import uuid
 from bisect import bisect_right
 
@@ -92,10 +96,14 @@ def check_or_salvage(cfg, path, mode, name, shm_path):
             if desc.get("size") and desc["size"] <= seg_size:
                 seg_size = desc["size"]
             m = mmap.mmap(f.fileno(), seg_size, prot=mmap.PROT_READ) if seg_size else None
+        slots_paths = [p for p in dict.fromkeys([desc.get("slots_path") or "", shm_path(name, "slots")]) if p]
+        view = memoryview(m) if m else b""
         try:
-            kept, dropped_bad = choose(walked, scanned, memoryview(m) if m else b"", seg_size)
+            kept, dropped_bad = choose(walked, scanned, view, seg_size)
+            queued = add_queued_seals(kept, slots_paths, view, seg_size)
         finally:
             if m is not None:
+                view.release()
                 m.close()
         info = {"segment_id": uuid.uuid4().hex, "segment_path": seg_path, "backing": backing,
                 "slots_path": shm_path(name, "slots"), "table_path": desc.get("table_path") or "",
@@ -107,7 +115,7 @@ def check_or_salvage(cfg, path, mode, name, shm_path):
             shutil.rmtree(new, ignore_errors=True)
             raise
         _retire_tables(desc, name)
-        for p in {desc.get("slots_path") or "", shm_path(name, "slots")} - {""}:
+        for p in slots_paths:
             try:
                 os.unlink(p)            # its holds and rings belong to the old store identity
             except OSError:
@@ -126,8 +134,8 @@ def check_or_salvage(cfg, path, mode, name, shm_path):
         msg = (f"the index in {path} was damaged ({v.reason}); rebuilt the damaged index from what "
                f"could still be read: kept {len(kept)} objects, dropped "
                f"{max(found - len(kept), 0)} (it could not count its objects: others may be lost)")
-    msg += (f"; {dropped_bad} records read failed their checks; "
-            f"clients reconnect as new clients")
+    msg += (f"; {dropped_bad} records read failed their checks; {queued} puts still queued in "
+            f"the clients' seal rings were verified and kept; clients reconnect as new clients")
     log.error("%s", msg)
     return msg
 
@@ -257,6 +265,46 @@ def choose(walked, scanned, view, seg_size):
             continue
         fill.append((key, rec))
     return kept + fill, bad
+
+
+def add_queued_seals(kept, slots_paths, view, seg_size):
+    """Add to kept (in place) the puts clients had queued in their seal rings when the
+    daemon died: their put() had returned, so they must survive the rebuild like the
+    records do. Each is kept only under the same rules (a sealed extent inside the
+    segment whose bytes match its checksum, no overlap with a kept extent, a key not
+    kept already). Returns how many were added."""
+    from kvstore import protocol
+    from kvstore.slots import queued_seals
+    usable = seg_size & ~(allocator.ALIGN - 1)
+    have = {key for key, _ in kept}
+    spans = sorted((r.offset, r.offset + allocator.extent_size(r.size)) for _, r in kept)
+    starts = [a for a, _ in spans]
+    ends = [b for _, b in spans]
+    added = []
+    for path in slots_paths:
+        for _, data in queued_seals(path):
+            items, _ = protocol.read_seal_prefix(data)
+            for _, key, off, size, csum, flags, replicas in items:
+                if key in have:
+                    continue
+                try:
+                    rec = record.Record(off, size, 0, time.monotonic_ns(), csum, State.SEALED,
+                                        record.Flag(flags & record.Flag.PINNED), 0, replicas)
+                    ok = _valid(record.pack(rec), view, usable)
+                except (ValueError, OverflowError, struct.error):
+                    ok = None
+                if ok is None:
+                    continue
+                end = off + allocator.extent_size(size)
+                i = bisect_right(starts, off) - 1
+                if (i >= 0 and ends[i] > off) or (i + 1 < len(starts) and starts[i + 1] < end):
+                    continue
+                starts.insert(i + 1, off)
+                ends.insert(i + 1, end)
+                have.add(key)
+                added.append((key, rec))
+    kept.extend(added)
+    return len(added)
 
 
 def _no_overlap(items):

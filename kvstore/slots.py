@@ -91,6 +91,34 @@ def layout(nslots, capacity=HOLD_CAPACITY):
     return sent_at, applied_at, regions_at, region, regions_at + nslots * region
 
 
+def queued_seals(path):
+    """The seal bytes still queued in every ring of the slots file at path, read without
+    adopting or changing it: [(slot, bytes)] of the slots with a whole, sane ring. For a
+    start-up that must replace the store's identity (a rebuilt index) but keep the puts
+    that returned before the crash. [] when the file is missing or not ours."""
+    try:
+        with open(path, "rb") as f:
+            hdr = f.read(_HEADER.size)
+            if len(hdr) != _HEADER.size or hdr[:8] != MAGIC:
+                return []
+            _, version, _, nslots, capacity, region, _, _ = _HEADER.unpack(hdr)
+            sent_at, applied_at, regions_at, want_region, size = layout(nslots, capacity)
+            if version != VERSION or region != want_region or os.fstat(f.fileno()).st_size < size:
+                return []
+            out = []
+            for slot in range(nslots):
+                at = regions_at + slot * region
+                tail, head = struct.unpack("<QQ", os.pread(f.fileno(), 16, at + _TAIL_AT))
+                if tail == head or tail < head or tail - head > RING_BYTES:
+                    continue
+                ring = os.pread(f.fileno(), RING_BYTES, at + region - RING_BYTES)
+                h, t = head % RING_BYTES, tail % RING_BYTES
+                out.append((slot, ring[h:t] if h < t else ring[h:] + ring[:t]))
+            return out
+    except (OSError, struct.error, ValueError):
+        return []
+
+
 class SlotsFile:
     """The daemon's handle: creates or adopts the file, assigns and scrubs slots, reads
     every client's holds and seal counters."""
