@@ -171,11 +171,67 @@ class IndexDamaged(DaemonStartError):
     code = 42
 
 
+# ---- across hosts: transport 50-59, cluster 60-69 -------------------------------------------
+class TransportError(KVStoreError, ConnectionError):
+    """A transfer from a peer daemon failed; ``stage`` says where (connect, transfer,
+    verify) and ``peer`` names the peer. The caller tries the next holder."""
+
+    code = 50
+    stage = "transfer"
+
+    def __init__(self, message="", peer=None, stage=None):
+        super().__init__(message)
+        self.peer = peer
+        if stage is not None:
+            self.stage = stage
+
+
+class PeerUnreachable(TransportError):
+    """No connection to the peer could be made (refused, unreachable, timed out)."""
+
+    code = 51
+    stage = "connect"
+
+
+class TransferTimeout(TransportError, TimeoutError):
+    """The peer did not deliver the bytes within the transfer timeout."""
+
+    code = 52
+
+
+class ObjectGoneOnPeer(TransportError):
+    """The peer no longer holds the object asked for (evicted, deleted, restarted): not a
+    fault of the link; the caller tries the next holder."""
+
+    code = 53
+
+
+class PeerAuthFailed(KVStoreError):
+    """A peer could not prove it knows the cluster secret (or we could not): nothing is
+    served to it. Check that every daemon reads the same --cluster-secret-file."""
+
+    code = 60
+
+
+class PeerIncompatible(KVStoreError):
+    """A peer speaks another peer-protocol version: upgrade the older daemon."""
+
+    code = 61
+
+
+class ClusterUnavailable(KVStoreError):
+    """The membership service (etcd) cannot be reached."""
+
+    code = 62
+
+
 _BY_CODE = {cls.code: cls for cls in (
     KVStoreError, InvalidKey, InvalidKeyType, InvalidSize, ValueTooLarge, InvalidValue,
     ObjectExists, ObjectNotFound, AlreadySealed, NotCreator, NotSealed, StoreFull, IndexFull,
     GetTimeout, ReadOnlyView, ChecksumMismatch, TooManyHolds, ProtocolError, ClientClosed, StoreUnavailable, ConfigError,
-    DaemonStartError, QuotaExceeded, MissingExtra, SegmentGone, IndexDamaged)}
+    DaemonStartError, QuotaExceeded, MissingExtra, SegmentGone, IndexDamaged,
+    TransportError, PeerUnreachable, TransferTimeout, ObjectGoneOnPeer, PeerAuthFailed,
+    PeerIncompatible, ClusterUnavailable)}
 
 
 def from_code(code, message):

@@ -1,0 +1,1 @@
+"""The cluster: peer authentication, membership, the location directory, placement."""

@@ -1,0 +1,1 @@
+"""Peer transports (kvstore.transport.base explains the contract)."""

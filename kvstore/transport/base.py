@@ -1,0 +1,94 @@
+"""The peer transport: read extents of a remote daemon's segment into local buffers.
+
+Owns: the one interface every transport implements (TCP now, loopback for unit tests,
+RDMA READ later through pyverbs), and the shapes of what crosses it. Callers (the
+daemon's fetcher) see only this module's names, so a transport plugs in without
+changing them: ``open_transport(name, ...)`` picks the implementation, as py-lmdb picks
+cpython or cffi at import.
+
+The shape follows Mooncake's transfer request (read, target segment, offset, length),
+with one difference that is the security rule of the cluster: a request names an
+*object* (its stored key, the extent the holder's location record gave, and the
+holder's incarnation), never a bare address. The holder's ``Resolver`` checks that the
+extent is a sealed object its index lists under that key in that incarnation, and holds
+it (a read lease) until the bytes are sent, so it cannot be evicted or reused under the
+read. The reader verifies the checksum of what arrived before anything is sealed
+(kvstore.checksum), so a block changed under the read anyway is caught, never served.
+
+Contract (tests/test_transport_contract.py runs it against every implementation):
+- ``read(peer, ops, bufs, timeout)`` fills ``bufs[i]`` (a writable buffer of exactly
+  ``ops[i].size`` bytes, typically a slice of the local segment) with the object's
+  bytes, and returns one entry per op: None when the bytes are in place, else the
+  TransportError (a subclass naming the stage) for that op. An op that failed leaves its
+  buffer's content undefined; the caller never seals it.
+- A peer that is down, refuses, stops answering or dies mid-transfer costs at most
+  ``timeout`` seconds in all for the call, never a hang; a failed connection is dropped
+  and made again on the next call (links reconnect by themselves after a peer restart).
+- ``read`` may be called from several threads at once; each implementation says how it
+  shares connections.
+- Nothing a peer sends can make ``read`` write outside the buffers it was given.
+
+Must never: let a request name a raw address; write into a buffer past its size;
+return success for bytes it did not receive; block past the timeout.
+"""
+
+from typing import NamedTuple
+
+
+class PeerAddr(NamedTuple):
+    """Where a peer daemon serves its peer protocol."""
+    host: str
+    port: int
+
+    def __str__(self):
+        return f"{self.host}:{self.port}"
+
+
+class ReadOp(NamedTuple):
+    """One object to read from a holder: what its location record says."""
+    key: bytes            # the stored key (namespace prefix included)
+    offset: int           # where the holder's record says the object starts
+    size: int             # its length in bytes
+    incarnation: int      # the holder's daemon run that announced it (a restart voids it)
+
+
+class Served(NamedTuple):
+    """What a holder's Resolver grants for one ReadOp: the bytes to send are
+    ``size`` bytes at ``offset`` of the segment file ``fd`` (or of ``buf`` when there is
+    no file, as in the loopback transport); ``release()`` ends the read lease."""
+    fd: int
+    offset: int
+    size: int
+    release: object
+    buf: object = None
+
+
+class Resolver:
+    """The holder's side: turns a ReadOp into a Served (a lease on a sealed object), or
+    raises kvstore.errors.ObjectGoneOnPeer when its index does not list that object at
+    that extent in that incarnation. Implemented by the daemon's peer server."""
+
+    def resolve(self, op):
+        raise NotImplementedError
+
+
+class Transport:
+    """The reader's side. ``name`` is what membership announces ("tcp", "rdma")."""
+
+    name = "base"
+
+    def read(self, peer, ops, bufs, timeout):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class TransportServer:
+    """The holder's side of a transport: serves ReadOps through a Resolver until
+    closed. ``address`` is what it listens on (a TCP port, or the loopback registry)."""
+
+    address = None
+
+    def close(self):
+        pass
