@@ -43,6 +43,20 @@ def build_parser():
     p.add_argument("--namespace-quotas", dest="namespace_quotas",
                    help="guaranteed shares, e.g. tenant-a=4GiB,tenant-b=2GiB (docs/namespaces.md)")
     p.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
+    c = p.add_argument_group("cluster (docs/cluster.md)")
+    c.add_argument("--cluster", help="etcd://HOST:PORT[,HOST:PORT...]: membership and liveness in etcd")
+    c.add_argument("--peers", help="HOST:PORT,...: a static cluster without etcd (the other daemons)")
+    c.add_argument("--advertise", help="the address of this host other daemons dial (a local interface's)")
+    c.add_argument("--peer-port", dest="peer_port",
+                   help="TCP port of the peer protocol (0: a free one, published in etcd)")
+    c.add_argument("--cluster-secret-file", dest="cluster_secret_file",
+                   help="file with the cluster secret (>= 16 bytes), the same on every daemon")
+    c.add_argument("--replicas", help="copies a put places on distinct hosts (default 1)")
+    c.add_argument("--transfer-timeout", dest="transfer_timeout",
+                   help="seconds a cross-host get spends on one holder before the next (2)")
+    c.add_argument("--member-ttl", dest="member_ttl", help="seconds of this daemon's etcd lease (3)")
+    c.add_argument("--wait-for-cluster", dest="wait_for_cluster", action="store_const", const=True,
+                   help="at start, wait for an unreachable etcd instead of refusing")
     p.add_argument("--destroy", action="store_true",
                    help="remove the segment and index of a stopped daemon's --data-dir, then exit")
     return p

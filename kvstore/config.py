@@ -104,6 +104,82 @@ def _parse_quotas(value, field):
     return out
 
 
+def _parse_hostport(text, field, what):
+    """(host, port) of "host:port" ("[v6]:port" for IPv6), or ConfigError naming field."""
+    t = str(text).strip()
+    host, sep, port = t.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{field}: {text!r} is not {what} host:port, e.g. 10.0.0.2:7700")
+    return host, int(port)
+
+
+def _parse_cluster(value, field):
+    """etcd://HOST:PORT[,HOST:PORT...] -> the same text, normalised; "" = no etcd."""
+    s = str(value).strip()
+    if not s:
+        return ""
+    if not s.startswith("etcd://"):
+        raise ConfigError(f"{field}: {value!r} is not etcd://HOST:PORT[,HOST:PORT...]; for a static "
+                          f"cluster without etcd use peers instead")
+    eps = [p for p in s[len("etcd://"):].split(",") if p.strip()]
+    if not eps:
+        raise ConfigError(f"{field}: {value!r} names no etcd endpoint; write etcd://HOST:PORT")
+    return "etcd://" + ",".join("%s:%d" % _parse_hostport(e, field, "an etcd") for e in eps)
+
+
+def _parse_peers(value, field):
+    """Static peers: a list, or "host:port,host:port" -> ["host:port", ...]."""
+    if isinstance(value, str):
+        value = [p for p in value.split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{field}: {value!r} is not a list of host:port")
+    out = []
+    for p in value:
+        host, port = _parse_hostport(p, field, "a peer's")
+        out.append(f"{host}:{port}")
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{field}: a peer is listed twice in {value!r}")
+    return out
+
+
+def _parse_port(value, field):
+    if isinstance(value, (bool, float)):
+        raise ConfigError(f"{field}: {value!r} is not a port number; use 1-65535, or 0 for a free one")
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{field}: {value!r} is not a port number; use 1-65535, or 0 for a free one") from None
+    if not 0 <= n <= 65535:
+        raise ConfigError(f"{field}: {n} is not a port number; use 1-65535, or 0 for a free one")
+    return n
+
+
+def _parse_seconds(value, field):
+    if isinstance(value, bool):
+        raise ConfigError(f"{field}: {value!r} is not a number of seconds")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}: {value!r} is not a number of seconds, e.g. 2") from None
+    if not 0 < f <= 3600:
+        raise ConfigError(f"{field}: {value!r} must be more than 0 and at most 3600 seconds")
+    return f
+
+
+def _parse_address(value, field):
+    s = str(value).strip()
+    if s.startswith("[") and s.endswith("]"):
+        s = s[1:-1]
+    if s.count(":") == 1 or (":" in s and not all(c in "0123456789abcdefABCDEF:." for c in s)):
+        raise ConfigError(f"{field}: {value!r} is not an address; give the IP other daemons dial, "
+                          f"e.g. 10.0.0.2 (no port: that is peer_port)")
+    if s and ":" not in s and not all(c.isalnum() or c in ".-" for c in s):
+        raise ConfigError(f"{field}: {value!r} is not an address; give the IP other daemons dial, e.g. 10.0.0.2")
+    return s
+
+
 def _size_or_auto(value, field):
     if str(value).strip().lower() == "auto":
         return 0
@@ -140,6 +216,29 @@ class Config:
     group: str = ""
     #: namespace -> guaranteed share in bytes (kvstore.store.quotas); empty: no quotas
     namespace_quotas: dict = dataclasses.field(default_factory=dict)
+    # ---- the cluster (docs/cluster.md); none of it is used on a single host
+    #: etcd://HOST:PORT[,HOST:PORT...]: membership and liveness in etcd; "" = no etcd
+    cluster: str = ""
+    #: a static cluster without etcd: every other daemon's advertise:peer_port
+    peers: list = dataclasses.field(default_factory=list)
+    #: the address of this host that other daemons dial (must be on a local interface)
+    advertise: str = ""
+    #: TCP port of the peer protocol; 0 picks a free one and publishes it (etcd only)
+    peer_port: int = 0
+    #: file holding the cluster secret (at least 16 bytes), the same on every daemon
+    cluster_secret_file: str = ""
+    #: copies a put places on distinct hosts unless it says otherwise
+    replicas: int = 1
+    #: seconds a cross-host get may spend on one holder before trying the next
+    transfer_timeout: float = 2.0
+    #: seconds of the etcd lease; a daemon that stops renewing it leaves every lookup then
+    member_ttl: float = 3.0
+    #: at start, wait for an unreachable etcd instead of refusing to start
+    wait_for_cluster: bool = False
+
+    @property
+    def clustered(self):
+        return bool(self.cluster or self.peers)
 
     def group_id(self):
         """The gid of ``group``, or None when no group is configured."""
@@ -167,6 +266,15 @@ _PARSERS = {
     "log_level": _parse_level,
     "namespace_quotas": _parse_quotas,
     "group": lambda v, f: _parse_group(v, f),
+    "cluster": _parse_cluster,
+    "peers": _parse_peers,
+    "advertise": _parse_address,
+    "peer_port": _parse_port,
+    "cluster_secret_file": lambda v, f: _parse_path(v, f) if str(v).strip() else "",
+    "replicas": _parse_pos_int,
+    "transfer_timeout": _parse_seconds,
+    "member_ttl": _parse_seconds,
+    "wait_for_cluster": _parse_bool,
 }
 
 
@@ -259,8 +367,40 @@ def load_config(file=None, env=None, overrides=None):
             f"low_watermark: {cfg.low_watermark} must be below high_watermark {cfg.high_watermark}")
     if cfg.size < (1 << 20):
         raise ConfigError(f"size: {cfg.size} bytes is too small; use at least 1MiB")
+    _check_cluster(cfg)
     reserved = sum(cfg.namespace_quotas.values())
     if reserved > cfg.size:
         raise ConfigError(f"namespace_quotas: they add up to {reserved} bytes, more than the "
                           f"{cfg.size}-byte segment; lower them or raise size")
     return cfg
+
+
+def _check_cluster(cfg):
+    """The cluster fields must agree with each other (the host-dependent checks, such as
+    whether advertise is a local address, run when the daemon starts)."""
+    if cfg.cluster and cfg.peers:
+        raise ConfigError("peers: give either cluster (etcd) or peers (a static list), not both")
+    if not cfg.clustered:
+        for k in ("advertise", "cluster_secret_file"):
+            if getattr(cfg, k):
+                raise ConfigError(f"{k}: set, but neither cluster nor peers is: this daemon would "
+                                  f"serve one host only; add --cluster etcd://HOST:PORT or --peers")
+        if cfg.peer_port:
+            raise ConfigError("peer_port: set, but neither cluster nor peers is; add --cluster or --peers")
+        if cfg.replicas > 1:
+            raise ConfigError(f"replicas: {cfg.replicas} copies need other hosts; add --cluster or "
+                              f"--peers, or use 1")
+        return
+    if not cfg.advertise:
+        raise ConfigError("advertise: a cluster daemon must say which address of this host other "
+                          "daemons dial; add --advertise IP (an address of a local interface)")
+    if not cfg.cluster_secret_file:
+        raise ConfigError("cluster_secret_file: a cluster needs a secret shared by every daemon; "
+                          "create one (head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE) "
+                          "and add --cluster-secret-file FILE")
+    if cfg.peers and not cfg.peer_port:
+        raise ConfigError("peer_port: a static cluster (peers) needs a fixed port that the others "
+                          "list; add --peer-port N (0, a free port, works only with etcd)")
+    me = f"{cfg.advertise}:{cfg.peer_port}"
+    if me in cfg.peers:
+        raise ConfigError(f"peers: {me} is this daemon itself (advertise:peer_port); list only the others")

@@ -209,6 +209,12 @@ def main():
         print(f"  bytes leaked           {leaked} (creating {st['creating']}, held {st['held_extents']}, doomed {st['doomed']})")
         print(f"  index consistent       {'yes' if not problems else problems[0]}")
         print(f"  longest client wait    {max(max_wait):.2f} s")
+        dlog.flush()
+        with open(os.path.join(tmp, "daemon.log"), errors="replace") as f:
+            rebuilt = [ln.rstrip() for ln in f if "was damaged" in ln]
+        # a SIGKILL must never damage the index: a rebuild here is a bug to chase (what
+        # was queued survives it, but the clients lose their holds), so say why it happened
+        print(f"  index rebuilds         {len(rebuilt)}" + (f" (first: {rebuilt[0][:300]})" if rebuilt else ""))
         ok = lost == 0 and bad + sum(corrupted) == 0 and leaked == 0 and not problems \
             and st["creating"] == 0 and st["held_extents"] == 0
         if not ok:                  # the daemon's own account of the run, before tmp goes

@@ -93,14 +93,20 @@ def test_environment_names_every_field():
            "KVSTORE_LOW_WATERMARK": "0.5", "KVSTORE_INDEX_MAP_SIZE": "80MiB",
            "KVSTORE_MAX_CLIENTS": "3", "KVSTORE_DISCARD_ON_EXIT": "1",
            "KVSTORE_SOCKET_MODE": "660", "KVSTORE_LOG_LEVEL": "warning", "KVSTORE_GROUP": "0",
-           "KVSTORE_NAMESPACE_QUOTAS": "a=1MiB"}
+           "KVSTORE_NAMESPACE_QUOTAS": "a=1MiB", "KVSTORE_CLUSTER": "",
+           "KVSTORE_PEERS": "10.0.0.2:7700,10.0.0.3:7700", "KVSTORE_ADVERTISE": "10.0.0.1",
+           "KVSTORE_PEER_PORT": "7700", "KVSTORE_CLUSTER_SECRET_FILE": "/tmp/secret",
+           "KVSTORE_REPLICAS": "2", "KVSTORE_TRANSFER_TIMEOUT": "1.5", "KVSTORE_MEMBER_TTL": "4",
+           "KVSTORE_WAIT_FOR_CLUSTER": "yes"}
     assert {k[len("KVSTORE_"):].lower() for k in env} == set(FIELDS)
     cfg = load_config(env=env)
     assert cfg == Config(socket="/tmp/x.sock", size=2 * MiB, data_dir="/tmp/xd", hugepages="off",
                          reserve_hugepages=True, hugetlbfs_dir="/tmp/xh", high_watermark=0.7,
                          low_watermark=0.5, index_map_size=80 * MiB, max_clients=3,
                          discard_on_exit=True, socket_mode="0660", log_level="WARNING", group="0",
-                         namespace_quotas={"a": MiB})
+                         namespace_quotas={"a": MiB}, peers=["10.0.0.2:7700", "10.0.0.3:7700"],
+                         advertise="10.0.0.1", peer_port=7700, cluster_secret_file="/tmp/secret",
+                         replicas=2, transfer_timeout=1.5, member_ttl=4.0, wait_for_cluster=True)
 
 
 def test_file_with_kvstore_table(tmp_path):
