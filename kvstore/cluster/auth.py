@@ -110,6 +110,10 @@ def dial_handshake(sock, secret, timeout=2.0, peer="peer"):
         raise PeerIncompatible(f"{peer} speaks peer protocol {version}, this daemon {VERSION}: "
                                f"run the same kvstore version on every host")
     if not hmac.compare_digest(mac_a, _mac(secret, b"acceptor", nonce_d, nonce_a)):
+        try:                    # a proof that cannot pass: the acceptor logs a refusal too
+            _send(sock, bytes(32), deadline, peer)
+        except TransportError:
+            pass
         raise PeerAuthFailed(f"{peer} could not prove it knows the cluster secret: give every "
                              f"daemon the same --cluster-secret-file")
     _send(sock, _mac(secret, b"dialer", nonce_a, nonce_d), deadline, peer)
