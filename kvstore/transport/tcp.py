@@ -507,7 +507,8 @@ class TcpTransport(Transport):
 
     def _exchange(self, sock, peer, chunk, views, results, deadline, timeout):
         """One READ of chunk [(op index, Part)] on sock; fills results. Raises _LinkFailed
-        when the connection can no longer be used (results of unfinished parts not set)."""
+        when the connection can no longer be used: the chunk's unfinished parts are failed
+        already when any byte of the answer had arrived, else left for a retry."""
         parts = [p for _, p in chunk]
         request = wire.read_request(parts)
         try:
@@ -519,9 +520,16 @@ class TcpTransport(Transport):
             head = self._recv_exact(sock, wire.result_size(len(parts)), deadline)
             entries = wire.decode_result_head(head, parts)
         except _Short as e:
-            raise _LinkFailed(self._link_error(peer, e.cause, timeout), e.got_any) from None
+            err = self._link_error(peer, e.cause, timeout)
+            if e.got_any:
+                for i, _ in chunk:
+                    _fail(results, i, err)
+            raise _LinkFailed(err, e.got_any) from None
         except ProtocolError as e:
-            raise _LinkFailed(self._link_error(peer, e, timeout), True) from None
+            err = self._link_error(peer, e, timeout)
+            for i, _ in chunk:
+                _fail(results, i, err)
+            raise _LinkFailed(err, True) from None
         targets, where = [], []
         for (i, p), (status, _) in zip(chunk, entries):
             if status == wire.OK and p.part_len:
@@ -586,7 +594,7 @@ class TcpTransport(Transport):
                             sock.close()
                             sock = None
                             e = e2
-                    for later in chunks[c:]:
+                    for later in chunks[c + (1 if e.answered else 0):]:
                         for i, _ in later:
                             _fail(results, i, e.error)
                     return
