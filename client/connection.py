@@ -87,6 +87,7 @@ class Attachment:
         self.segment_id, self.incarnation = body["segment_id"], body.get("incarnation", 0)
         self.size, self.backing = body["segment_size"], body["backing"]
         self.quotas = bool(body.get("quotas", False))   # pins go by PIN request (writer.put_many)
+        self.cluster = bool(body.get("cluster", False))  # local misses are FETCHed from other hosts
         _check_segment_file(seg_fd, self.size)
         seg = Segment(seg_fd, self.size, self.backing, "", reused=True)
         try:
@@ -325,6 +326,7 @@ class Connection:
                 else:
                     att.new_table(fds[1])
                     att.quotas = bool(body.get("quotas", False))   # the restarted daemon's
+                    att.cluster = bool(body.get("cluster", False))
             if body["cid"] == att.cid and body["segment_id"] == att.segment_id:
                 for cb in self.on_resume:
                     cb()

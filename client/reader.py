@@ -17,7 +17,7 @@ import numpy as np
 
 from kvstore import protocol
 from kvstore.checksum import checksum, copy_out_and_hash
-from kvstore.errors import (ChecksumMismatch, GetTimeout, InvalidSize, KVStoreError, NotSealed,
+from kvstore.errors import (from_code, ChecksumMismatch, GetTimeout, InvalidSize, KVStoreError, NotSealed,
                             ObjectNotFound, StoreUnavailable)
 from kvstore.keys import user_key
 from kvstore.retry import Backoff
@@ -120,13 +120,37 @@ class Reader:
             e = self.lookup(k)
         return e.size if e is not None and e.state == SEALED else None
 
+    # ---- across hosts ------------------------------------------------------------------------
+    def fetch(self, ks, idx):
+        """Cluster only: ask the daemon to pull keys ks[i] (i in idx, local misses) from
+        other hosts. Returns (indices now local, {index: the typed error of a key every
+        holder failed for}); a key no host has is in neither (a plain miss). Several
+        requests when the keys do not fit one message."""
+        if not idx or not self.conn.att.cluster:
+            return [], {}
+        timeout = max(0.1, self.conn.timeout - 0.5)     # answered before our socket gives up
+        local, failed = [], {}
+        chunk, size = [], 0
+        for j, i in enumerate(idx):
+            chunk.append(i)
+            size += 2 + len(ks[i])
+            if j == len(idx) - 1 or size + 2 + len(ks[idx[j + 1]]) > protocol.MAX_PAYLOAD - 64:
+                body = self.conn.request(protocol.fetch([ks[x] for x in chunk], timeout), protocol.FETCHED)
+                for x, (status, code, msg) in zip(chunk, protocol.read_fetched(body)):
+                    if status == protocol.FETCH_LOCAL:
+                        local.append(x)
+                    elif status == protocol.FETCH_FAILED:
+                        failed[x] = from_code(code, f"get of {user_key(ks[x])!r} from another host: {msg}")
+                chunk, size = [], 0
+        return local, failed
+
     # ---- get / release ---------------------------------------------------------------------
     def get_many(self, ks, timeout, lock):
         """Views (held) of each key, None for misses; waits for objects being created."""
         deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         out = [None] * len(ks)
         todo = list(range(len(ks)))
-        settled = False
+        settled = fetched = False
         backoff = Backoff(initial=20e-6, cap=2e-3)
         while True:
             waiting, missed = [], []
@@ -149,6 +173,21 @@ class Reader:
                 self.settle()
                 todo = missed + waiting
                 continue
+            if missed and not fetched and self.conn.att.cluster:
+                fetched = True                    # once per call: a miss everywhere is a miss
+                try:
+                    local, failed = self.fetch(ks, missed)
+                except BaseException:
+                    with lock:
+                        self._release_views(ks, out)
+                    raise
+                if failed:
+                    with lock:
+                        self._release_views(ks, out)
+                    raise next(iter(failed.values()))
+                if local:
+                    todo = local + waiting
+                    continue
             if not waiting:
                 return out
             if deadline is not None and time.monotonic() >= deadline:
@@ -315,6 +354,11 @@ class Reader:
                 self.conn.ready()
         if missed and self.settle():
             slow += missed                        # seals were in flight: look again, held
+        elif missed and self.conn.att.cluster:    # pulled from another host, then read held
+            local, failed = self.fetch(ks, missed)
+            slow += local
+            for i, e in failed.items():
+                results[i] = e
         if slow:
             slow.sort()
             try:

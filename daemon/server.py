@@ -98,6 +98,7 @@ class Daemon:
         self._carried = []
         self.stopping = False
         self.stop_signal = None           # set by SIGTERM/SIGINT; logged once the loop ends
+        self.cluster = None               # daemon.cluster.ClusterNode when cluster or peers is set
         self.started = time.monotonic()
         self._paused_accept = 0.0
         self._limited = LogLimiter(log)   # bad-connection lines: a burst, then counted
@@ -130,6 +131,8 @@ class Daemon:
             self._check_index_fill()
             self._update_high()
             self._listen()
+            if self.cfg.clustered:
+                self._start_cluster()
         except BaseException:
             self._close_resources()
             raise
@@ -137,6 +140,43 @@ class Daemon:
         log.info("ready: serving on %s (pid %d, %s segment of %d bytes, data dir %s, incarnation %d)",
                  self.cfg.socket, os.getpid(), self.segment.backing, self.segment.size,
                  self.cfg.data_dir, self.store.incarnation)
+
+    def _start_cluster(self):
+        """Join the cluster (daemon/cluster.py): its threads serve peers and pull local
+        misses; this loop only hands them FETCHes and commits, and sends their replies."""
+        from .cluster import ClusterNode
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._posted = collections.deque()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
+        self.cluster = ClusterNode(self.cfg, self.cfg.socket, self.segment)
+        keys, recs = maintenance.load_records(self.store.env)
+        sealed = np.flatnonzero(recs["state"] == 2) if len(recs) else []
+        records = [(keys[i], int(recs["offset"][i]), int(recs["size"][i]), int(recs["checksum"][i]))
+                   for i in sealed]
+        self.cluster.start(records)
+        self.store.observer = self.cluster.observe
+
+    def _post(self, conn, frame):
+        """From a cluster thread: send frame to conn on the loop's next turn."""
+        self._posted.append((conn, frame))
+        try:
+            self._wake_w.send(b"w")
+        except (BlockingIOError, OSError):
+            pass                               # already woken (its buffer is full) or closing
+
+    def _deliver_posted(self):
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        while self._posted:
+            conn, frame = self._posted.popleft()
+            fd = conn.sock.fileno() if conn.sock is not None else -1
+            if fd >= 0 and self.conns.get(fd) is conn:
+                self._send(conn, frame)
 
     def _held(self):
         return self.slots.held([s for s in self.slot_of.values() if s >= 0])
@@ -239,6 +279,8 @@ class Daemon:
             for key, ev in events:
                 if key.data is None:
                     self._accept()
+                elif key.data is _WAKE:
+                    self._deliver_posted()
                 else:
                     self._service(key.data, ev, batch, closing)
             backlog = self._take_requests(batch, closing)
@@ -479,7 +521,8 @@ class Daemon:
                                  backing=self.segment.backing, segment_id=self.segment_id,
                                  slots=self.slots.describe(), incarnation=self.store.incarnation,
                                  table_generation=t.generation,
-                                 quotas=self.store.quotas is not None)
+                                 quotas=self.store.quotas is not None,
+                                 cluster=self.cluster is not None)
         socket.send_fds(conn.sock, [frame], [self.segment.fd, t.fd, self.slots.fd])
         log.debug("client %d (pid %d) connected", cid, conn.pid)
 
@@ -723,6 +766,13 @@ class Daemon:
                         found, more = found[:i], True
                         break
                 self._send(conn, protocol.keys_reply(found, more))
+            elif mtype == protocol.FETCH:
+                timeout, keys = protocol.read_fetch(body)
+                if self.cluster is None:
+                    self._send(conn, protocol.fetched([(protocol.FETCH_MISS, 0, "")] * len(keys)))
+                else:
+                    self.cluster.fetch_async(keys, timeout,
+                                             lambda results: self._post(conn, protocol.fetched(results)))
             elif mtype == protocol.TABLE:
                 t = self.store.table
                 frame = protocol.encode(protocol.TABLE_REPLY, {"table_generation": t.generation})
@@ -750,6 +800,8 @@ class Daemon:
                   incarnation=self.store.incarnation, table_buckets=self.store.table.capacity,
                   table_live=self.store.table.live)
         st["segment_problem"] = self.segment_trouble and self.segment_trouble[1]
+        if self.cluster is not None:
+            st["cluster"] = self.cluster.stats()
         if self.store.quotas is not None:
             st["namespaces"] = self.store.quotas.report()
             st["namespaces_in_use"] = self.store.quotas.in_use()
@@ -882,6 +934,10 @@ class Daemon:
                      seg_path, self.cfg.data_dir)
 
     def _close_resources(self):
+        if self.cluster is not None:
+            self.store.observer = None
+            self.cluster.close()
+            self.cluster = None
         if self.listener is not None:
             try:
                 self.selector.unregister(self.listener)
@@ -901,6 +957,7 @@ class Daemon:
 
 
 _AFTER = object()
+_WAKE = object()                 # selector data of the socket cluster threads wake the loop with
 
 
 #: Work units of a request (others cost 1): whole-store walks, and requests that may evict.

@@ -40,6 +40,7 @@ HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG = 1, 2, 3, 4, 5, 6, 7
 SEAL, GRANT, GRANTED, RETURN, CREATE, CREATED, ABORT, DONE = 10, 11, 12, 13, 14, 15, 16, 17
 DELETE, PIN, DROP, KEYS, KEYS_REPLY, CHECK, CHECK_REPLY, TABLE, TABLE_REPLY = 18, 19, 20, 21, 22, 23, 24, 25, 26
 RECLAIM, DOORBELL, BYE = 27, 28, 29
+FETCH, FETCHED = 30, 31          # cluster: pull local misses from other hosts
 
 NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
          STATS_REPLY: "STATS_REPLY", PING: "PING", PONG: "PONG", SEAL: "SEAL", GRANT: "GRANT",
@@ -47,15 +48,16 @@ NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
          ABORT: "ABORT", DONE: "DONE", DELETE: "DELETE", PIN: "PIN", DROP: "DROP", KEYS: "KEYS",
          KEYS_REPLY: "KEYS_REPLY", CHECK: "CHECK", CHECK_REPLY: "CHECK_REPLY", TABLE: "TABLE",
          TABLE_REPLY: "TABLE_REPLY", RECLAIM: "RECLAIM",
-         DOORBELL: "DOORBELL", BYE: "BYE"}
+         DOORBELL: "DOORBELL", BYE: "BYE", FETCH: "FETCH", FETCHED: "FETCHED"}
 JSON_TYPES = frozenset((HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG, CHECK, CHECK_REPLY,
                         TABLE, TABLE_REPLY))
 #: Messages a client may send (the daemon refuses the others from a client).
 CLIENT_TYPES = frozenset((HELLO, STATS, PING, SEAL, GRANT, RETURN, CREATE, ABORT, DELETE, PIN,
-                          DROP, KEYS, CHECK, TABLE, RECLAIM, DOORBELL, BYE))
+                          DROP, KEYS, CHECK, TABLE, RECLAIM, DOORBELL, BYE, FETCH))
 
 _SEAL_ITEM = struct.Struct("<QQQQBBHH")   # seq, offset, size, checksum, flags, _, replicas, key length
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 _U64x2 = struct.Struct("<QQ")
 _CREATE = struct.Struct("<QB")
 _CREATED = struct.Struct("<BQ")
@@ -337,6 +339,64 @@ def read_keys_reply(payload):
 
 
 # ---- client side: blocking request/reply -----------------------------------------------------
+#: FETCHED statuses: the key is local now; no host has it; every holder failed (why given)
+FETCH_LOCAL, FETCH_MISS, FETCH_FAILED = 0, 1, 2
+_FETCH_HEAD = struct.Struct("<dI")          # timeout in seconds, key count
+_FETCHED_ITEM = struct.Struct("<BHH")       # status, error code, message length
+
+
+def fetch(keys, timeout):
+    """Ask the daemon to pull these local misses (stored keys) from other hosts."""
+    return frame(FETCH, _FETCH_HEAD.pack(timeout, len(keys)) +
+                 b"".join(_KLEN.pack(len(k)) + k for k in keys))
+
+
+def read_fetch(payload):
+    if len(payload) < _FETCH_HEAD.size:
+        raise ProtocolError("FETCH: truncated")
+    timeout, n = _FETCH_HEAD.unpack_from(payload)
+    if not 0 <= timeout <= 3600 or timeout != timeout:
+        raise ProtocolError(f"FETCH: timeout {timeout} out of range")
+    pos, keys = _FETCH_HEAD.size, []
+    for _ in range(n):
+        if pos + 2 > len(payload):
+            raise ProtocolError("FETCH: truncated")
+        (klen,) = _KLEN.unpack_from(payload, pos)
+        keys.append(_key(payload, pos + 2, klen, "FETCH"))
+        pos += 2 + klen
+    if pos != len(payload):
+        raise ProtocolError("FETCH: bytes after the last key")
+    return timeout, keys
+
+
+def fetched(results):
+    """results: [(status, error code, message)] in the order of the FETCH's keys."""
+    parts = [_U32.pack(len(results))]
+    for status, code, msg in results:
+        m = msg.encode("utf-8", "replace")[:1024]
+        parts.append(_FETCHED_ITEM.pack(status, code, len(m)) + m)
+    return frame(FETCHED, b"".join(parts))
+
+
+def read_fetched(payload):
+    if len(payload) < 4:
+        raise ProtocolError("FETCHED: truncated")
+    (n,) = _U32.unpack_from(payload)
+    pos, out = 4, []
+    for _ in range(n):
+        if pos + _FETCHED_ITEM.size > len(payload):
+            raise ProtocolError("FETCHED: truncated")
+        status, code, mlen = _FETCHED_ITEM.unpack_from(payload, pos)
+        pos += _FETCHED_ITEM.size
+        if pos + mlen > len(payload):
+            raise ProtocolError("FETCHED: truncated")
+        out.append((status, code, bytes(payload[pos:pos + mlen]).decode("utf-8", "replace")))
+        pos += mlen
+    if pos != len(payload):
+        raise ProtocolError("FETCHED: bytes after the last item")
+    return out
+
+
 def recv_message(sock, with_fds=0):
     """Read one whole message from a blocking socket; returns (type, payload, fds)
     (payload decoded for JSON types). An ERROR reply raises its typed error."""

@@ -97,6 +97,8 @@ class Batch:
             self.store.quotas.commit(self)
         for key, rec in self.publish.items():
             self.store.publish(key, rec)
+        if self.store.observer is not None and (self.publish or self.hidden):
+            self.store.observer(self.publish, self.hidden)     # the cluster's announcer
         return False
 
     def _restore(self):
@@ -144,6 +146,9 @@ class Store:
         #: each turn): a flood of requests that cannot fit costs one walk per turn
         self.full_at = float("inf")
         self.quotas = None                        # kvstore.store.quotas.Quotas, if configured
+        #: (published {key: Record}, hidden [key]) -> None after each commit; the cluster
+        #: announces and withdraws locations through it (None on a single host: no cost)
+        self.observer = None
         #: Quotas.version at which the watermark sweep last found no object it may take
         #: (every namespace above its quota by less than one of its extents): it walks
         #: again only after usage, pins or the evictable objects changed

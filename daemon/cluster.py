@@ -1,0 +1,691 @@
+"""The daemon's part in the cluster: serving its objects to other hosts, finding and
+pulling theirs on a local miss, and keeping location records as a home.
+
+Owns (all on background threads, never on the server loop, which only hands over FETCH
+requests and commit events and sends the replies it is given back):
+- the peer control server on ``peer_port`` (authenticated links, kvstore.cluster.auth;
+  messages in kvstore.cluster.peerwire): LOOKUP answered from this daemon's
+  LocationTable, ANNOUNCE and WITHDRAW applied to it, INFO (its incarnation and
+  transport port, for static peers), DELETE of keys from the local store;
+- the transport server (kvstore.transport, TCP now), whose Resolver serves an object
+  only if the published table lists it sealed at the extent asked for, in this run, and
+  holds it (a read lease: an ordinary client hold, so eviction and reuse wait) until its
+  bytes are sent;
+- the announcer: what this daemon seals, evicts or deletes (``observe``, called by the
+  store after each commit) goes in batches to each key's homes (kvstore.cluster.directory);
+  at start and whenever the membership changes, everything held is announced again, so
+  locations rebuild themselves after any restart;
+- fetching: a local miss of a client (FETCH) is looked up on the keys' homes (one
+  request per home, all at once), then pulled from a holder straight into a block of this
+  segment created for it, verified against the checksum recorded at seal, and sealed as
+  an ordinary local replica; a failed holder (connect, transfer, verify) is counted by
+  stage, logged once at WARNING, and the next holder is tried. Two FETCHes of one key
+  share one transfer. A block is created and sealed through an internal Client of this
+  daemon, so a partial block is never visible and its space is reclaimed on failure
+  exactly as for a client's aborted create.
+Must never: block the server loop; serve anything to an unauthenticated link or an
+extent that is not a sealed object of this run; seal bytes whose checksum does not
+match; turn a failed transfer into a silent miss (the caller gets the error).
+"""
+
+import concurrent.futures
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+from collections import Counter
+
+from kvstore import checksum, protocol
+from kvstore.cluster import peerwire as pw
+from kvstore.cluster.auth import accept_handshake, dial_handshake, load_secret, recv_exact
+from kvstore.cluster.directory import LocationTable, homes, plan
+from kvstore.errors import (ChecksumMismatch, ClusterUnavailable, GetTimeout, KVStoreError, ObjectExists,
+                            ObjectGoneOnPeer, PeerAuthFailed, PeerIncompatible, ProtocolError,
+                            TransportError)
+from kvstore.netcheck import bind_peer_port, check_advertise
+from kvstore.transport.base import PeerAddr, ReadOp, Resolver, Served
+
+log = logging.getLogger("kvstore.daemon.cluster")
+
+#: Keys per ANNOUNCE / WITHDRAW message.
+ANNOUNCE_BATCH = 4096
+#: Seconds between two WARNING lines about one peer and stage.
+WARN_EVERY = 10.0
+#: Seconds a control request to a peer may take.
+CONTROL_TIMEOUT = 2.0
+#: Seconds between INFO polls of static peers (their liveness and incarnation).
+STATIC_POLL = 1.0
+MAX_CONTROL_LINKS = 256
+
+INFO, INFO_REPLY = 8, 9
+pw.NAMES.update({INFO: "INFO", INFO_REPLY: "INFO_REPLY"})
+pw.DECODERS.update({INFO: lambda p: None, INFO_REPLY: lambda p: _json(p)})
+
+
+def _json(p):
+    try:
+        v = json.loads(bytes(p))
+    except ValueError:
+        raise ProtocolError("INFO_REPLY: not JSON") from None
+    if not isinstance(v, dict):
+        raise ProtocolError("INFO_REPLY: not an object")
+    return v
+
+
+class ClusterNode:
+    def __init__(self, cfg, socket_path, segment):
+        self.cfg = cfg
+        self.socket_path = socket_path
+        self.segment = segment
+        self.secret = load_secret(cfg.cluster_secret_file)
+        self.address = check_advertise(cfg.advertise)
+        self.listener = bind_peer_port(self.address, cfg.peer_port)
+        self.peer_port = self.listener.getsockname()[1]
+        self.id = f"{cfg.advertise}:{self.peer_port}"
+        self.incarnation = time.time_ns()
+        self.locations = LocationTable()
+        self.loc_lock = threading.Lock()
+        self.counts = Counter()
+        self.count_lock = threading.Lock()
+        self._warned = {}
+        self.events = queue.SimpleQueue()
+        self.local = {}                      # key -> (offset, size, checksum): what we hold
+        self.members = {}                    # id -> {"address", "tcp_port", "incarnation"}
+        self.members_lock = threading.Lock()
+        self.links = {}                      # id -> [authenticated control sockets]
+        self.links_lock = threading.Lock()
+        self.inflight = {}                   # key -> Future of its transfer
+        self.inflight_lock = threading.Lock()
+        self.closing = False
+        self._client = None
+        self._client_lock = threading.Lock()
+        self.transport_server = self.transport = self.membership = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="kvstore-fetch")
+        self.control_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="kvstore-lookup")
+        self._threads = []
+        self._control_slots = threading.BoundedSemaphore(MAX_CONTROL_LINKS)
+
+    # ---- start / stop ------------------------------------------------------------------------
+    def start(self, records):
+        """Serve, join the membership, announce records [(key, offset, size, checksum)].
+        Raises DaemonStartError / ClusterUnavailable / ConfigError with a one-line fix."""
+        from kvstore.transport import open_server, open_transport
+        self.transport_server = open_server("tcp", _SegmentResolver(self), host=self.address, port=0,
+                                            secret=self.secret)
+        self.transport = open_transport("tcp", secret=self.secret, streams=4,
+                                        connect_timeout=min(1.0, self.cfg.transfer_timeout))
+        me = {"address": self.cfg.advertise, "peer_port": self.peer_port, "segment_size": self.segment.size,
+              "transports": ["tcp"], "tcp_port": self.transport_server.address.port,
+              "incarnation": self.incarnation}
+        from kvstore.cluster import membership as mm
+        if self.cfg.cluster:
+            self.membership = mm.EtcdMembership(self.cfg.cluster[len("etcd://"):].split(","), me,
+                                                ttl=self.cfg.member_ttl,
+                                                wait_for_etcd=self.cfg.wait_for_cluster)
+        else:
+            self.membership = mm.StaticMembership(self.cfg.peers, me)
+        self._spawn(self._accept_loop, "kvstore-peer-accept")
+        self.membership.on_change(lambda view, added, removed: self.events.put(("members", view)))
+        self.membership.start()
+        for key, off, size, csum in records:
+            self.local[key] = (off, size, csum)
+        self.events.put(("members", self.membership.members()))
+        self._spawn(self._announcer, "kvstore-announcer")
+        if not self.cfg.cluster:
+            self._spawn(self._poll_static, "kvstore-static-peers")
+        log.info("cluster: member %s (incarnation %d), peer port %d, tcp transport port %d, %s",
+                 self.id, self.incarnation, self.peer_port, self.transport_server.address.port,
+                 f"etcd {self.cfg.cluster[7:]}" if self.cfg.cluster else f"static peers {', '.join(self.cfg.peers)}")
+
+    def _spawn(self, fn, name):
+        t = threading.Thread(target=self._guard, args=(fn,), name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _guard(self, fn):
+        try:
+            fn()
+        except Exception:                              # noqa: BLE001 (logged, never fatal)
+            if not self.closing:
+                log.exception("cluster thread %s failed", threading.current_thread().name)
+
+    def close(self):
+        self.closing = True
+        self.events.put(("stop", None))
+        for closer in (self.membership, self.transport_server, self.transport):
+            try:
+                if closer is not None:
+                    closer.close()
+            except Exception:                          # noqa: BLE001
+                pass
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.control_pool.shutdown(wait=False, cancel_futures=True)
+        with self.links_lock:
+            for socks in self.links.values():
+                for s in socks:
+                    s.close()
+            self.links.clear()
+        c, self._client = self._client, None
+        if c is not None:
+            try:
+                c.close()
+            except Exception:                          # noqa: BLE001
+                pass
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def count(self, what, n=1):
+        with self.count_lock:
+            self.counts[what] += n
+
+    def warn(self, peer, stage, message, *args):
+        now = time.monotonic()
+        k = (peer, stage)
+        if now - self._warned.get(k, -WARN_EVERY) >= WARN_EVERY:
+            self._warned[k] = now
+            log.warning(message, *args)
+
+    def stats(self):
+        with self.count_lock:
+            out = dict(self.counts)
+        with self.loc_lock:
+            out.update(location_records=self.locations.records, located_keys=len(self.locations.by_key))
+        with self.members_lock:
+            out["members"] = sorted(self.members)
+        out.update(id=self.id, incarnation=self.incarnation, held=len(self.local))
+        return out
+
+    def client(self):
+        """The daemon's own Client (creates and seals fetched blocks, holds served ones)."""
+        c = self._client
+        if c is not None:
+            return c
+        with self._client_lock:
+            if self._client is None:
+                from kvstore.client import Client
+                self._client = Client(self.socket_path, timeout=10.0, reconnect_timeout=5.0)
+            return self._client
+
+    def alive(self, mid):
+        with self.members_lock:
+            return mid in self.members
+
+    def info(self, mid):
+        with self.members_lock:
+            return self.members.get(mid)
+
+    # ---- membership and announcements --------------------------------------------------------
+    def observe(self, published, hidden):
+        """Called by the store after each commit (the server loop's thread): cheap."""
+        ann = [(k, r.offset, r.size, r.checksum) for k, r in published.items() if r.sealed]
+        if ann or hidden:
+            self.events.put(("local", (list(hidden), ann)))
+
+    def _set_members(self, view):
+        new = {}
+        for mid, rec in view.items():
+            if mid == self.id:
+                continue
+            if rec.get("static"):
+                old = self.info(mid)          # static peers: known once INFO answered
+                if old is not None:
+                    new[mid] = old
+                continue
+            if "tcp_port" in rec and "incarnation" in rec:
+                new[mid] = {"address": rec.get("address"), "tcp_port": int(rec["tcp_port"]),
+                            "incarnation": int(rec["incarnation"])}
+        return self._apply_members(new)
+
+    def _apply_members(self, new):
+        with self.members_lock:
+            changed = new != self.members
+            self.members = new
+        if changed:
+            keep = {mid: m["incarnation"] for mid, m in new.items()}
+            keep[self.id] = self.incarnation
+            with self.loc_lock:
+                self.locations.retain(keep)
+        return changed
+
+    def _poll_static(self):
+        while not self.closing:
+            new = {}
+            for mid in self.membership.members():
+                if mid == self.id:
+                    continue
+                try:
+                    body = self.request(mid, pw.frame(INFO, b""), INFO_REPLY, timeout=1.0)
+                    new[mid] = {"address": body["address"], "tcp_port": int(body["tcp_port"]),
+                                "incarnation": int(body["incarnation"])}
+                except (KVStoreError, KeyError, ValueError, TypeError, OSError):
+                    pass
+            if self._apply_members(new):
+                self.events.put(("reannounce", None))
+            time.sleep(STATIC_POLL)
+
+    def _announcer(self):
+        while not self.closing:
+            kind, body = self.events.get()
+            if kind == "stop":
+                return
+            full = False
+            withdraw, announce = [], []
+            while True:                     # take everything queued: batches, not messages
+                if kind == "members":
+                    full |= self._set_members(body) or not full and not announce and not withdraw
+                elif kind == "reannounce":
+                    full = True
+                elif kind == "local":
+                    hidden, ann = body
+                    for k in hidden:
+                        self.local.pop(k, None)
+                    withdraw += hidden
+                    for k, off, size, csum in ann:
+                        self.local[k] = (off, size, csum)
+                    announce += ann
+                elif kind == "stop":
+                    return
+                try:
+                    kind, body = self.events.get_nowait()
+                except queue.Empty:
+                    break
+            if full:
+                announce = [(k, *v) for k, v in self.local.items()]
+            if withdraw:
+                self._send_by_home(withdraw, lambda ks: pw.withdraw(self.id, self.incarnation, ks),
+                                   lambda ks: self._withdraw_local(ks), key=lambda k: k)
+            if announce:
+                self._send_by_home(announce, lambda items: pw.announce(self.id, self.incarnation, items),
+                                   lambda items: self._announce_local(self.id, self.incarnation, items),
+                                   key=lambda it: it[0])
+
+    def _announce_local(self, holder, inc, items):
+        with self.loc_lock:
+            return self.locations.announce(holder, inc, items)
+
+    def _withdraw_local(self, keys):
+        with self.loc_lock:
+            self.locations.withdraw(self.id, self.incarnation, keys)
+
+    def _send_by_home(self, items, encode, local, key):
+        with self.members_lock:
+            ids = list(self.members) + [self.id]
+        by_home = {}
+        for it in items:
+            for h in homes(key(it), ids):
+                by_home.setdefault(h, []).append(it)
+        for h, group in by_home.items():
+            for i in range(0, len(group), ANNOUNCE_BATCH):
+                part = group[i:i + ANNOUNCE_BATCH]
+                if h == self.id:
+                    local(part)
+                    continue
+                try:
+                    self.request(h, encode(part), pw.OK)
+                    self.count("announced", len(part))
+                except KVStoreError as e:
+                    self.count("announce_failures")
+                    self.warn(h, "announce", "cluster: could not send %d location records to home %s "
+                              "(%s); they are sent again when the membership changes", len(part), h, e)
+
+    # ---- control links (the dialing side) ----------------------------------------------------
+    def request(self, mid, frame, expect, timeout=CONTROL_TIMEOUT):
+        """One request/reply with peer mid over a pooled authenticated link."""
+        info = self.info(mid)
+        host, port = mid.rsplit(":", 1)
+        deadline = time.monotonic() + timeout
+        for attempt in (0, 1):
+            sock = self._checkout(mid)
+            fresh = sock is None
+            if fresh:
+                sock = self._dial(host, int(port), mid, deadline)
+            try:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock.sendall(frame)
+                n, mtype = pw.read_header(recv_exact(sock, pw.HEADER.size, deadline, mid))
+                payload = recv_exact(sock, n, deadline, mid) if n else b""
+            except (OSError, TransportError, ProtocolError) as e:
+                sock.close()
+                if not fresh and attempt == 0 and time.monotonic() < deadline:
+                    continue                  # a pooled link the peer closed: dial again
+                raise TransportError(f"control link to {mid} failed ({e})", mid, "lookup") from None
+            if mtype == pw.ERROR:
+                self._checkin(mid, sock)
+                code, msg = pw.read_error(payload)
+                raise TransportError(f"{mid} refused: {msg}", mid, "lookup")
+            if mtype != expect:
+                sock.close()
+                raise TransportError(f"{mid} answered {pw.NAMES.get(mtype)} to a request for "
+                                     f"{pw.NAMES.get(expect)}", mid, "lookup")
+            body = pw.decode(mtype, payload)
+            self._checkin(mid, sock)
+            return body
+        del info
+
+    def _dial(self, host, port, mid, deadline):
+        try:
+            sock = socket.create_connection((host, port), timeout=max(0.001, min(1.0, deadline - time.monotonic())))
+        except OSError as e:
+            self.count("connect_failures")
+            raise TransportError(f"cannot reach {mid} ({e.strerror or e})", mid, "connect") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            dial_handshake(sock, self.secret, max(0.001, deadline - time.monotonic()), mid)
+        except (PeerAuthFailed, PeerIncompatible) as e:
+            sock.close()
+            self.count("auth_failures")
+            self.warn(mid, "auth", "cluster: %s", e)
+            raise TransportError(str(e), mid, "connect") from None
+        except TransportError:
+            sock.close()
+            raise
+        return sock
+
+    def _checkout(self, mid):
+        with self.links_lock:
+            socks = self.links.get(mid)
+            return socks.pop() if socks else None
+
+    def _checkin(self, mid, sock):
+        with self.links_lock:
+            socks = self.links.setdefault(mid, [])
+            if len(socks) < 8 and not self.closing:
+                socks.append(sock)
+                return
+        sock.close()
+
+    # ---- control server (the accepting side) --------------------------------------------------
+    def _accept_loop(self):
+        self.listener.settimeout(0.5)
+        while not self.closing:
+            try:
+                sock, addr = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self.closing:
+                    return
+                time.sleep(0.05)
+                continue
+            if not self._control_slots.acquire(blocking=False):
+                sock.close()
+                self.warn("*", "links", "cluster: over %d peer control links; refusing more", MAX_CONTROL_LINKS)
+                continue
+            threading.Thread(target=self._serve_link, args=(sock, f"{addr[0]}:{addr[1]}"),
+                             name="kvstore-peer-link", daemon=True).start()
+
+    def _serve_link(self, sock, peer):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                accept_handshake(sock, self.secret, 2.0, peer)
+            except (PeerAuthFailed, PeerIncompatible) as e:
+                self.count("auth_refused")
+                self.warn(peer.rsplit(":", 1)[0], "auth", "cluster: refused peer %s: %s", peer, e)
+                return
+            except TransportError:
+                return
+            while not self.closing:
+                sock.settimeout(600)
+                try:
+                    head = sock.recv(pw.HEADER.size, socket.MSG_WAITALL)
+                except OSError:
+                    return
+                if len(head) < pw.HEADER.size:
+                    return
+                try:
+                    n, mtype = pw.read_header(head)
+                    payload = recv_exact(sock, n, time.monotonic() + 10.0, peer) if n else b""
+                    reply = self._handle(mtype, payload)
+                except (ProtocolError, TransportError) as e:
+                    self.count("bad_peer_frames")
+                    self.warn(peer.rsplit(":", 1)[0], "frame", "cluster: closing the link from %s: %s", peer, e)
+                    try:
+                        sock.sendall(pw.error(ProtocolError.code, str(e)))
+                    except OSError:
+                        pass
+                    return
+                sock.sendall(reply)
+        except OSError:
+            return
+        finally:
+            sock.close()
+            self._control_slots.release()
+
+    def _handle(self, mtype, payload):
+        if mtype == pw.LOOKUP:
+            keys = pw.read_lookup(payload)
+            with self.loc_lock:
+                found = self.locations.lookup(keys)
+            self.count("lookups_served")
+            return pw.locations(found)
+        if mtype == pw.ANNOUNCE:
+            holder, inc, items = pw.read_announce(payload)
+            m = self.info(holder)
+            if m is not None and m["incarnation"] > inc:
+                return pw.ok(0)               # a late message of a run that has ended
+            return pw.ok(self._announce_local(holder, inc, items))
+        if mtype == pw.WITHDRAW:
+            holder, inc, keys = pw.read_withdraw(payload)
+            with self.loc_lock:
+                self.locations.withdraw(holder, inc, keys)
+            return pw.ok(len(keys))
+        if mtype == INFO:
+            return pw.frame(INFO_REPLY, json.dumps({
+                "address": self.cfg.advertise, "tcp_port": self.transport_server.address.port,
+                "incarnation": self.incarnation, "version": 1}).encode())
+        if mtype == pw.DELETE:
+            keys = pw.read_delete(payload)
+            c = self.client()
+            n = 0
+            for k in keys:
+                try:
+                    n += bool(c._locked(_delete_stored, c, k))
+                except KVStoreError:
+                    pass
+            return pw.ok(n)
+        raise ProtocolError(f"unexpected {pw.NAMES.get(mtype, mtype)} on a control link")
+
+    # ---- finding and pulling -----------------------------------------------------------------
+    def lookup(self, keys, deadline):
+        """{key: [(holder, incarnation, offset, size, checksum)]} from the keys' homes,
+        one request per home, sent together; a home that fails is replaced by the next
+        home of its keys (one more round, only then). Errors: (stage, peer, exc) list."""
+        with self.members_lock:
+            ids = list(self.members) + [self.id]
+        alive = set(ids)
+        found, errors = {}, []
+        todo = list(keys)
+        for _ in range(3):
+            groups = plan(todo, ids, alive=lambda m: m in alive)
+            todo = []
+            futures = {}
+            for home, group in groups.items():
+                if home is None:
+                    continue
+                if home == self.id:
+                    with self.loc_lock:
+                        got = self.locations.lookup(group)
+                    for k, locs in got.items():
+                        found[k] = [tuple(loc) for loc in locs]
+                    continue
+                t = max(0.001, deadline - time.monotonic())
+                futures[self.control_pool.submit(self.request, home, pw.lookup(group), pw.LOCATIONS, t)] = (home, group)
+            for fut, (home, group) in futures.items():
+                try:
+                    got = fut.result()
+                    found.update(got)
+                except Exception as e:                 # noqa: BLE001
+                    self.count("lookup_failures")
+                    errors.append(("lookup", home, e))
+                    self.warn(home, "lookup", "cluster: lookup on home %s failed (%s); asking the "
+                              "next home of its keys", home, e)
+                    alive.discard(home)
+                    todo += group
+            if not todo or time.monotonic() >= deadline:
+                break
+        return found, errors
+
+    def fetch_async(self, keys, timeout, reply):
+        """FETCH from the server loop: answer ``reply([(status, code, msg)])`` later."""
+        self.pool.submit(self._fetch_and_reply, keys, timeout, reply)
+
+    def _fetch_and_reply(self, keys, timeout, reply):
+        try:
+            results = self.fetch(keys, timeout)
+        except Exception as e:                         # noqa: BLE001 (the caller must hear)
+            log.exception("cluster: fetch failed")
+            results = [(protocol.FETCH_FAILED, getattr(e, "code", 1), f"{type(e).__name__}: {e}")] * len(keys)
+        reply(results)
+
+    def fetch(self, keys, timeout):
+        deadline = time.monotonic() + timeout
+        self.count("fetch_requests")
+        mine, shared = [], {}
+        with self.inflight_lock:
+            for k in keys:
+                f = self.inflight.get(k)
+                if f is None:
+                    f = self.inflight[k] = concurrent.futures.Future()
+                    mine.append(k)
+                shared[k] = f
+        if mine:
+            try:
+                found, lookup_errors = self.lookup(mine, deadline)
+                for k in mine:
+                    self._pull_one(k, found.get(k, []), lookup_errors, deadline)
+            finally:
+                with self.inflight_lock:
+                    for k in mine:
+                        f = self.inflight.pop(k, None)
+                        if f is not None and not f.done():
+                            f.set_result((protocol.FETCH_FAILED, 1, "the fetch was abandoned"))
+        out = []
+        for k in keys:
+            try:
+                out.append(shared[k].result(timeout=max(0.0, deadline - time.monotonic()) + 0.5))
+            except concurrent.futures.TimeoutError:
+                out.append((protocol.FETCH_FAILED, 52, "another request's transfer of this key "
+                                                       "did not finish in time"))
+        return out
+
+    def _pull_one(self, key, locs, lookup_errors, deadline):
+        with self.inflight_lock:
+            fut = self.inflight.get(key)
+        errors = []
+        locs = [loc for loc in locs if loc[0] != self.id]
+        for holder, inc, off, size, csum in locs:
+            m = self.info(holder)
+            if m is None or m["incarnation"] != inc:
+                continue                                    # gone, or a record of an older run
+            if time.monotonic() >= deadline:
+                break
+            try:
+                self._pull(key, PeerAddr(m["address"], m["tcp_port"]), holder, inc, off, size, csum,
+                           min(self.cfg.transfer_timeout, max(0.001, deadline - time.monotonic())))
+                self.count("fetched")
+                self.count("fetched_bytes", size)
+                fut.set_result((protocol.FETCH_LOCAL, 0, ""))
+                return
+            except ObjectExists:
+                fut.set_result((protocol.FETCH_LOCAL, 0, ""))   # made local meanwhile
+                return
+            except (TransportError, ChecksumMismatch) as e:
+                stage = "verify" if isinstance(e, ChecksumMismatch) else getattr(e, "stage", "transfer")
+                if not isinstance(e, ObjectGoneOnPeer):
+                    self.count(f"{stage}_failures")
+                    self.warn(holder, stage, "cluster: %s of %r from %s failed (%s); trying the next "
+                              "holder. Check the link to %s and that its daemon runs", stage, key[:64],
+                              holder, e, holder)
+                else:
+                    self.count("gone_on_holder")
+                errors.append((stage, holder, e))
+        if not errors and not lookup_errors:
+            self.count("misses")
+            fut.set_result((protocol.FETCH_MISS, 0, ""))
+            return
+        if not errors:                                  # no holder known, but a home failed
+            stage, peer, e = lookup_errors[0]
+            if not locs and all(isinstance(x, ObjectGoneOnPeer) for _, _, x in errors):
+                pass
+            fut.set_result((protocol.FETCH_FAILED, getattr(e, "code", 50),
+                            f"lookup on {peer} failed: {e}"))
+            return
+        if all(isinstance(e, ObjectGoneOnPeer) for _, _, e in errors):
+            self.count("misses")
+            fut.set_result((protocol.FETCH_MISS, 0, ""))  # every holder lost it: a miss
+            return
+        stage, peer, e = next(x for x in errors if not isinstance(x[2], ObjectGoneOnPeer))
+        fut.set_result((protocol.FETCH_FAILED, getattr(e, "code", 50),
+                        f"{stage} from {peer} failed: {e} (tried {len(errors)} holder(s))"))
+
+    def _pull(self, key, peer, holder, inc, off, size, csum, timeout):
+        c = self.client()
+        buf = c._locked(c._writer.create, key, size, False)
+        ok = False
+        try:
+            res = self.transport.read(peer, [ReadOp(key, off, size, inc)], [buf], timeout)[0]
+            if res is not None:
+                raise res
+            if checksum.checksum(buf) != csum:
+                raise ChecksumMismatch(f"the bytes of {key[:64]!r} from {holder} do not match the "
+                                       f"checksum recorded at seal")
+            c._locked(c._writer.seal, key, c._reader.lookup)
+            ok = True
+            c._reader.settle()         # applied before the FETCH is answered: the asker sees it
+        finally:
+            if not ok:
+                try:
+                    c._locked(c._writer.abort, key)
+                except KVStoreError:
+                    pass
+            del buf
+
+
+def _delete_stored(c, key):
+    return c._writer.delete(key) if hasattr(c._writer, "delete") else False
+
+
+class _SegmentResolver(Resolver):
+    """Serve an object only if it is sealed at the extent asked for, in this run; hold it
+    (a client hold of the daemon's own Client) until released."""
+
+    def __init__(self, node):
+        self.node = node
+
+    def resolve(self, op):
+        node = self.node
+        if op.incarnation != node.incarnation:
+            raise ObjectGoneOnPeer(f"{node.id} restarted since that location was announced", node.id)
+        c = node.client()
+        r = c._reader
+        try:
+            view = r.get_many([op.key], 0, c._lock)[0]
+        except (GetTimeout, KVStoreError):
+            view = None
+        if view is None:
+            raise ObjectGoneOnPeer(f"{node.id} no longer holds {op.key[:64]!r}", node.id)
+        hs = r.held.get(op.key) or ()
+        if len(view) != op.size or not any(h.offset == op.offset for h in hs):
+            view.release()
+            r.release_many([op.key], c._lock)
+            raise ObjectGoneOnPeer(f"{node.id} holds {op.key[:64]!r} elsewhere now", node.id)
+        node.count("served")
+        node.count("served_bytes", op.size)
+
+        def release():
+            try:
+                view.release()
+            except Exception:                          # noqa: BLE001
+                pass
+            try:
+                r.release_many([op.key], c._lock)
+            except KVStoreError:
+                pass
+        fd = node.segment.fd if node.segment.backing != "hugetlbfs" else -1
+        return Served(fd, op.offset, op.size, release, view)
