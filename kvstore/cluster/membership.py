@@ -407,6 +407,9 @@ class EtcdMembership:
                         f"stop it, or give this one another --advertise address or --peer-port")
                 if self._stop.wait(0.2):
                     raise ClusterUnavailable("membership closed during registration")
+                if self._etcd.keepalive(lease) <= 0:       # ours must outlive the wait
+                    lease, _ = self._etcd.grant(max(1, math.ceil(self.ttl)))
+                    new_lease = True
         except BaseException:
             if new_lease:
                 self._revoke_quietly(lease)
