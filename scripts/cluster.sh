@@ -6,7 +6,8 @@
 #   scripts/cluster.sh status        list clusters (also those of running tests)
 #   scripts/cluster.sh down [ID]     remove ID, or every cluster made by `up` and every
 #                                    one left by a killed test run (--all: also those
-#                                    of tests still running)
+#                                    of tests still running; --stale: only those
+#                                    left by killed runs)
 # etcd comes from Debian: apt-get install -y etcd-server etcd-client
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -531,6 +531,7 @@ def main(argv):
                                     "every one whose creator died)")
     d.add_argument("id", nargs="?")
     d.add_argument("--all", action="store_true", help="also runs of live test processes")
+    d.add_argument("--stale", action="store_true", help="only runs whose creator died")
     sub.add_parser("status", help="list clusters")
     a = ap.parse_args(argv)
     if a.cmd == "up":
@@ -553,6 +554,8 @@ def main(argv):
             continue
         live_owner = st.get("owner_pid") and _owner_alive(st)
         if live_owner and not (a.all or a.id):
+            continue
+        if a.stale and not a.id and not (st.get("owner_pid") and not live_owner):
             continue
         with _Lock():
             teardown_state(st)

@@ -172,7 +172,7 @@ def test_nothing_left_after_a_test_raises(tmp_path):
 
 def test_killed_run_is_removed_by_cluster_sh_down(tmp_path):
     """A process holding a cluster is SIGKILLed: nothing of it goes away by itself, and
-    `scripts/cluster.sh down` (no argument) removes it all."""
+    `scripts/cluster.sh down --stale` removes it all."""
     code = textwrap.dedent("""
         import sys, time
         sys.path.insert(0, "tests")
@@ -193,7 +193,7 @@ def test_killed_run_is_removed_by_cluster_sh_down(tmp_path):
     st = subprocess.run([os.path.join(ROOT, "scripts/cluster.sh"), "status"],
                         capture_output=True, text=True)
     assert f"{run_id}:" in st.stdout and "DEAD (stale)" in st.stdout, st.stdout
-    r = subprocess.run([os.path.join(ROOT, "scripts/cluster.sh"), "down"],
+    r = subprocess.run([os.path.join(ROOT, "scripts/cluster.sh"), "down", "--stale"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and run_id in r.stdout, r.stdout + r.stderr
     _assert_nothing_left(run_id, link)
