@@ -160,17 +160,8 @@ class TcpServer(TransportServer):
                 self._warn("auth", f"peer server {self.address}: handshake with {peer} did not finish "
                                    f"({e}); nothing is served to it (a peer with another secret looks like this)")
                 return
-            while not self._closed:
-                head = self._recv(sock, wire.HEADER_SIZE, self.idle_timeout, at_boundary=True)
-                if head is None:
-                    return
-                mtype, length = wire.read_header(head)
-                if mtype != wire.READ or length > wire.MAX_READ_PAYLOAD:
-                    raise ProtocolError(f"{wire.NAMES[mtype]} frame of {length} bytes "
-                                        f"(only READ of at most {wire.MAX_READ_PAYLOAD})")
-                payload = self._recv(sock, length, self.frame_timeout)
-                if payload is None:
-                    raise ProtocolError("frame truncated")
+            sock.settimeout(self.frame_timeout)     # once: every later wait is bounded by it
+            for payload in self._frames(sock):
                 self._answer(sock, wire.decode_read(payload), peer)
         except ProtocolError as e:
             self._count("garbage")
@@ -188,29 +179,49 @@ class TcpServer(TransportServer):
             except OSError:
                 pass
 
-    def _recv(self, sock, n, timeout, at_boundary=False):
-        """n bytes, or None on a clean close before the first byte (at a frame boundary)."""
-        buf = bytearray(n)
+    def _frames(self, sock):
+        """The payloads of the READ frames arriving on sock, until it closes cleanly at a
+        frame boundary or stays idle for idle_timeout. ProtocolError for anything else;
+        a length is checked before anything is allocated for it."""
+        buf = bytearray(64 << 10)
         view = memoryview(buf)
-        got = 0
-        deadline = time.monotonic() + timeout
-        while got < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if at_boundary and got == 0:
-                    return None      # idle too long: close quietly
-                raise ProtocolError(f"frame truncated ({got} of {n} bytes within {timeout:g} s)")
-            sock.settimeout(left)
+        have = 0
+        idle_since = time.monotonic()
+        while not self._closed:
+            need = wire.HEADER_SIZE
+            if have >= wire.HEADER_SIZE:
+                mtype, length = wire.read_header(buf[:wire.HEADER_SIZE])
+                if mtype != wire.READ or length > wire.MAX_READ_PAYLOAD:
+                    raise ProtocolError(f"{wire.NAMES[mtype]} frame of {length} bytes "
+                                        f"(only READ of at most {wire.MAX_READ_PAYLOAD})")
+                need += length
+                if have >= need:
+                    yield view[wire.HEADER_SIZE:need]
+                    buf[:have - need] = buf[need:have]
+                    have -= need
+                    idle_since = time.monotonic()
+                    continue
+                if need > len(buf):          # a new buffer: a yielded view may still hold the old
+                    bigger = bytearray(need)
+                    bigger[:have] = buf[:have]
+                    buf, view = bigger, memoryview(bigger)
             try:
-                k = sock.recv_into(view[got:])
+                k = sock.recv_into(view[have:])
             except socket.timeout:
-                continue
+                waited = time.monotonic() - idle_since
+                if have == 0 and waited < self.idle_timeout:
+                    continue
+                if have == 0:
+                    return               # idle too long: close quietly
+                raise ProtocolError(f"frame truncated ({have} of {need} bytes within "
+                                    f"{self.frame_timeout:g} s)") from None
             if k == 0:
-                if at_boundary and got == 0:
-                    return None
-                raise ProtocolError(f"frame truncated ({got} of {n} bytes, then the link closed)")
-            got += k
-        return buf
+                if have == 0:
+                    return
+                raise ProtocolError(f"frame truncated ({have} of {need} bytes, then the link closed)")
+            if have == 0:
+                idle_since = time.monotonic()
+            have += k
 
     # -- answering
     def _answer(self, sock, parts, peer):
@@ -306,12 +317,15 @@ class TcpServer(TransportServer):
         idx.clear()
 
     def _sendall(self, sock, bufs, deadline):
-        bufs = [memoryview(b).cast("B") for b in bufs if len(b)]
+        """Send bufs in order (the socket's own timeout, frame_timeout, bounds each wait)."""
+        if len(bufs) == 1 or sum(len(b) for b in bufs) <= 8192:
+            bufs = [memoryview(b"".join(bufs))]
+        else:
+            bufs = [memoryview(b).cast("B") for b in bufs]
+        bufs = [b for b in bufs if b.nbytes]
         while bufs:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if time.monotonic() > deadline:
                 raise TransportError("the reader did not take the bytes within send_timeout")
-            sock.settimeout(left)
             try:
                 k = sock.sendmsg(bufs[:512])
             except socket.timeout:
@@ -325,8 +339,7 @@ class TcpServer(TransportServer):
                     k = 0
 
     def _sendfile(self, sock, fd, offset, count, deadline):
-        out = sock.fileno()
-        sock.settimeout(0)
+        out = sock.fileno()      # non-blocking already (the socket has a timeout)
         poller = select.poll()
         poller.register(out, select.POLLOUT)
         while count:
@@ -477,16 +490,17 @@ class TcpTransport(Transport):
         i, off, got_any = 0, 0, False
         nv = len(views)
         while i < nv:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _Short(i, socket.timeout(), got_any)
-            sock.settimeout(left)
             try:
+                _arm(sock, deadline)
                 if i + 1 == nv or views[i].nbytes - off >= (1 << 20):
                     k = sock.recv_into(views[i][off:])
                 else:
                     k = sock.recvmsg_into([views[i][off:]] + views[i + 1:i + 64])[0]
-            except (socket.timeout, OSError) as e:
+            except socket.timeout as e:
+                if deadline - time.monotonic() > 0:
+                    continue         # armed for less than the time left: wait again
+                raise _Short(i, e, got_any) from None
+            except OSError as e:
                 raise _Short(i, e, got_any) from None
             if k == 0:
                 raise _Short(i, None, got_any)
@@ -512,7 +526,7 @@ class TcpTransport(Transport):
         parts = [p for _, p in chunk]
         request = wire.read_request(parts)
         try:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            _arm(sock, deadline)
             sock.sendall(request)
         except (socket.timeout, OSError) as e:
             raise _LinkFailed(self._link_error(peer, e, timeout), False) from None
@@ -693,6 +707,17 @@ class TcpTransport(Transport):
                 s.close()
         if executor is not None:
             executor.shutdown(wait=True)
+
+
+def _arm(sock, deadline, slack=0.005):
+    """Make sock's timeout end by the deadline (within slack), changing it (a syscall)
+    only when it would end later; an earlier one is re-armed when it fires."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("deadline passed")
+    cur = sock.gettimeout()
+    if cur is None or cur > left + slack or cur < left - 1.0:
+        sock.settimeout(left)
 
 
 class _Short(Exception):
