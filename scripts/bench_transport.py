@@ -3,7 +3,7 @@ compare: a raw single-stream socket (sendall / recv_into), os.sendfile from a /d
 file with N streams, and TcpTransport against a TcpServer in another process (4 KiB
 latency, 1 MiB and 16 MiB throughput, 64 x 1 MiB and 64 x 4 KiB batches).
 
-    python scripts/bench_transport.py [--streams 4] [--seconds 1.5] [--host 127.0.0.1]
+    python scripts/bench_transport.py [--streams N] [--seconds 3]
 
 Owns: nothing the store uses; it only measures. Must never: leave its /dev/shm file or
 its server process behind (both go in ``finally``).
@@ -142,20 +142,27 @@ def bench_sendfile(ctx, path, streams, total):
     return sum(got) / dt / 1e9
 
 
-def _repeat(fn, seconds, least=5):
-    n, t0 = 0, time.perf_counter()
-    while n < least or time.perf_counter() - t0 < seconds:
-        fn()
-        n += 1
-    return n, time.perf_counter() - t0
+def _repeat(fn, seconds, least=5, rounds=3):
+    """(calls, seconds) of the fastest of several rounds: the machine may be shared."""
+    best = None
+    for _ in range(rounds):
+        n, t0 = 0, time.perf_counter()
+        while n < least or time.perf_counter() - t0 < seconds / rounds:
+            fn()
+            n += 1
+        dt = time.perf_counter() - t0
+        if best is None or n / dt > best[0] / best[1]:
+            best = (n, dt)
+    return best
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--streams", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=1.5)
+    ap.add_argument("--streams", type=int, default=None, help="default: TcpTransport's (CPUs, at most 4)")
+    ap.add_argument("--seconds", type=float, default=3.0)
     args = ap.parse_args()
     ctx = mp.get_context("fork")
+    streams = TcpTransport(SECRET, streams=args.streams).streams
     objects, size = _layout()
     path = f"/dev/shm/kvstore-bench-transport-{os.getpid()}"
     stop = ctx.Event()
@@ -164,18 +171,19 @@ def main():
         with open(path, "wb") as f:
             f.write(os.urandom(1024) * (size // 1024))
         rows = []
-        raw = bench_raw(ctx, 2048 * MiB)
+        # best of 3 runs each (the machine may be shared)
+        raw = max(bench_raw(ctx, 1024 * MiB) for _ in range(3))
         rows.append(("raw socket sendall/recv_into, 1 stream", f"{raw:.2f} GB/s"))
-        sf = bench_sendfile(ctx, path, args.streams, 2048 * MiB)
-        rows.append((f"os.sendfile from /dev/shm, {args.streams} streams", f"{sf:.2f} GB/s"))
-        sf1 = bench_sendfile(ctx, path, 1, 1024 * MiB)
+        sf = max(bench_sendfile(ctx, path, streams, 1024 * MiB) for _ in range(3))
+        rows.append((f"os.sendfile from /dev/shm, {streams} streams", f"{sf:.2f} GB/s"))
+        sf1 = max(bench_sendfile(ctx, path, 1, 1024 * MiB) for _ in range(3))
         rows.append(("os.sendfile from /dev/shm, 1 stream", f"{sf1:.2f} GB/s"))
 
         q = ctx.Queue()
         server = ctx.Process(target=_server, args=(q, path, objects, stop))
         server.start()
         peer = ("127.0.0.1", q.get())
-        t = TcpTransport(SECRET, streams=args.streams)
+        t = TcpTransport(SECRET, streams=streams)
 
         def op(k):
             return ReadOp(k, *objects[k])
@@ -214,7 +222,7 @@ def main():
         rows.append(("TcpTransport batch 64 x 4 KiB", f"{objs / 1e3:.0f}k objects/s"))
         t.close()
         width = max(len(r[0]) for r in rows)
-        print(f"loopback TCP, {os.cpu_count()} CPUs, streams={args.streams}")
+        print(f"loopback TCP, {os.cpu_count()} CPUs, streams={streams}")
         for name, value in rows:
             print(f"  {name:<{width}}  {value}")
     finally:
