@@ -6,8 +6,12 @@ accepts in a thread, gives each connection a thread, runs the cluster handshake
 (kvstore.cluster.auth.accept_handshake, bounded by ``handshake_timeout``) before it reads
 any request, then answers READs: it resolves every part through its Resolver (a read lease
 each), sends the status block, then each part's bytes (small ones gathered into one send,
-large ones with os.sendfile from ``Served.fd``, or from ``Served.buf`` when there is no
-file), and releases each lease in a ``finally`` once its bytes left. Garbage, truncated or
+large ones with os.sendfile from ``Served.fd`` on the socket made blocking for the
+while, under TCP_CORK for answers of CORK_MIN bytes or more, or from ``Served.buf`` when
+there is no file), and releases each lease in a ``finally`` once its bytes left. Every
+wait is bounded (``frame_timeout`` for frames, SO_SNDTIMEO and ``send_timeout`` for
+answers, ``idle_timeout`` for an idle link), so a stalled reader cannot hold a lease or
+a thread for ever; ``max_connections`` bounds the threads. Garbage, truncated or
 oversized frames close that connection, logged at WARNING at most once per
 ``WARN_EVERY`` seconds per kind; a request over ``max_ops``/``max_bytes`` gets a REFUSED
 status for each part and the link stays up.
@@ -671,6 +675,9 @@ class TcpTransport(Transport):
         if self._closed:
             raise ClientClosed("this TcpTransport was closed")
         deadline = time.monotonic() + timeout
+        if isinstance(peer, str):
+            host, _, port = peer.rpartition(":")
+            peer = (host.strip("[]"), int(port))
         peer = PeerAddr(*peer)
         ops = list(ops)
         if len(bufs) != len(ops):
