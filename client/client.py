@@ -315,6 +315,42 @@ class Client:
         return views.convert_many(self.release, keys, views.arrow, vs, self._conn, self._lock)
 
     # ---- removing and pinning ---------------------------------------------------------
+    # ---- across hosts (single host: the local answers) ----------------------------------
+    def contains_anywhere(self, keys):
+        """[bool] per key: sealed here or on any host of the cluster. Keys found here cost
+        nothing more; the rest are looked up on their homes in one round for the batch.
+        Raises a TransportError when no home of some key could be asked."""
+        ks = self._keys(keys)
+        out = [self.contains(k) for k in keys]
+        missing = [i for i, x in enumerate(out) if not x]
+        if missing and self._conn.att.cluster:
+            got = self._across(protocol.LOCATE, [ks[i] for i in missing])
+            for i, x in zip(missing, got):
+                out[i] = x
+        return out
+
+    def delete_everywhere(self, keys):
+        """Delete keys here and on every host that holds a copy. [bool] per key: deleted
+        somewhere. A host that could not be asked raises a TransportError (its copy may
+        remain: retry)."""
+        ks = self._keys(keys)
+        if not self._conn.att.cluster:
+            return [self.delete(k) for k in keys]
+        self._reader.settle()
+        return self._across(protocol.DELETE_ALL, ks)
+
+    def _across(self, mtype, ks):
+        timeout = max(0.1, self._conn.timeout - 0.5)
+        out, chunk, size = [], [], 0
+        for j, k in enumerate(ks):
+            chunk.append(k)
+            size += 2 + len(k)
+            if j == len(ks) - 1 or size + 2 + len(ks[j + 1]) > protocol.MAX_PAYLOAD - 64:
+                body = self._conn.request(protocol.key_list(mtype, chunk, timeout), protocol.LOCATED)
+                out += protocol.read_located(body, len(chunk))
+                chunk, size = [], 0
+        return out
+
     def delete(self, key):
         """Delete a sealed object; if clients hold it, its space is freed at the last
         release (it is invisible at once). Returns False if there was no sealed object."""

@@ -41,7 +41,7 @@ from kvstore import checksum, protocol
 from kvstore.cluster import peerwire as pw
 from kvstore.cluster.auth import accept_handshake, dial_handshake, load_secret, recv_exact
 from kvstore.cluster.directory import LocationTable, homes, plan
-from kvstore.errors import (ChecksumMismatch, ClusterUnavailable, GetTimeout, KVStoreError, ObjectExists,
+from kvstore.errors import (ChecksumMismatch, GetTimeout, KVStoreError, ObjectExists,
                             ObjectGoneOnPeer, PeerAuthFailed, PeerIncompatible, ProtocolError,
                             TransportError)
 from kvstore.netcheck import bind_peer_port, check_advertise
@@ -480,15 +480,7 @@ class ClusterNode:
                 "address": self.cfg.advertise, "tcp_port": self.transport_server.address.port,
                 "incarnation": self.incarnation, "version": 1}).encode())
         if mtype == pw.DELETE:
-            keys = pw.read_delete(payload)
-            c = self.client()
-            n = 0
-            for k in keys:
-                try:
-                    n += bool(c._locked(_delete_stored, c, k))
-                except KVStoreError:
-                    pass
-            return pw.ok(n)
+            return pw.ok(sum(self._delete_local(pw.read_delete(payload))))
         raise ProtocolError(f"unexpected {pw.NAMES.get(mtype, mtype)} on a control link")
 
     # ---- finding and pulling -----------------------------------------------------------------
@@ -531,6 +523,70 @@ class ClusterNode:
                 break
         return found, errors
 
+    def locate_async(self, keys, timeout, post):
+        """LOCATE: which keys are sealed on some member (one lookup round for the batch)."""
+        def work():
+            try:
+                found, errors = self.lookup(keys, time.monotonic() + timeout)
+                self.count("locates")
+                flags = [bool([loc for loc in found.get(k, ()) if self._current(loc)]) for k in keys]
+                post(protocol.located(flags))
+            except Exception as e:                     # noqa: BLE001 (the caller must hear)
+                log.exception("cluster: locate failed")
+                post(protocol.error(e if isinstance(e, KVStoreError) else KVStoreError(str(e))))
+        self.pool.submit(work)
+
+    def delete_async(self, keys, timeout, post):
+        """DELETE_ALL: delete keys on every member that holds them (this one included);
+        flags say which keys were deleted somewhere."""
+        def work():
+            try:
+                deadline = time.monotonic() + timeout
+                found, errors = self.lookup(keys, deadline)
+                by_holder = {}
+                for k in keys:
+                    for loc in found.get(k, ()):
+                        by_holder.setdefault(loc[0], []).append(k)
+                deleted = set()
+                mine = self._delete_local(keys)
+                deleted.update(k for k, d in zip(keys, mine) if d)
+                futs = {self.control_pool.submit(self.request, h, pw.delete(ks), pw.OK,
+                                                 max(0.001, deadline - time.monotonic())): (h, ks)
+                        for h, ks in by_holder.items() if h != self.id}
+                failed = []
+                for fut, (h, ks) in futs.items():
+                    try:
+                        if fut.result():
+                            deleted.update(ks)
+                    except Exception as e:             # noqa: BLE001
+                        failed.append((h, e))
+                if failed:
+                    h, e = failed[0]
+                    post(protocol.error(TransportError(f"delete on {h} failed ({e}); its copies may "
+                                                       f"remain: retry the delete", h, "connect")))
+                    return
+                post(protocol.located([k in deleted for k in keys]))
+            except Exception as e:                     # noqa: BLE001
+                log.exception("cluster: delete failed")
+                post(protocol.error(e if isinstance(e, KVStoreError) else KVStoreError(str(e))))
+        self.pool.submit(work)
+
+    def _delete_local(self, keys):
+        c = self.client()
+        out = []
+        for k in keys:
+            try:
+                out.append(protocol.read_done(c._conn.request(protocol.keyed(protocol.DELETE, k), protocol.DONE)))
+            except KVStoreError:
+                out.append(False)
+        return out
+
+    def _current(self, loc):
+        if loc[0] == self.id:
+            return loc[1] == self.incarnation
+        m = self.info(loc[0])
+        return m is not None and m["incarnation"] == loc[1]
+
     def fetch_async(self, keys, timeout, reply):
         """FETCH from the server loop: answer ``reply([(status, code, msg)])`` later."""
         self.pool.submit(self._fetch_and_reply, keys, timeout, reply)
@@ -557,8 +613,9 @@ class ClusterNode:
         if mine:
             try:
                 found, lookup_errors = self.lookup(mine, deadline)
+                results = self._pull_all(mine, found, lookup_errors, deadline)
                 for k in mine:
-                    self._pull_one(k, found.get(k, []), lookup_errors, deadline)
+                    shared[k].set_result(results[k])
             finally:
                 with self.inflight_lock:
                     for k in mine:
@@ -574,81 +631,129 @@ class ClusterNode:
                                                        "did not finish in time"))
         return out
 
-    def _pull_one(self, key, locs, lookup_errors, deadline):
-        with self.inflight_lock:
-            fut = self.inflight.get(key)
-        errors = []
-        locs = [loc for loc in locs if loc[0] != self.id]
-        for holder, inc, off, size, csum in locs:
-            m = self.info(holder)
-            if m is None or m["incarnation"] != inc:
-                continue                                    # gone, or a record of an older run
-            if time.monotonic() >= deadline:
+    def _pull_all(self, keys, found, lookup_errors, deadline):
+        """Pull keys in rounds: each round reads, per holder, every key that holder is
+        the next candidate for in one batched transport read; a holder that failed to
+        connect or deliver is skipped for the rest of this fetch; a key whose holder
+        failed goes to its next holder in the next round. {key: (status, code, msg)}."""
+        cands = {}
+        for k in keys:
+            locs = []
+            for holder, inc, off, size, csum in found.get(k, ()):
+                m = self.info(holder)
+                if holder != self.id and m is not None and m["incarnation"] == inc:
+                    locs.append((holder, inc, off, size, csum))
+            cands[k] = locs
+        errors = {k: [] for k in keys}
+        done, bad_holders = {}, set()
+        while time.monotonic() < deadline:
+            by_holder = {}
+            for k in keys:
+                if k in done:
+                    continue
+                while cands[k] and cands[k][0][0] in bad_holders:
+                    cands[k].pop(0)
+                if cands[k]:
+                    by_holder.setdefault(cands[k][0][0], []).append((k, cands[k].pop(0)))
+            if not by_holder:
                 break
-            try:
-                self._pull(key, PeerAddr(m["address"], m["tcp_port"]), holder, inc, off, size, csum,
-                           min(self.cfg.transfer_timeout, max(0.001, deadline - time.monotonic())))
-                self.count("fetched")
-                self.count("fetched_bytes", size)
-                fut.set_result((protocol.FETCH_LOCAL, 0, ""))
-                return
-            except ObjectExists:
-                fut.set_result((protocol.FETCH_LOCAL, 0, ""))   # made local meanwhile
-                return
-            except (TransportError, ChecksumMismatch) as e:
-                stage = "verify" if isinstance(e, ChecksumMismatch) else getattr(e, "stage", "transfer")
-                if not isinstance(e, ObjectGoneOnPeer):
-                    self.count(f"{stage}_failures")
-                    self.warn(holder, stage, "cluster: %s of %r from %s failed (%s); trying the next "
-                              "holder. Check the link to %s and that its daemon runs", stage, key[:64],
-                              holder, e, holder)
-                else:
-                    self.count("gone_on_holder")
-                errors.append((stage, holder, e))
-        if not errors and not lookup_errors:
-            self.count("misses")
-            fut.set_result((protocol.FETCH_MISS, 0, ""))
-            return
-        if not errors:                                  # no holder known, but a home failed
-            stage, peer, e = lookup_errors[0]
-            if not locs and all(isinstance(x, ObjectGoneOnPeer) for _, _, x in errors):
-                pass
-            fut.set_result((protocol.FETCH_FAILED, getattr(e, "code", 50),
-                            f"lookup on {peer} failed: {e}"))
-            return
-        if all(isinstance(e, ObjectGoneOnPeer) for _, _, e in errors):
-            self.count("misses")
-            fut.set_result((protocol.FETCH_MISS, 0, ""))  # every holder lost it: a miss
-            return
-        stage, peer, e = next(x for x in errors if not isinstance(x[2], ObjectGoneOnPeer))
-        fut.set_result((protocol.FETCH_FAILED, getattr(e, "code", 50),
-                        f"{stage} from {peer} failed: {e} (tried {len(errors)} holder(s))"))
+            t = min(self.cfg.transfer_timeout, max(0.001, deadline - time.monotonic()))
+            futs = {self.pool.submit(self._pull_batch, holder, items, t): holder
+                    for holder, items in by_holder.items()} if len(by_holder) > 1 else None
+            outcomes = ({h: f.result() for f, h in futs.items()} if futs else
+                        {h: self._pull_batch(h, items, t) for h, items in by_holder.items()})
+            for holder, got in outcomes.items():
+                for k, e in got.items():
+                    if e is None:
+                        done[k] = (protocol.FETCH_LOCAL, 0, "")
+                        continue
+                    stage = "verify" if isinstance(e, ChecksumMismatch) else getattr(e, "stage", "transfer")
+                    errors[k].append((stage, holder, e))
+                    if isinstance(e, TransportError) and not isinstance(e, ObjectGoneOnPeer):
+                        bad_holders.add(holder)           # down or cut: not for the next keys
+        out = {}
+        for k in keys:
+            if k in done:
+                out[k] = done[k]
+                continue
+            real = [x for x in errors[k] if not isinstance(x[2], ObjectGoneOnPeer)]
+            if real:
+                stage, peer, e = real[0]
+                out[k] = (protocol.FETCH_FAILED, getattr(e, "code", 50),
+                          f"{stage} from {peer} failed: {e} (tried {len(errors[k])} holder(s))")
+            elif not errors[k] and lookup_errors and not found.get(k):
+                stage, peer, e = lookup_errors[0]
+                out[k] = (protocol.FETCH_FAILED, getattr(e, "code", 50), f"lookup on {peer} failed: {e}")
+            elif not errors[k] and cands[k] == [] and found.get(k) and time.monotonic() >= deadline:
+                out[k] = (protocol.FETCH_FAILED, 52, "the fetch ran out of time before its holders were tried")
+            else:
+                self.count("misses")
+                out[k] = (protocol.FETCH_MISS, 0, "")    # no holder, or every holder lost it
+        return out
 
-    def _pull(self, key, peer, holder, inc, off, size, csum, timeout):
+    def _pull_batch(self, holder, items, timeout):
+        """Read items [(key, location)] from one holder in one transport read, straight
+        into blocks created for them; verify and seal each. {key: None or the error}."""
+        m = self.info(holder)
+        out = {}
+        if m is None:
+            return {k: TransportError(f"{holder} left the cluster", holder, "connect") for k, _ in items}
+        peer = PeerAddr(m["address"], m["tcp_port"])
         c = self.client()
-        buf = c._locked(c._writer.create, key, size, False)
-        ok = False
-        try:
-            res = self.transport.read(peer, [ReadOp(key, off, size, inc)], [buf], timeout)[0]
-            if res is not None:
-                raise res
-            if checksum.checksum(buf) != csum:
-                raise ChecksumMismatch(f"the bytes of {key[:64]!r} from {holder} do not match the "
-                                       f"checksum recorded at seal")
-            c._locked(c._writer.seal, key, c._reader.lookup)
-            ok = True
-            c._reader.settle()         # applied before the FETCH is answered: the asker sees it
-        finally:
-            if not ok:
+        made, ops, bufs = [], [], []
+        for k, (_, inc, off, size, csum) in items:
+            try:
+                buf = c._locked(c._writer.create, k, size, False)
+            except ObjectExists:
+                out[k] = None                             # made local meanwhile
+                continue
+            except KVStoreError as e:
+                out[k] = e
+                continue
+            made.append((k, size, csum))
+            ops.append(ReadOp(k, off, size, inc))
+            bufs.append(buf)
+        if ops:
+            try:
+                results = self.transport.read(peer, ops, bufs, timeout)
+            except TransportError as e:
+                results = [e] * len(ops)
+            sealed = False
+            for (k, size, csum), buf, res in zip(made, bufs, results):
+                ok = False
                 try:
-                    c._locked(c._writer.abort, key)
-                except KVStoreError:
-                    pass
-            del buf
-
-
-def _delete_stored(c, key):
-    return c._writer.delete(key) if hasattr(c._writer, "delete") else False
+                    if res is not None:
+                        raise res
+                    if checksum.checksum(buf) != csum:
+                        raise ChecksumMismatch(f"the bytes of {k[:64]!r} from {holder} do not match "
+                                               f"the checksum recorded at seal")
+                    c._locked(c._writer.seal, k, c._reader.lookup)
+                    ok = sealed = True
+                    out[k] = None
+                    self.count("fetched")
+                    self.count("fetched_bytes", size)
+                except (TransportError, ChecksumMismatch) as e:
+                    out[k] = e
+                    stage = "verify" if isinstance(e, ChecksumMismatch) else getattr(e, "stage", "transfer")
+                    if isinstance(e, ObjectGoneOnPeer):
+                        self.count("gone_on_holder")
+                    else:
+                        self.count(f"{stage}_failures")
+                        self.warn(holder, stage, "cluster: %s of %r from %s failed (%s); trying the next "
+                                  "holder. Check the link to %s and that its daemon runs", stage, k[:64],
+                                  holder, e, holder)
+                except KVStoreError as e:
+                    out[k] = e
+                finally:
+                    if not ok:
+                        try:
+                            c._locked(c._writer.abort, k)
+                        except KVStoreError:
+                            pass
+            del bufs
+            if sealed:
+                c._reader.settle()     # applied before the FETCH is answered: the asker sees them
+        return out
 
 
 class _SegmentResolver(Resolver):

@@ -773,6 +773,17 @@ class Daemon:
                 else:
                     self.cluster.fetch_async(keys, timeout,
                                              lambda results: self._post(conn, protocol.fetched(results)))
+            elif mtype in (protocol.LOCATE, protocol.DELETE_ALL):
+                timeout, keys = protocol.read_key_list(body)
+                if self.cluster is None:
+                    if mtype == protocol.LOCATE:
+                        self._send(conn, protocol.located([self.store.table.find(k) is not None
+                                                           for k in keys]))
+                    else:
+                        self._send(conn, protocol.located([False] * len(keys)))
+                else:
+                    work = self.cluster.locate_async if mtype == protocol.LOCATE else self.cluster.delete_async
+                    work(keys, timeout, lambda frame: self._post(conn, frame))
             elif mtype == protocol.TABLE:
                 t = self.store.table
                 frame = protocol.encode(protocol.TABLE_REPLY, {"table_generation": t.generation})
@@ -912,6 +923,10 @@ class Daemon:
 
     # ---- stop -------------------------------------------------------------------------
     def stop(self):
+        if self.cluster is not None:          # first: its own client must not see us go
+            self.store.observer = None
+            self.cluster.close()
+            self.cluster = None
         for conn in list(self.conns.values()):
             fd = conn.sock.fileno()
             self.conns.pop(fd, None)

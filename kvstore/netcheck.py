@@ -49,6 +49,8 @@ def bind_peer_port(addr, port, backlog=128):
     """A listening TCP socket on addr:port (port 0: a free one). Refuses a port another
     process holds, naming it when /proc lets us see it."""
     s = socket.socket(_family(addr), socket.SOCK_STREAM)
+    # connections of a killed run linger in TIME_WAIT; a live listener still refuses us
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind((addr, port))
         s.listen(backlog)

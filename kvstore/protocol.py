@@ -41,6 +41,7 @@ SEAL, GRANT, GRANTED, RETURN, CREATE, CREATED, ABORT, DONE = 10, 11, 12, 13, 14,
 DELETE, PIN, DROP, KEYS, KEYS_REPLY, CHECK, CHECK_REPLY, TABLE, TABLE_REPLY = 18, 19, 20, 21, 22, 23, 24, 25, 26
 RECLAIM, DOORBELL, BYE = 27, 28, 29
 FETCH, FETCHED = 30, 31          # cluster: pull local misses from other hosts
+LOCATE, LOCATED, DELETE_ALL = 32, 33, 34   # cluster: which keys exist anywhere; delete everywhere
 
 NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
          STATS_REPLY: "STATS_REPLY", PING: "PING", PONG: "PONG", SEAL: "SEAL", GRANT: "GRANT",
@@ -48,12 +49,14 @@ NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
          ABORT: "ABORT", DONE: "DONE", DELETE: "DELETE", PIN: "PIN", DROP: "DROP", KEYS: "KEYS",
          KEYS_REPLY: "KEYS_REPLY", CHECK: "CHECK", CHECK_REPLY: "CHECK_REPLY", TABLE: "TABLE",
          TABLE_REPLY: "TABLE_REPLY", RECLAIM: "RECLAIM",
-         DOORBELL: "DOORBELL", BYE: "BYE", FETCH: "FETCH", FETCHED: "FETCHED"}
+         DOORBELL: "DOORBELL", BYE: "BYE", FETCH: "FETCH", FETCHED: "FETCHED",
+         LOCATE: "LOCATE", LOCATED: "LOCATED", DELETE_ALL: "DELETE_ALL"}
 JSON_TYPES = frozenset((HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG, CHECK, CHECK_REPLY,
                         TABLE, TABLE_REPLY))
 #: Messages a client may send (the daemon refuses the others from a client).
 CLIENT_TYPES = frozenset((HELLO, STATS, PING, SEAL, GRANT, RETURN, CREATE, ABORT, DELETE, PIN,
-                          DROP, KEYS, CHECK, TABLE, RECLAIM, DOORBELL, BYE, FETCH))
+                          DROP, KEYS, CHECK, TABLE, RECLAIM, DOORBELL, BYE, FETCH, LOCATE,
+                          DELETE_ALL))
 
 _SEAL_ITEM = struct.Struct("<QQQQBBHH")   # seq, offset, size, checksum, flags, _, replicas, key length
 _U64 = struct.Struct("<Q")
@@ -395,6 +398,27 @@ def read_fetched(payload):
     if pos != len(payload):
         raise ProtocolError("FETCHED: bytes after the last item")
     return out
+
+
+def key_list(mtype, keys, timeout):
+    """LOCATE / DELETE_ALL: a timeout and stored keys (FETCH's layout)."""
+    return frame(mtype, fetch(keys, timeout)[HEADER_SIZE:])
+
+
+def read_key_list(payload):
+    return read_fetch(payload)
+
+
+def located(flags):
+    """LOCATED: one byte per key of the LOCATE (1: sealed on some host), then u64 count of
+    hosts that could not be asked (their keys may exist there)."""
+    return frame(LOCATED, bytes(flags))
+
+
+def read_located(payload, n):
+    if len(payload) != n:
+        raise ProtocolError(f"LOCATED: {len(payload)} flags for {n} keys")
+    return [bool(b) for b in payload]
 
 
 def recv_message(sock, with_fds=0):

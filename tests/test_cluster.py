@@ -1,0 +1,215 @@
+"""Across hosts (issue 10): real daemons in real network namespaces, a real etcd, real
+TCP between them (tests/clusterlib.py, tests/kvcluster.py). Prefill on one host, decode
+on another: a get on host B of keys sealed only on host A."""
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from clusterlib import make_cluster  # noqa: F401  (fixtures)
+from kvcluster import make_kv, kv  # noqa: F401
+from kvstore.errors import TransportError
+
+rnd = random.Random(10)
+
+
+def vals(n, prefix="k", lo=1, hi=300_000):
+    return {f"{prefix}{i}".encode(): rnd.randbytes(rnd.randint(lo, hi)) for i in range(n)}
+
+
+def put_all(d, values):
+    with d.client() as c:
+        for k, v in values.items():
+            assert c.put(k, v)
+
+
+def wait_located(d, keys, timeout=10):
+    """Until d's contains_anywhere finds every key (location records travel async)."""
+    deadline = time.monotonic() + timeout
+    with d.client() as c:
+        while not all(c.contains_anywhere(keys)):
+            assert time.monotonic() < deadline, "location records did not arrive"
+            time.sleep(0.05)
+
+
+def test_get_on_b_pulls_from_a_then_is_local(kv):
+    a, b, c = kv["a"], kv["b"], kv["c"]
+    values = vals(20)
+    put_all(a, values)
+    wait_located(b, list(values))
+    with b.client() as cb:
+        k = b"k3"
+        v = cb.get(k)
+        assert v is not None and bytes(v) == values[k]
+        cb.release(k)
+        st = b.cluster_stats()
+        assert st["fetched"] == 1 and st["fetched_bytes"] == len(values[k])
+        v = cb.get(k)                                  # the second get is local
+        assert bytes(v) == values[k]
+        cb.release(k)
+        assert b.cluster_stats()["fetched"] == 1
+        got = cb.read_many(list(values))               # a batch: one lookup round
+        assert all(bytes(x) == values[k] for x, k in zip(got, values))
+    with c.client() as cc:
+        arr = cc.get_many(list(values)[:5])
+        assert [bytes(x) for x in arr] == [values[k] for k in list(values)[:5]]
+        cc.release_many(list(values)[:5])
+    assert a.cluster_stats()["served"] >= 20
+
+
+def test_a_miss_everywhere_is_none_and_not_logged(kv):
+    b = kv["b"]
+    with b.client() as cb:
+        assert cb.get(b"nowhere") is None
+        assert cb.read(b"nowhere") is None
+        assert cb.read_many([b"nowhere", b"nor-here"]) == [None, None]
+        assert cb.contains_anywhere([b"nowhere"]) == [False]
+    log = b.read_log()
+    assert "nowhere" not in "".join(line for line in log.splitlines() if " DEBUG " not in line)
+    assert b.cluster_stats()["misses"] >= 1
+
+
+def test_contains_anywhere_and_delete_everywhere(kv):
+    a, b, c = kv["a"], kv["b"], kv["c"]
+    values = vals(6, "x", hi=5000)
+    put_all(a, values)
+    wait_located(c, list(values))
+    keys = list(values)
+    with b.client() as cb:
+        assert cb.get(keys[0]) is not None               # b holds a replica of x0 now
+        cb.release(keys[0])
+        assert cb.contains(keys[0]) and not cb.contains(keys[1])   # local forms stay local
+    with c.client() as cc:
+        assert cc.contains_anywhere(keys + [b"absent"]) == [True] * 6 + [False]
+        assert cc.delete_everywhere([keys[0], b"absent"]) == [True, False]
+    with a.client() as ca, b.client() as cb:
+        assert not ca.contains(keys[0]) and not cb.contains(keys[0])
+        assert ca.contains(keys[1])
+    deadline = time.monotonic() + 5
+    with c.client() as cc:
+        while cc.contains_anywhere([keys[0]]) != [False]:   # its location records went too
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_two_clients_asking_for_one_key_share_one_transfer(kv):
+    a, b = kv["a"], kv["b"]
+    values = vals(1, "big", lo=16 << 20, hi=16 << 20)
+    put_all(a, values)
+    wait_located(b, list(values))
+    out = []
+
+    def get():
+        with b.client() as cb:
+            v = cb.get(b"big0")
+            out.append(bytes(v) == values[b"big0"])
+            cb.release(b"big0")
+    ts = [threading.Thread(target=get) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert out == [True] * 4
+    assert b.cluster_stats()["fetched"] == 1
+
+
+def test_a_dead_holder_means_the_next_holder(kv):
+    a, b, c = kv["a"], kv["b"], kv["c"]
+    values = vals(5, "h", hi=100_000)
+    put_all(a, values)
+    wait_located(b, list(values))
+    with b.client() as cb:
+        assert all(bytes(x) == values[k] for x, k in zip(cb.read_many(list(values)), values))
+    a.kill()                                      # SIGKILL: b holds the only live copies
+    t0 = time.monotonic()
+    with c.client() as cc:
+        got = cc.read_many(list(values))
+    assert all(x is not None and bytes(x) == values[k] for x, k in zip(got, values))
+    assert time.monotonic() - t0 < 2 * 5 + 2
+    assert kv["b"].cluster_stats()["served"] >= 5
+
+
+def test_every_holder_dead_is_a_miss_or_a_typed_error_within_the_timeout(kv):
+    a, b = kv["a"], kv["b"]
+    values = vals(3, "only", hi=50_000)
+    put_all(a, values)
+    wait_located(b, list(values))
+    a.kill(signal.SIGSTOP)                        # its lease runs on a while it is stopped
+    try:
+        t0 = time.monotonic()
+        with b.client() as cb:
+            try:
+                r = cb.read_many(list(values), errors="return")
+            except TransportError as e:           # a typed error is also acceptable
+                r = [e] * 3
+        took = time.monotonic() - t0
+        assert took < 2.0 * 3 + 3, took           # bounded by transfer_timeout per holder
+        assert all(x is None or isinstance(x, TransportError) for x in r), r
+        assert any(isinstance(x, TransportError) for x in r)   # not a silent miss
+        st = b.cluster_stats()
+        assert st.get("transfer_failures", 0) + st.get("connect_failures", 0) >= 1
+        assert "WARNING" in b.read_log() and a.id in b.read_log()
+    finally:
+        a.kill(signal.SIGCONT)
+
+
+def test_a_holder_whose_lease_expires_leaves_every_lookup(kv):
+    a, b = kv["a"], kv["b"]
+    a.kill(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 2 + 3          # --member-ttl 2, plus etcd's tick and polling
+        while a.id in b.cluster_stats()["members"]:
+            assert time.monotonic() < deadline, "a stayed a member past its lease"
+            time.sleep(0.1)
+    finally:
+        a.kill(signal.SIGCONT)
+
+
+def test_a_restarted_holder_reannounces_what_it_kept(kv):
+    a, b = kv["a"], kv["b"]
+    values = vals(200, "r", hi=4096)
+    put_all(a, values)
+    wait_located(b, list(values))
+    a.kill()                                          # SIGKILL; its data survives
+    a.start()
+    t0 = time.monotonic()
+    wait_located(b, list(values), timeout=10)
+    took = time.monotonic() - t0
+    with b.client() as cb:
+        got = cb.read_many(list(values))
+    assert all(bytes(x) == values[k] for x, k in zip(got, values))
+    assert took < 5, took
+
+
+def test_a_daemon_without_the_secret_reads_nothing(make_kv, tmp_path):
+    kv = make_kv(3, start=False)
+    from kvcluster import write_secret
+    kv["c"].secret = write_secret(os.path.join(str(tmp_path), "other-secret"), b"another-secret-of-32-bytes-xxxxx")
+    kv.start()
+    values = vals(2, "s", hi=1000)
+    put_all(kv["a"], values)
+    time.sleep(1.0)
+    with kv["c"].client() as cc:
+        for k in values:
+            try:
+                assert cc.get(k) is None
+            except TransportError:
+                pass
+    assert "could not prove" in kv["a"].read_log() + kv["b"].read_log() + kv["c"].read_log()
+    assert kv["a"].cluster_stats().get("served", 0) == 0
+
+
+def test_static_peers_without_etcd(make_kv):
+    kv = make_kv(2, start=False)
+    for h, d in kv.d.items():
+        d.peers = [o.id for o in kv.d.values() if o is not d]
+    kv.start()
+    values = vals(3, "p", hi=20000)
+    put_all(kv["a"], values)
+    wait_located(kv["b"], list(values))
+    with kv["b"].client() as cb:
+        assert [bytes(x) for x in cb.read_many(list(values))] == list(values.values())
