@@ -14,8 +14,8 @@ run's temp dir; ``stop_etcd``/``start_etcd`` keep that dir and port.
 
 Owns: creating and destroying runs; recording each run's state in
 /run/kvs-cluster/<id>/state.json before anything is created, so a run whose creator was
-killed is removed by ``scripts/cluster.sh down`` (or by the next fixture start, when its
-creator is dead); the pytest fixtures ``cluster`` (3 hosts) and ``make_cluster(n)``;
+killed is removed by ``scripts/cluster.sh down --stale`` (or by the next fixture start,
+once it is a minute old); the pytest fixtures ``cluster`` (3 hosts) and ``make_cluster(n)``;
 the command line behind ``scripts/cluster.sh up|down|status``.
 Must never: touch a namespace, link or process that is not its run's (teardown kills
 only processes inside the run's own namespaces and its recorded etcd pid); send traffic
@@ -189,12 +189,15 @@ def teardown_state(st):
     shutil.rmtree(os.path.join(STATE_ROOT, st["id"]), ignore_errors=True)
 
 
-def reap_stale():
-    """Tear down runs whose creating process is dead (a killed pytest); runs made by
-    ``cluster.sh up`` (no owner) are left alone. Returns the ids removed."""
+def reap_stale(min_age=0.0):
+    """Tear down runs whose creating process is dead (a killed pytest) and that are at
+    least min_age seconds old; runs made by ``cluster.sh up`` (no owner) are left alone.
+    Returns the ids removed."""
     gone = []
     with _Lock():
         for st in list_states():
+            if time.time() - st.get("created", 0) < min_age:
+                continue
             if st.get("broken") or (st.get("owner_pid") and not _owner_alive(st)):
                 teardown_state(st)
                 gone.append(st["id"])
@@ -269,7 +272,7 @@ class Cluster:
         raise ClusterSetupError("no free 10.250.X.0/24 subnet (run scripts/cluster.sh down)")
 
     def up(self):
-        reap_stale()
+        reap_stale(min_age=60)      # a grace period: `cluster.sh down --stale` has none
         with _Lock():
             while os.path.exists(os.path.join(STATE_ROOT, self.id)):
                 self.id = f"{self.id.split('.')[0]}.{int(time.monotonic_ns() % 100000)}"
@@ -482,10 +485,8 @@ except ImportError:  # the command line (system python3) needs no pytest
     pytest = None
 
 if pytest is not None:
-    @pytest.fixture
-    def make_cluster():
-        """make_cluster(n=3) -> a Cluster that is up; all are torn down after the test,
-        passed or failed."""
+    def _made():
+        """Yield a maker of clusters; every cluster made is torn down afterwards."""
         reason = unavailable_reason()
         if reason:
             pytest.skip(reason)
@@ -502,9 +503,17 @@ if pytest is not None:
                 c.down()
 
     @pytest.fixture
-    def cluster(make_cluster):
-        """Three hosts (a, b, c) and etcd."""
-        return make_cluster(3)
+    def make_cluster():
+        """make_cluster(n=3) -> a Cluster that is up; all are torn down after the test,
+        passed or failed."""
+        yield from _made()
+
+    @pytest.fixture
+    def cluster():
+        """Three hosts (a, b, c) and etcd, torn down after the test, passed or failed.
+        Needs only ``from clusterlib import cluster``."""
+        for make in _made():
+            yield make(3)
 
 
 # ---- command line (scripts/cluster.sh) ----------------------------------------------------

@@ -153,7 +153,7 @@ def test_nothing_left_after_a_test_raises(tmp_path):
     """A real pytest run whose test fails inside the fixture: its finalizer tears all down."""
     (tmp_path / "test_inner.py").write_text(textwrap.dedent("""
         import os, sys
-        from clusterlib import cluster, make_cluster
+        from clusterlib import cluster
         def test_boom(cluster):
             with open(os.environ["RUN_ID_FILE"], "w") as f:
                 f.write(cluster.id + " " + cluster.state["root_link"])
