@@ -333,9 +333,10 @@ def _mid_transfer(segment, sig):
     """Start a 256 MiB read from a server process, send it sig once bytes arrive; returns
     (result, elapsed, timeout)."""
     big = Segment(shm_path("huge"), [(b"huge", 256 * MiB)], fill=0xAB)
-    server = ServerProcess(big)
-    transport = open_transport("tcp", secret=SECRET)
+    server = transport = None
     try:
+        server = ServerProcess(big)
+        transport = open_transport("tcp", secret=SECRET)
         buf = bytearray(256 * MiB)
         timeout = 2.0
         out = {}
@@ -358,8 +359,10 @@ def _mid_transfer(segment, sig):
             pytest.skip("the whole 256 MiB arrived before the signal (machine too fast for this probe)")
         return out["results"][0], out["elapsed"], timeout
     finally:
-        server.close()
-        transport.close()
+        if server is not None:
+            server.close()
+        if transport is not None:
+            transport.close()
         big.remove()
 
 

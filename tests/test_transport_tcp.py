@@ -189,6 +189,30 @@ def test_a_peer_closing_mid_answer_fails_the_rest_within_the_timeout():
         fake.close()
 
 
+def test_a_link_closed_under_a_request_is_redialled_once_within_the_call():
+    """The pooled link looked alive at checkout, then the peer closed it before answering
+    (as a restarting peer does): the read redials once and succeeds."""
+    def answer_then_close(s, parts):
+        s.sendall(wire.result_head([(wire.OK, p.part_len) for p in parts]))
+        s.sendall(b"\x33" * sum(p.part_len for p in parts))
+        time.sleep(0.3)               # the reader's next request arrives meanwhile
+        raise ConnectionAbortedError  # close with it unread
+    fake = FakeHolder(answer_then_close)
+    t = TcpTransport(SECRET)
+    try:
+        buf = bytearray(64)
+        assert t.read(fake.address, [ReadOp(b"k", 0, 64, 1)], [buf], 2.0) == [None]
+        buf[:] = bytes(64)
+        t0 = time.monotonic()
+        assert t.read(fake.address, [ReadOp(b"k", 0, 64, 1)], [buf], 2.0) == [None]
+        assert bytes(buf) == b"\x33" * 64
+        assert time.monotonic() - t0 < 1.0
+        assert fake.connections == 2
+    finally:
+        t.close()
+        fake.close()
+
+
 # ---- hostile readers against a real server ------------------------------------------------------------
 def test_a_request_on_an_unauthenticated_link_is_never_served(tcp):
     s = socket.create_connection(tcp.address, timeout=2)
