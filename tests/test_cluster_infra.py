@@ -51,6 +51,23 @@ ECHO_CLIENT = textwrap.dedent("""
 """)
 
 
+HTTP = textwrap.dedent("""
+    import sys, urllib.request
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    data = sys.argv[2].encode() if len(sys.argv) > 2 else None
+    try:
+        print(opener.open(urllib.request.Request(sys.argv[1], data=data), timeout=2).read().decode())
+    except OSError as e:
+        print("ERROR", e)
+        sys.exit(3)
+""")
+
+
+def _http(url, body=None):
+    """argv for an HTTP request from inside a namespace (python, no curl needed)."""
+    return [sys.executable, "-c", HTTP, url] + ([body] if body is not None else [])
+
+
 def _echo(cluster, src, dst, payload="hello", timeout=3.0):
     return cluster.run(src, [sys.executable, "-c", ECHO_CLIENT, cluster.addr(dst), timeout, "-"],
                        input=payload, timeout=30)
@@ -103,7 +120,7 @@ def test_cut_host_is_unreachable_and_heals(cluster):
     r = _echo(cluster, "c", "b", timeout=1.0)
     assert r.returncode == 3, r.stdout
     # from the cut host, nothing is reachable either (etcd included)
-    r = cluster.run("b", ["curl", "-s", "-m", "1", f"{cluster.etcd_url}/health"])
+    r = cluster.run("b", _http(f"{cluster.etcd_url}/health"))
     assert r.returncode != 0
     cluster.heal("b")
     deadline = time.monotonic() + 10
@@ -118,10 +135,10 @@ def test_cut_host_is_unreachable_and_heals(cluster):
 def test_etcd_answers_from_every_host_and_restarts(cluster):
     key = "a2V5"   # base64("key")
     for h in ("a", "b", "c"):
-        r = cluster.run(h, ["curl", "-sf", "-m", "2", f"{cluster.etcd_url}/health"])
+        r = cluster.run(h, _http(f"{cluster.etcd_url}/health"))
         assert json.loads(r.stdout)["health"] == "true", (h, r.stdout, r.stderr)
-        r = cluster.run(h, ["curl", "-sf", "-m", "2", f"{cluster.etcd_url}/v3/kv/put",
-                            "-d", json.dumps({"key": key, "value": "dmFsdWU=" if h == "a" else "eA=="})])
+        r = cluster.run(h, _http(f"{cluster.etcd_url}/v3/kv/put",
+                                 json.dumps({"key": key, "value": "dmFsdWU=" if h == "a" else "eA=="})))
         assert r.returncode == 0, r.stderr
     assert cluster.etcd_healthy()          # and from the root namespace (the test process)
     cluster.stop_etcd()
@@ -129,8 +146,7 @@ def test_etcd_answers_from_every_host_and_restarts(cluster):
     t0 = time.monotonic()
     cluster.start_etcd()                   # same data dir: the key survived
     assert time.monotonic() - t0 < 10
-    r = cluster.run("b", ["curl", "-sf", "-m", "2", f"{cluster.etcd_url}/v3/kv/range",
-                          "-d", json.dumps({"key": key})])
+    r = cluster.run("b", _http(f"{cluster.etcd_url}/v3/kv/range", json.dumps({"key": key})))
     assert json.loads(r.stdout)["kvs"][0]["value"] == "eA=="
     cluster.kill_etcd()
     assert not cluster.etcd_healthy()
@@ -208,8 +224,8 @@ def test_cluster_sh_up_status_down():
         assert "host b:" in r.stdout and "host c:" not in r.stdout
         # etcd keeps running after `up` returned; reachable from host a
         ep = r.stdout.split("etcd running at ")[1].split()[0]
-        h = subprocess.run(["ip", "netns", "exec", f"kvs-{run_id}-a", "curl", "-sf", "-m", "2",
-                            f"http://{ep}/health"], capture_output=True, text=True)
+        h = subprocess.run(["ip", "netns", "exec", f"kvs-{run_id}-a", *_http(f"http://{ep}/health")],
+                           capture_output=True, text=True)
         assert '"health":"true"' in h.stdout, h
     finally:
         d = subprocess.run([os.path.join(ROOT, "scripts/cluster.sh"), "down", run_id],
