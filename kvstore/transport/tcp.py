@@ -135,9 +135,11 @@ class TcpServer(TransportServer):
         while not self._closed:
             try:
                 sock, addr = self._listener.accept()
-            except OSError:
+            except OSError as e:
                 if self._closed:
                     return
+                self._warn("accept", f"peer server {self.address}: accept failed ({e.strerror or e}); "
+                                     f"out of file descriptors? raise the daemon's limit (ulimit -n)")
                 time.sleep(0.01)
                 continue
             with self._lock:
@@ -438,8 +440,10 @@ class TcpTransport(Transport):
             idle = self._pool.get(peer)
             while idle:
                 sock = idle.pop()
-                try:
-                    readable, _, _ = select.select([sock], [], [], 0)
+                try:      # poll, not select: a daemon may hold more than FD_SETSIZE fds
+                    poller = select.poll()
+                    poller.register(sock, select.POLLIN)
+                    readable = poller.poll(0)
                 except (OSError, ValueError):
                     readable = True
                 if not readable:
