@@ -92,7 +92,8 @@ class LoopbackTransport(Transport):
         if server is None:
             return [PeerUnreachable(f"nothing serves {peer} in this process", peer)] * len(ops)
         if server.secret is not None or self.secret is not None:
-            if server.secret is None or self.secret is None or not hmac.compare_digest(server.secret, self.secret):
+            if (server.secret is None or self.secret is None
+                    or not hmac.compare_digest(server.secret, self.secret)):
                 err = PeerAuthFailed(f"{peer} and this reader hold different cluster secrets: give every "
                                      f"daemon the same --cluster-secret-file")
                 err.peer, err.stage = peer, "connect"

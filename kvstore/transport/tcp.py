@@ -44,12 +44,13 @@ import time
 
 from kvstore.cluster.auth import MIN_SECRET, accept_handshake, dial_handshake
 from kvstore.keys import MAX_KEY_BYTES
-from kvstore.errors import (ClientClosed, ConfigError, InvalidKey, InvalidSize, ObjectGoneOnPeer, PeerAuthFailed,
+from kvstore.errors import (ClientClosed, ConfigError, InvalidKey, InvalidSize, ObjectGoneOnPeer,
+                            PeerAuthFailed,
                             PeerIncompatible, PeerUnreachable, ProtocolError, TransferTimeout,
                             TransportError)
 
 from . import wire
-from .base import PeerAddr, Served, Transport, TransportServer  # noqa: F401 (Served: the shape served)
+from .base import PeerAddr, Transport, TransportServer
 
 log = logging.getLogger("kvstore.transport.tcp")
 
@@ -110,8 +111,8 @@ class TcpServer(TransportServer):
                               f"check --advertise/--peer-port") from None
         self._listener = ls
         self.address = PeerAddr(host, ls.getsockname()[1])
-        self._thread = threading.Thread(target=self._accept_loop, name=f"kvstore-peer-accept-{self.address.port}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                        name=f"kvstore-peer-accept-{self.address.port}")
         self._thread.start()
 
     # -- logging and counting
@@ -411,8 +412,9 @@ class _LinkFailed(Exception):
 
 class TcpTransport(Transport):
     """Reads objects from peers' TcpServers. ``streams``: most connections one call uses
-    at once (default: the CPUs of this host, at most 4); ``split_min``: a call moving at least this many bytes is split across streams,
-    in ranges of at least ``part_min`` bytes."""
+    at once (default: the CPUs of this host, at most 4); ``split_min``: a call moving at
+    least this many bytes is split across streams, in ranges of at least ``part_min``
+    bytes."""
 
     name = "tcp"
 
@@ -470,14 +472,16 @@ class TcpTransport(Transport):
             raise PeerUnreachable(f"{peer} refused the connection: is its daemon running, and is "
                                   f"{peer.port} its --peer-port?", peer) from None
         except socket.timeout:
-            raise PeerUnreachable(f"connecting to {peer} timed out after {min(self.connect_timeout, left):.3g} s: "
+            waited = min(self.connect_timeout, left)
+            raise PeerUnreachable(f"connecting to {peer} timed out after {waited:.3g} s: "
                                   f"is the host up and the port reachable?", peer) from None
         except OSError as e:
             raise PeerUnreachable(f"cannot connect to {peer} ({e.strerror or e})", peer) from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             left = deadline - time.monotonic()
-            dial_handshake(sock, self.secret, timeout=max(0.001, min(self.handshake_timeout, left)), peer=str(peer))
+            dial_handshake(sock, self.secret, timeout=max(0.001, min(self.handshake_timeout, left)),
+                           peer=str(peer))
         except (PeerAuthFailed, PeerIncompatible) as e:
             sock.close()
             e.peer, e.stage = peer, "connect"
