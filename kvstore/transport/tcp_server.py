@@ -7,10 +7,11 @@ handshake (kvstore.cluster.auth.accept_handshake, bounded by ``handshake_timeout
 any request is read, and the answers to READs (frames in kvstore.transport.wire): it
 resolves every part through its Resolver (a read lease each), sends the status block,
 then each part's bytes (parts up to SMALL_PART gathered into one send, larger ones with
-os.sendfile from ``Served.fd`` on the socket made blocking for the while, under TCP_CORK
+os.sendfile from ``Served.fd`` (the link is blocking, its waits bounded by
+SO_RCVTIMEO/SO_SNDTIMEO), under TCP_CORK
 for answers of CORK_MIN bytes or more, or from ``Served.buf`` when there is no file), and
 releases each lease in a ``finally`` once its bytes left. Every wait is bounded
-(``frame_timeout`` for frames, SO_SNDTIMEO and ``send_timeout`` for answers,
+(``frame_timeout`` for frames, ``send_timeout`` for answers,
 ``idle_timeout`` for an idle link), so a stalled reader cannot hold a lease or a thread for
 ever; ``max_connections`` bounds the threads. Garbage, truncated or oversized frames close
 that connection, logged at WARNING at most once per WARN_EVERY seconds per kind; a
@@ -45,6 +46,10 @@ SMALL_PART = 64 << 10
 _GATHER = 256 << 10
 #: Answers of at least this many bytes are sent corked (TCP_CORK): full segments.
 CORK_MIN = 4 << 20
+
+
+def _timeval(seconds):
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
 
 
 def check_secret(secret):
@@ -155,9 +160,11 @@ class TcpServer(TransportServer):
                 self._warn("auth", f"peer server {self.address}: handshake with {peer} did not finish "
                                    f"({e}); nothing is served to it (a peer with another secret looks like this)")
                 return
-            sock.settimeout(self.frame_timeout)     # once: every later wait is bounded by it
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,   # for blocking sendfile
-                            struct.pack("ll", int(self.send_timeout), int(self.send_timeout % 1 * 1e6)))
+            # blocking from here on, each wait bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO):
+            # no poll before every receive and send, and sendfile waits for room itself
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.frame_timeout))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.send_timeout))
             for payload in self._frames(sock):
                 self._answer(sock, wire.decode_read(payload), peer)
         except ProtocolError as e:
@@ -204,7 +211,7 @@ class TcpServer(TransportServer):
                     buf, view = bigger, memoryview(bigger)
             try:
                 k = sock.recv_into(view[have:])
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):       # SO_RCVTIMEO passed
                 waited = time.monotonic() - idle_since
                 if have == 0 and waited < self.idle_timeout:
                     continue
@@ -330,7 +337,7 @@ class TcpServer(TransportServer):
                 raise TransportError("the reader did not take the bytes within send_timeout")
             try:
                 k = sock.sendmsg(bufs[:512])
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):       # SO_SNDTIMEO passed
                 continue
             while k:
                 if k >= bufs[0].nbytes:
@@ -341,26 +348,21 @@ class TcpServer(TransportServer):
                     k = 0
 
     def _sendfile(self, sock, fd, offset, count, deadline):
-        """count bytes of fd from offset, by sendfile on the socket made blocking for the
-        while (the kernel then waits for room itself, far fewer wakeups than poll and
-        retry); SO_SNDTIMEO, set on the link, bounds each wait."""
+        """count bytes of fd from offset by sendfile on the blocking socket (the kernel
+        waits for room itself); SO_SNDTIMEO bounds each wait, the deadline the whole."""
         out = sock.fileno()
-        sock.settimeout(None)
-        try:
-            while count:
-                try:
-                    k = os.sendfile(out, fd, offset, count)
-                except BlockingIOError:       # SO_SNDTIMEO passed with nothing sent
-                    k = None
-                if k == 0:
-                    raise OSError(errno.EIO, f"segment file ends before offset {offset}")
-                if k:
-                    offset += k
-                    count -= k
-                if count and time.monotonic() > deadline:
-                    raise TransportError("the reader did not take the bytes within send_timeout")
-        finally:
-            sock.settimeout(self.frame_timeout)
+        while count:
+            try:
+                k = os.sendfile(out, fd, offset, count)
+            except BlockingIOError:       # SO_SNDTIMEO passed with nothing sent
+                k = None
+            if k == 0:
+                raise OSError(errno.EIO, f"segment file ends before offset {offset}")
+            if k:
+                offset += k
+                count -= k
+            if count and time.monotonic() > deadline:
+                raise TransportError("the reader did not take the bytes within send_timeout")
 
     def close(self):
         """Stop accepting and end every connection (their threads exit on their own)."""
