@@ -24,6 +24,7 @@ import concurrent.futures
 import os
 import select
 import socket
+import struct
 import threading
 import time
 
@@ -82,26 +83,26 @@ class TcpTransport(Transport):
         with self._lock:
             idle = self._pool.get(peer)
             while idle:
-                sock = idle.pop()
+                link = idle.pop()
                 try:      # poll, not select: a daemon may hold more than FD_SETSIZE fds
                     poller = select.poll()
-                    poller.register(sock, select.POLLIN)
+                    poller.register(link.sock, select.POLLIN)
                     readable = poller.poll(0)
                 except (OSError, ValueError):
                     readable = True
                 if not readable:
-                    return sock, True
-                sock.close()     # closed by the peer (it restarted) or stray bytes: never reuse
+                    return link, True
+                link.sock.close()     # closed by the peer (it restarted) or stray bytes: never reuse
         return None, False
 
-    def _checkin(self, peer, sock):
+    def _checkin(self, peer, link):
         with self._lock:
             if not self._closed:
                 idle = self._pool.setdefault(peer, [])
                 if len(idle) < self.max_idle:
-                    idle.append(sock)
+                    idle.append(link)
                     return
-        sock.close()
+        link.sock.close()
 
     def _dial(self, peer, deadline):
         left = deadline - time.monotonic()
@@ -134,12 +135,13 @@ class TcpTransport(Transport):
         except OSError as e:
             sock.close()
             raise PeerUnreachable(f"the link to {peer} failed during the handshake ({e})", peer) from None
-        return sock
+        sock.settimeout(None)    # blocking: _arm bounds every wait with SO_RCVTIMEO/SO_SNDTIMEO
+        return _Link(sock)
 
     # -- one request on one connection
     @staticmethod
     def _link_error(peer, exc, timeout):
-        if isinstance(exc, socket.timeout):
+        if isinstance(exc, (socket.timeout, BlockingIOError)):
             return TransferTimeout(f"{peer} did not deliver the bytes within {timeout:g} s", peer)
         if isinstance(exc, ProtocolError):
             return TransportError(f"{peer} broke the peer protocol ({exc}); the link was dropped", peer)
@@ -148,24 +150,25 @@ class TcpTransport(Transport):
         return TransportError(f"the link to {peer} failed mid-transfer ({getattr(exc, 'strerror', None) or exc})",
                               peer)
 
-    def _recv_exact(self, sock, n, deadline):
+    def _recv_exact(self, link, n, deadline):
         buf = bytearray(n)
-        self._recv_views(sock, [memoryview(buf)], deadline)
+        self._recv_views(link, [memoryview(buf)], deadline)
         return buf
 
-    def _recv_views(self, sock, views, deadline):
+    def _recv_views(self, link, views, deadline):
         """Fill views in order; returns None, or raises _Short(index of the first view not
         completely filled, the cause, whether any byte arrived)."""
         i, off, got_any = 0, 0, False
         nv = len(views)
+        sock = link.sock
         while i < nv:
             try:
-                _arm(sock, deadline)
+                _arm(link, deadline)
                 if i + 1 == nv or views[i].nbytes - off >= (1 << 20):
                     k = sock.recv_into(views[i][off:])
                 else:
                     k = sock.recvmsg_into([views[i][off:]] + views[i + 1:i + 64])[0]
-            except socket.timeout as e:
+            except (socket.timeout, BlockingIOError) as e:    # SO_RCVTIMEO passed
                 if deadline - time.monotonic() > 0:
                     continue         # armed for less than the time left: wait again
                 raise _Short(i, e, got_any) from None
@@ -188,19 +191,21 @@ class TcpTransport(Transport):
                     off = k
                     k = 0
 
-    def _exchange(self, sock, peer, chunk, views, results, deadline, timeout):
-        """One READ of chunk [(op index, Part)] on sock; fills results. Raises _LinkFailed
+    def _exchange(self, link, peer, chunk, views, results, deadline, timeout):
+        """One READ of chunk [(op index, Part)] on link; fills results. Raises _LinkFailed
         when the connection can no longer be used: the chunk's unfinished parts are failed
         already when any byte of the answer had arrived, else left for a retry."""
         parts = [p for _, p in chunk]
         request = wire.read_request(parts)
         try:
-            _arm(sock, deadline)
-            sock.sendall(request)
+            out = memoryview(request)
+            while out:                   # send, not sendall: each wait re-armed to the deadline
+                _arm(link, deadline)
+                out = out[link.sock.send(out):]
         except (socket.timeout, OSError) as e:
             raise _LinkFailed(self._link_error(peer, e, timeout), False) from None
         try:
-            head = self._recv_exact(sock, wire.result_size(len(parts)), deadline)
+            head = self._recv_exact(link, wire.result_size(len(parts)), deadline)
             entries = wire.decode_result_head(head, parts)
         except _Short as e:
             err = self._link_error(peer, e.cause, timeout)
@@ -219,9 +224,9 @@ class TcpTransport(Transport):
                 targets.append(views[i][p.part_off:p.part_off + p.part_len])
                 where.append(i)
         try:
-            self._recv_views(sock, targets, deadline)
+            self._recv_views(link, targets, deadline)
             nreason = sum(n for status, n in entries if status != wire.OK)
-            text = bytes(self._recv_exact(sock, nreason, deadline)) if nreason else b""
+            text = bytes(self._recv_exact(link, nreason, deadline)) if nreason else b""
         except _Short as e:
             err = self._link_error(peer, e.cause, timeout)
             for j, i in enumerate(where):
@@ -256,26 +261,26 @@ class TcpTransport(Transport):
             nbytes += item[1].part_len
         if chunk:
             chunks.append(chunk)
-        sock = None
+        link = None
         try:
-            sock, reused = self._checkout(peer)
-            if sock is None:
-                sock = self._dial(peer, deadline)
+            link, reused = self._checkout(peer)
+            if link is None:
+                link = self._dial(peer, deadline)
             for c, chunk in enumerate(chunks):
                 try:
-                    self._exchange(sock, peer, chunk, views, results, deadline, timeout)
+                    self._exchange(link, peer, chunk, views, results, deadline, timeout)
                 except _LinkFailed as e:
-                    sock.close()
-                    sock = None
+                    link.sock.close()
+                    link = None
                     if c == 0 and reused and not e.answered and not isinstance(e.error, TransferTimeout):
                         reused = False            # a stale pooled link: redial once, same deadline
-                        sock = self._dial(peer, deadline)
+                        link = self._dial(peer, deadline)
                         try:
-                            self._exchange(sock, peer, chunk, views, results, deadline, timeout)
+                            self._exchange(link, peer, chunk, views, results, deadline, timeout)
                             continue
                         except _LinkFailed as e2:
-                            sock.close()
-                            sock = None
+                            link.sock.close()
+                            link = None
                             e = e2
                     for later in chunks[c + (1 if e.answered else 0):]:
                         for i, _ in later:
@@ -286,8 +291,8 @@ class TcpTransport(Transport):
                 for i, _ in later:
                     _fail(results, i, e)
         finally:
-            if sock is not None:
-                self._checkin(peer, sock)
+            if link is not None:
+                self._checkin(peer, link)
 
     # -- planning
     def _plan(self, ops):
@@ -374,22 +379,36 @@ class TcpTransport(Transport):
             self._closed = True
             pool, self._pool = self._pool, {}
             executor, self._executor = self._executor, None
-        for socks in pool.values():
-            for s in socks:
-                s.close()
+        for links in pool.values():
+            for link in links:
+                link.sock.close()
         if executor is not None:
             executor.shutdown(wait=True)
 
 
-def _arm(sock, deadline, slack=0.005):
-    """Make sock's timeout end by the deadline (within slack), changing it (a syscall)
-    only when it would end later; an earlier one is re-armed when it fires."""
+class _Link:
+    """A pooled, authenticated, blocking connection and the kernel timeouts set on it."""
+
+    __slots__ = ("sock", "armed")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.armed = None
+
+
+def _arm(link, deadline, slack=0.005):
+    """Make every wait on link end by the deadline (within slack): SO_RCVTIMEO and
+    SO_SNDTIMEO, changed (two syscalls) only when they would end later, or much earlier
+    (one that ends early fires and is re-armed). No poll before each receive."""
     left = deadline - time.monotonic()
     if left <= 0:
         raise socket.timeout("deadline passed")
-    cur = sock.gettimeout()
+    cur = link.armed
     if cur is None or cur > left + slack or cur < left - 1.0:
-        sock.settimeout(left)
+        tv = struct.pack("ll", int(left), int(left % 1 * 1e6) or (0 if int(left) else 1))
+        link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        link.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        link.armed = left
 
 
 class _Short(Exception):
