@@ -508,6 +508,9 @@ class ClusterNode:
                     continue
                 t = max(0.001, deadline - time.monotonic())
                 futures[self.control_pool.submit(self.request, home, pw.lookup(group), pw.LOCATIONS, t)] = (home, group)
+            if futures:
+                self.count("lookup_rounds")
+                self.count("lookup_messages", len(futures))
             for fut, (home, group) in futures.items():
                 try:
                     got = fut.result()
