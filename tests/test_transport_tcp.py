@@ -364,3 +364,30 @@ def test_a_short_secret_is_a_config_error(tcp):
         TcpTransport(b"short")
     with pytest.raises(ConfigError, match="secret"):
         TcpServer(tcp.resolver, "127.0.0.1", 0, b"short")
+
+
+# ---- the frames themselves ---------------------------------------------------------------------------
+def test_wire_round_trip_and_refusals():
+    from kvstore.errors import ProtocolError
+    parts = [wire.Part(ReadOp(b"a" * 256, 4096, 100, 3), 10, 50), wire.Part(ReadOp(b"k", 0, 7, 1))]
+    frame = wire.read_request(parts)
+    mtype, length = wire.read_header(frame[:wire.HEADER_SIZE])
+    assert (mtype, length) == (wire.READ, len(frame) - wire.HEADER_SIZE)
+    back = wire.decode_read(frame[wire.HEADER_SIZE:])
+    assert [(p.op, p.part_off, p.part_len) for p in back] == [(p.op, p.part_off, p.part_len) for p in parts]
+    payload = frame[wire.HEADER_SIZE:]
+    for bad in (payload[:-1], payload + b"x", struct.pack("<I", 0), struct.pack("<I", 0xFFFFFFFF), b"",
+                payload[:4] + payload[4:4 + 40] + struct.pack("<H", 0) + payload[4 + 42:]):
+        with pytest.raises(ProtocolError):
+            wire.decode_read(bad)
+    with pytest.raises(ProtocolError):                      # a part outside its object
+        wire.read_request([wire.Part(ReadOp(b"k", 0, 10, 1), 5, 6)])
+    with pytest.raises(ProtocolError):
+        wire.read_header(struct.pack("<IB", 5, 99))
+    head = wire.result_head([(wire.OK, 50), (wire.GONE, 3)])
+    assert wire.decode_result_head(head, parts) == [(wire.OK, 50), (wire.GONE, 3)]
+    for entries in ([(wire.OK, 51), (wire.OK, 7)], [(9, 0), (wire.OK, 7)], [(wire.GONE, wire.MAX_REASON + 1)] * 2):
+        with pytest.raises(ProtocolError):
+            wire.decode_result_head(wire.result_head(entries), parts)
+    with pytest.raises(ProtocolError):                      # a RESULT of another length
+        wire.decode_result_head(wire.result_head([(wire.OK, 50)]) + bytes(9), parts)
