@@ -277,7 +277,7 @@ class ClusterNode:
             withdraw, announce = [], []
             while True:                     # take everything queued: batches, not messages
                 if kind == "members":
-                    full |= self._set_members(body) or not full and not announce and not withdraw
+                    full |= self._set_members(body)     # a changed membership moves homes
                 elif kind == "reannounce":
                     full = True
                 elif kind == "local":

@@ -245,7 +245,14 @@ def main():
     ap.add_argument("--mooncake-api", action="store_true",
                     help="the same sizes through the Mooncake-compatible facade (put_from / get_into)")
     ap.add_argument("--mooncake-reader", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--cluster", action="store_true",
+                    help="cross-host figures between two network namespaces (scripts/bench_cluster.py; root)")
     args = ap.parse_args()
+
+    if args.cluster:
+        here = os.path.dirname(os.path.abspath(__file__))
+        cmd = [sys.executable, os.path.join(here, "bench_cluster.py")] + (["--quick"] if args.quick else [])
+        os.execv(sys.executable, cmd)
 
     if args.mooncake_reader:
         sock, nbytes, count = args.mooncake_reader
