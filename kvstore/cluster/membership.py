@@ -337,7 +337,8 @@ class EtcdMembership:
         return {"backend": "etcd", "endpoint": self._endpoint(), "name": self.name,
                 "etcd_reachable": self._down_since is None,
                 "etcd_down_s": round(now - self._down_since, 3) if self._down_since else 0.0,
-                "registered": self._lease is not None and self.name in self._view,
+                "registered": self._lease is not None and
+                (self._view.get(self.name) or {}).get("incarnation") == self.me["incarnation"],
                 "lease": self._lease, "members": len(self._view),
                 "registrations": self._registrations, "conflict": self._conflict}
 
