@@ -175,6 +175,27 @@ def test_cut_host_drops_out_and_rejoins(cluster):
         assert took < 8
 
 
+def test_name_taken_while_cut_off_stays_out_until_freed(cluster):
+    """c is cut off, its lease expires, another daemon registers as c's address:port;
+    when c comes back it does not overwrite the newcomer (it stays out, ERROR logged),
+    and it registers again as soon as the newcomer leaves."""
+    c = Member(cluster, "c")
+    with observer(cluster) as m:
+        wait_until(lambda: c.name in m.members(), 3, "c registered")
+        cluster.cut("c")
+        wait_until(lambda: c.name not in m.members(), GONE_WITHIN + 1, "cut host c gone")
+        me = {"address": cluster.addr("c"), "peer_port": 7000}
+        with EtcdMembership([cluster.etcd_endpoint], me, ttl=TTL) as newcomer:
+            cluster.heal("c")
+            wait_until(lambda: c.ask("status")["conflict"] is not None, 8, "c sees the conflict")
+            assert not c.ask("status")["registered"]
+            time.sleep(TTL / 3 + 0.3)
+            assert m.members()[c.name]["incarnation"] == newcomer.me["incarnation"]
+            assert newcomer.status()["registered"]
+        wait_until(lambda: c.ask("status")["registered"], TTL, "c registered again after the newcomer left")
+        assert c.ask("status")["conflict"] is None
+
+
 def test_etcd_down_keeps_last_view_and_thread_survives(cluster, thread_errors):
     b = Member(cluster, "b")
     with observer(cluster) as m:
