@@ -6,17 +6,16 @@ Owns: the listening socket, one accept thread and one thread per connection, the
 handshake (kvstore.cluster.auth.accept_handshake, bounded by ``handshake_timeout``) before
 any request is read, and the answers to READs (frames in kvstore.transport.wire): it
 resolves every part through its Resolver (a read lease each), sends the status block,
-then each part's bytes (parts up to SMALL_PART gathered into one send, larger ones with
-os.sendfile from ``Served.fd`` (the link is blocking, its waits bounded by
-SO_RCVTIMEO/SO_SNDTIMEO), under TCP_CORK
-for answers of CORK_MIN bytes or more, or from ``Served.buf`` when there is no file), and
-releases each lease in a ``finally`` once its bytes left. Every wait is bounded
-(``frame_timeout`` for frames, ``send_timeout`` for answers,
-``idle_timeout`` for an idle link), so a stalled reader cannot hold a lease or a thread for
-ever; ``max_connections`` bounds the threads. Garbage, truncated or oversized frames close
-that connection, logged at WARNING at most once per WARN_EVERY seconds per kind; a
-request over ``max_ops``/``max_bytes`` gets a REFUSED status for each part and the link
-stays up. Counters in ``stats``.
+then each part's bytes (parts up to SMALL_PART copied with pread and gathered into one
+send; larger ones by os.sendfile from ``Served.fd``, under TCP_CORK for answers of
+CORK_MIN bytes or more; from ``Served.buf`` when there is no file), and releases each
+lease in a ``finally`` once its bytes left. After the handshake a link is blocking and
+every wait is bounded by the kernel (SO_RCVTIMEO = ``frame_timeout``, SO_SNDTIMEO =
+``send_timeout``; an idle link closes after ``idle_timeout``), so a stalled reader cannot
+hold a lease or a thread for ever; ``max_connections`` bounds the threads. Garbage,
+truncated or oversized frames close that connection, logged at WARNING at most once per
+WARN_EVERY seconds per kind; a request over ``max_ops``/``max_bytes`` gets a REFUSED
+status for each part and the link stays up. Counters in ``stats``.
 Must never: read a request on a link whose handshake did not succeed; serve bytes a
 Resolver did not grant (a request names an object, never an address); keep a lease past
 its answer; let one connection's failure stop the server.
