@@ -10,8 +10,10 @@ setup(
     python_requires=">=3.10",
     # The card's top-level folders daemon/ and client/ install inside the package, so
     # users write `from kvstore.client import Client` (a top-level `daemon` would clash).
-    packages=["kvstore", "kvstore.store", "kvstore.daemon", "kvstore.client", "kvstore.client.adapters"],
-    package_dir={"kvstore": "kvstore", "kvstore.store": "kvstore/store", "kvstore.daemon": "daemon",
+    packages=["kvstore", "kvstore.store", "kvstore.cluster", "kvstore.transport", "kvstore.daemon",
+              "kvstore.client", "kvstore.client.adapters"],
+    package_dir={"kvstore": "kvstore", "kvstore.store": "kvstore/store", "kvstore.cluster": "kvstore/cluster",
+                 "kvstore.transport": "kvstore/transport", "kvstore.daemon": "daemon",
                  "kvstore.client": "client", "kvstore.client.adapters": "client/adapters"},
     install_requires=[
         "lmdb>=1.4",        # the daemon's index: transactional, crash-safe, ~1 us reads

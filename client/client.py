@@ -166,19 +166,22 @@ class Client:
             self._conn.check_open()
             self._writer.abort(k)
 
-    def put(self, key, value, strict=False, pin=False):
+    def put(self, key, value, strict=False, pin=False, replicas=None):
         """Store value under key. Returns True if written, False if the key already
         existed (keys are content hashes: a repeat is normal and is not an error);
-        with strict=True an existing key raises ObjectExists instead.
+        with strict=True an existing key raises ObjectExists instead. ``replicas``: in a
+        cluster, copies on distinct hosts (placed in the background, off this call's
+        latency; None: the daemon's --replicas).
 
         value: bytes-like, a numpy array, a torch tensor (CPU, or CUDA: copied straight
         into the pinned segment), a pyarrow Buffer, or a list/tuple of these, stored
         one after another as one object."""
         k = self._key(key)
         parts = self._writer.parts(value)
-        return self._locked(self._writer.put_many, [k], [parts], strict, pin, self._state_of, {})[0]
+        return self._locked(self._writer.put_many, [k], [parts], strict, pin, self._state_of, {},
+                            _replicas(replicas))[0]
 
-    def put_many(self, keys, values, strict=False, pin=False):
+    def put_many(self, keys, values, strict=False, pin=False, replicas=None):
         """put() each pair; returns a list of bools (True = written). The seals go out
         in one message; copies from CUDA tensors are issued together and waited for once."""
         if len(keys) != len(values):
@@ -186,7 +189,8 @@ class Client:
         ks = self._keys(keys)
         partss = [self._writer.parts(v) for v in values]
         # ``done`` survives a retry: keys this call already wrote stay True, not "existing"
-        return self._locked(self._writer.put_many, ks, partss, strict, pin, self._state_of, {})
+        return self._locked(self._writer.put_many, ks, partss, strict, pin, self._state_of, {},
+                            _replicas(replicas))
 
     def _locked(self, fn, *args):
         """fn(*args) under the client lock; if a lookup needs the daemon back, the lock
@@ -384,3 +388,13 @@ class Client:
         self._conn.ready()
         self._reader.settle()
         return self._conn.request(protocol.encode(protocol.CHECK, {}), protocol.CHECK_REPLY)["problems"]
+
+
+def _replicas(n):
+    """0 (the daemon's default) for None, else a count of 1-64 copies."""
+    if n is None:
+        return 0
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+        raise InvalidSize(f"replicas={n!r}: give a whole number of copies from 1 to 64, or None "
+                          f"for the daemon's --replicas")
+    return n

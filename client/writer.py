@@ -252,10 +252,11 @@ class Writer:
         e = self.conn.att.table.lookup(k)
         return None if e is None else e.state
 
-    def put_many(self, ks, partss, strict, pin, lookup_state, done=None):
+    def put_many(self, ks, partss, strict, pin, lookup_state, done=None, replicas=0):
         """Store each value (parts, n, on_device). Returns [bool]; the caller holds the lock.
         ``done`` (index -> offset) carries the keys an interrupted earlier try of this same
-        call already wrote: they count as written, not as existing."""
+        call already wrote: they count as written, not as existing. ``replicas``: copies
+        on distinct hosts the cluster should keep (0: the daemon's default)."""
         done = {} if done is None else done
         # with namespace quotas a pin can be refused: it goes by PIN request after the seal
         pin_later = pin and self.conn.att.quotas
@@ -285,13 +286,13 @@ class Writer:
                     self._untake(off, n)
                     raise
                 self.seq += 1
-                self._outbox.append(protocol.seal_item(self.seq, k, off, n, csum, flags))
+                self._outbox.append(protocol.seal_item(self.seq, k, off, n, csum, flags, replicas))
                 self.pending[k] = (off, n, csum, self.seq)
                 mine.append(i)
                 out[i] = True
                 done[i] = off
             if dev:
-                self._put_device(ks, partss, dev, flags, mine, out, done)
+                self._put_device(ks, partss, dev, flags, mine, out, done, replicas)
         finally:
             self.flush()
         if mine and self.conn.att.slot.sync_puts():
@@ -310,7 +311,7 @@ class Writer:
                 self.conn.request(protocol.keyed(protocol.PIN, ks[i], flag=1), protocol.DONE)
         return out
 
-    def _put_device(self, ks, partss, dev, flags, mine, out, done):
+    def _put_device(self, ks, partss, dev, flags, mine, out, done, replicas=0):
         """Device tensors: take space for each, issue every copy (non-blocking from the
         device into the pinned segment), wait once, then hash and seal each."""
         att = self.conn.att
@@ -343,7 +344,7 @@ class Writer:
         for i, off, n in taken:
             csum = hashed[i] if i in hashed else checksum(att.rw[off:off + n])  # rw: mapped already
             self.seq += 1
-            self._outbox.append(protocol.seal_item(self.seq, ks[i], off, n, csum, flags))
+            self._outbox.append(protocol.seal_item(self.seq, ks[i], off, n, csum, flags, replicas))
             self.pending[ks[i]] = (off, n, csum, self.seq)
             mine.append(i)
             out[i] = True

@@ -29,7 +29,6 @@ match; turn a failed transfer into a silent miss (the caller gets the error).
 """
 
 import concurrent.futures
-import json
 import logging
 import queue
 import socket
@@ -59,19 +58,10 @@ CONTROL_TIMEOUT = 2.0
 STATIC_POLL = 1.0
 MAX_CONTROL_LINKS = 256
 
-INFO, INFO_REPLY = 8, 9
-pw.NAMES.update({INFO: "INFO", INFO_REPLY: "INFO_REPLY"})
-pw.DECODERS.update({INFO: lambda p: None, INFO_REPLY: lambda p: _json(p)})
-
-
-def _json(p):
-    try:
-        v = json.loads(bytes(p))
-    except ValueError:
-        raise ProtocolError("INFO_REPLY: not JSON") from None
-    if not isinstance(v, dict):
-        raise ProtocolError("INFO_REPLY: not an object")
-    return v
+INFO, INFO_REPLY = pw.INFO, pw.INFO_REPLY
+#: Seconds between INFO polls of every member (free space for placement; static peers'
+#: liveness and incarnation).
+POLL_EVERY = 2.0
 
 
 class ClusterNode:
@@ -105,6 +95,9 @@ class ClusterNode:
         self.pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="kvstore-fetch")
         self.control_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="kvstore-lookup")
         self._threads = []
+        self.free = {}                       # member id -> free bytes it last reported
+        self.free_here = -1
+        self.replicate_q = queue.SimpleQueue()
         self._control_slots = threading.BoundedSemaphore(MAX_CONTROL_LINKS)
 
     # ---- start / stop ------------------------------------------------------------------------
@@ -133,8 +126,8 @@ class ClusterNode:
             self.local[key] = (off, size, csum)
         self.events.put(("members", self.membership.members()))
         self._spawn(self._announcer, "kvstore-announcer")
-        if not self.cfg.cluster:
-            self._spawn(self._poll_static, "kvstore-static-peers")
+        self._spawn(self._poll, "kvstore-member-poll")
+        self._spawn(self._replicator, "kvstore-replicator")
         log.info("cluster: member %s (incarnation %d), peer port %d, tcp transport port %d, %s",
                  self.id, self.incarnation, self.peer_port, self.transport_server.address.port,
                  f"etcd {self.cfg.cluster[7:]}" if self.cfg.cluster else f"static peers {', '.join(self.cfg.peers)}")
@@ -154,6 +147,7 @@ class ClusterNode:
     def close(self):
         self.closing = True
         self.events.put(("stop", None))
+        self.replicate_q.put(None)
         for closer in (self.membership, self.transport_server, self.transport):
             try:
                 if closer is not None:
@@ -225,6 +219,9 @@ class ClusterNode:
         ann = [(k, r.offset, r.size, r.checksum) for k, r in published.items() if r.sealed]
         if ann or hidden:
             self.events.put(("local", (list(hidden), ann)))
+        for k, r in published.items():
+            if r.sealed and r.replicas > 1:        # a put that asked for copies elsewhere
+                self.replicate_q.put((k, r.offset, r.size, r.checksum, r.replicas))
 
     def _set_members(self, view):
         new = {}
@@ -252,21 +249,90 @@ class ClusterNode:
                 self.locations.retain(keep)
         return changed
 
-    def _poll_static(self):
+    def _poll(self):
+        """Every member's INFO (free bytes, for placement); for static peers also their
+        liveness and incarnation (etcd tells those for the others)."""
+        static = not self.cfg.cluster
         while not self.closing:
+            try:
+                self.free_here = self._free_bytes()
+            except Exception:                          # noqa: BLE001 (next time)
+                pass
             new = {}
             for mid in self.membership.members():
                 if mid == self.id:
                     continue
                 try:
-                    body = self.request(mid, pw.frame(INFO, b""), INFO_REPLY, timeout=1.0)
-                    new[mid] = {"address": body["address"], "tcp_port": int(body["tcp_port"]),
-                                "incarnation": int(body["incarnation"])}
+                    body = self.request(mid, pw.info(), INFO_REPLY, timeout=1.0)
+                    if static:
+                        new[mid] = {"address": body["address"], "tcp_port": int(body["tcp_port"]),
+                                    "incarnation": int(body["incarnation"])}
+                    self.free[mid] = int(body.get("free", -1))
                 except (KVStoreError, KeyError, ValueError, TypeError, OSError):
-                    pass
-            if self._apply_members(new):
+                    self.free.pop(mid, None)
+            if static and self._apply_members(new):
                 self.events.put(("reannounce", None))
-            time.sleep(STATIC_POLL)
+            time.sleep(STATIC_POLL if static else POLL_EVERY)
+
+    def _free_bytes(self):
+        st = self.client().stats()
+        return int(st["size"]) - int(st["used"])
+
+    # ---- replicas ----------------------------------------------------------------------------
+    def place(self, key, size, count):
+        """Up to count members (not this one) for replicas of key: in the key's
+        rendezvous order (an even spread, the same choice on every daemon), skipping
+        members whose last reported free space cannot take it."""
+        with self.members_lock:
+            ids = list(self.members)
+        out = []
+        for mid in homes(key, ids, len(ids)):
+            free = self.free.get(mid)
+            if free is not None and 0 <= free < size:
+                continue
+            out.append(mid)
+            if len(out) == count:
+                break
+        return out
+
+    def _replicator(self):
+        while not self.closing:
+            item = self.replicate_q.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < ANNOUNCE_BATCH:
+                try:
+                    nxt = self.replicate_q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    return
+                batch.append(nxt)
+            by_target = {}
+            for key, off, size, csum, n in batch:
+                targets = self.place(key, size, n - 1)
+                if len(targets) < n - 1:
+                    self.count("replicas_short", n - 1 - len(targets))
+                    self.warn("*", "place", "cluster: %r wants %d copies but only %d other members "
+                              "can take it; it has %d", key[:64], n, len(targets), len(targets) + 1)
+                for t in targets:
+                    by_target.setdefault(t, []).append((key, off, size, csum))
+            for t, items in by_target.items():
+                try:
+                    self.request(t, pw.replicate(self.id, self.incarnation, items), pw.OK)
+                    self.count("replicas_placed", len(items))
+                except KVStoreError as e:
+                    self.count("replicate_failures")
+                    self.warn(t, "replicate", "cluster: could not ask %s to keep %d replicas (%s)",
+                              t, len(items), e)
+
+    def _replicate_here(self, keys, found):
+        try:
+            res = self._pull_all(keys, found, [], time.monotonic() + max(2.0, self.cfg.transfer_timeout))
+            self.count("replicas_kept", sum(1 for r in res.values() if r[0] == protocol.FETCH_LOCAL))
+        except Exception:                              # noqa: BLE001
+            log.exception("cluster: keeping replicas failed")
 
     def _announcer(self):
         while not self.closing:
@@ -476,9 +542,17 @@ class ClusterNode:
                 self.locations.withdraw(holder, inc, keys)
             return pw.ok(len(keys))
         if mtype == INFO:
-            return pw.frame(INFO_REPLY, json.dumps({
-                "address": self.cfg.advertise, "tcp_port": self.transport_server.address.port,
-                "incarnation": self.incarnation, "version": 1}).encode())
+            return pw.info_reply({"address": self.cfg.advertise, "tcp_port": self.transport_server.address.port,
+                                  "incarnation": self.incarnation, "free": self.free_here, "version": 1})
+        if mtype == pw.REPLICATE:
+            holder, inc, items = pw.read_replicate(payload)
+            m = self.info(holder)
+            if m is None or m["incarnation"] != inc:
+                return pw.ok(0)
+            self.count("replicas_requested", len(items))
+            found = {k: [(holder, inc, off, size, csum)] for k, off, size, csum in items}
+            self.pool.submit(self._replicate_here, [k for k, _, _, _ in items], found)
+            return pw.ok(len(items))
         if mtype == pw.DELETE:
             return pw.ok(sum(self._delete_local(pw.read_delete(payload))))
         raise ProtocolError(f"unexpected {pw.NAMES.get(mtype, mtype)} on a control link")

@@ -119,6 +119,7 @@ class Daemon:
             self.slot_of = {cid: info.get("slot", -1) for cid, info in maintenance.clients(o.env).items()}
             self.store = Store(o.env, o.table, self._held, o.incarnation)
             self.store.grow_table = self._grow_table
+            self.store.default_replicas = self.cfg.replicas
             if self.cfg.namespace_quotas:
                 self.store.set_quotas(self.cfg.namespace_quotas,
                                       *(o.records or maintenance.load_records(o.env)))

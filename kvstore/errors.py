@@ -206,17 +206,19 @@ class ObjectGoneOnPeer(TransportError):
     code = 53
 
 
-class PeerAuthFailed(KVStoreError):
+class PeerAuthFailed(TransportError):
     """A peer could not prove it knows the cluster secret (or we could not): nothing is
     served to it. Check that every daemon reads the same --cluster-secret-file."""
 
     code = 60
+    stage = "connect"
 
 
-class PeerIncompatible(KVStoreError):
+class PeerIncompatible(TransportError):
     """A peer speaks another peer-protocol version: upgrade the older daemon."""
 
     code = 61
+    stage = "connect"
 
 
 class ClusterUnavailable(KVStoreError):

@@ -13,6 +13,14 @@ cd "$(dirname "$0")/.."
 PROG=test.sh
 . scripts/venv.sh
 make_venv .venv-tox
+# the cluster tests run a real etcd between network namespaces: Debian's etcd-server and
+# iproute2 (as root; as a plain user those tests skip, naming this command)
+if [ "$(id -u)" = 0 ] && { ! command -v etcd >/dev/null || ! command -v ip >/dev/null; }; then
+    (apt-get install -y -q etcd-server etcd-client iproute2 >/tmp/kvstore-apt.log 2>&1 \
+        || { apt-get update -q >>/tmp/kvstore-apt.log 2>&1 \
+             && apt-get install -y -q etcd-server etcd-client iproute2 >>/tmp/kvstore-apt.log 2>&1; }) \
+        || echo "$PROG: could not install etcd-server (see /tmp/kvstore-apt.log); the cluster tests will skip" >&2
+fi
 .venv-tox/bin/python -c 'import tox' >/dev/null 2>&1 || .venv-tox/bin/python -m pip install -q "tox>=4,<5" \
     || die "cannot install tox into .venv-tox (no network, or no package index?)"
 if [ -z "${PIP_INDEX_URL-}${PIP_EXTRA_INDEX_URL-}" ] \

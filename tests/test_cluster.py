@@ -339,3 +339,33 @@ def test_a_batched_lookup_is_one_round_whatever_the_number_of_hosts(make_kv):
         got = ch.read_many(keys)
     assert all(bytes(x) == b"v" * 100 for x in got)
     assert h.cluster_stats()["lookup_rounds"] - after["lookup_rounds"] == 1
+
+
+def test_put_with_replicas_places_copies_on_other_hosts(kv):
+    a, b, c = kv["a"], kv["b"], kv["c"]
+    values = vals(10, "rep", hi=50_000)
+    with a.client() as ca:
+        t0 = time.monotonic()
+        for k, v in values.items():
+            assert ca.put(k, v, replicas=2)
+        took = time.monotonic() - t0                      # off the put's latency path
+        assert ca.put(b"single", b"s" * 100)              # the daemon's default: 1 copy
+    assert took < 2.0, took
+    deadline = time.monotonic() + 10
+    while True:                                           # exactly one other host keeps each
+        with b.client() as cb, c.client() as cc:
+            held = [cb.contains(k) + cc.contains(k) for k in values]
+        if held == [1] * len(values):
+            break
+        assert time.monotonic() < deadline, held
+        time.sleep(0.1)
+    with b.client() as cb, c.client() as cc:
+        assert not cb.contains(b"single") and not cc.contains(b"single")
+    a.kill()                                              # the original holder dies
+    for d in (b, c):
+        with d.client() as cd:
+            got = cd.read_many(list(values))
+            assert [bytes(x) for x in got] == list(values.values())
+    with b.client() as cb:
+        with pytest.raises(Exception, match="replicas"):
+            cb.put(b"bad", b"x", replicas=0)

@@ -6,7 +6,9 @@ type.
 Owns: the messages LOOKUP (keys) -> LOCATIONS (per key, its holders' records), ANNOUNCE
 (a holder's batch of records under its incarnation) and WITHDRAW (keys it no longer
 holds) -> OK (a count), DELETE (keys to drop from the receiving daemon's store) -> OK,
-and ERROR (a code from kvstore.errors and a message); the limits that bound them.
+REPLICATE (objects of the sender to pull and keep) -> OK, INFO -> INFO_REPLY (the
+receiver's incarnation, transport port and free bytes), and ERROR (a code from
+kvstore.errors and a message); the limits that bound them.
 The bytes of objects do not travel here: kvstore.transport moves them.
 Must never: allocate what a length field claims before checking it against the bytes
 present and the limits; accept a payload that does not decode completely (trailing
@@ -19,8 +21,10 @@ from kvstore.errors import ProtocolError
 from kvstore.keys import MAX_KEY_BYTES
 
 LOOKUP, LOCATIONS, ANNOUNCE, WITHDRAW, OK, ERROR, DELETE = 1, 2, 3, 4, 5, 6, 7
+INFO, INFO_REPLY, REPLICATE = 8, 9, 10
 NAMES = {LOOKUP: "LOOKUP", LOCATIONS: "LOCATIONS", ANNOUNCE: "ANNOUNCE", WITHDRAW: "WITHDRAW",
-         OK: "OK", ERROR: "ERROR", DELETE: "DELETE"}
+         OK: "OK", ERROR: "ERROR", DELETE: "DELETE", INFO: "INFO", INFO_REPLY: "INFO_REPLY",
+         REPLICATE: "REPLICATE"}
 #: Largest payload of one frame; an announcement of more records is split.
 MAX_PAYLOAD = 8 << 20
 #: Most keys one LOOKUP, WITHDRAW or DELETE may carry, and records one ANNOUNCE.
@@ -211,7 +215,44 @@ def read_error(payload):
     return code, rest.decode("utf-8", "replace")
 
 
-DECODERS = {LOOKUP: read_lookup, LOCATIONS: read_locations, ANNOUNCE: read_announce,
+def info():
+    return frame(INFO, b"")
+
+
+def read_info(payload):
+    if payload:
+        raise ProtocolError("INFO: carries no payload")
+    return None
+
+
+def info_reply(fields):
+    """INFO_REPLY: a JSON object (address, tcp_port, incarnation, free bytes, version)."""
+    import json
+    return frame(INFO_REPLY, json.dumps(fields).encode())
+
+
+def read_info_reply(payload):
+    import json
+    try:
+        v = json.loads(bytes(payload))
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("INFO_REPLY: not JSON") from None
+    if not isinstance(v, dict):
+        raise ProtocolError("INFO_REPLY: not a JSON object")
+    return v
+
+
+def replicate(holder, incarnation, items):
+    """REPLICATE: "pull these objects of mine and keep a replica" (ANNOUNCE's layout)."""
+    return frame(REPLICATE, announce(holder, incarnation, items)[HEADER.size:])
+
+
+def read_replicate(payload):
+    return read_announce(payload)
+
+
+DECODERS = {INFO: read_info, INFO_REPLY: read_info_reply, REPLICATE: read_replicate,
+            LOOKUP: read_lookup, LOCATIONS: read_locations, ANNOUNCE: read_announce,
             WITHDRAW: read_withdraw, OK: read_ok, ERROR: read_error, DELETE: read_delete}
 
 

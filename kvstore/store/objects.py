@@ -149,6 +149,7 @@ class Store:
         #: (published {key: Record}, hidden [key]) -> None after each commit; the cluster
         #: announces and withdraws locations through it (None on a single host: no cost)
         self.observer = None
+        self.default_replicas = 1                 # a put's replicas when it names none (0)
         #: Quotas.version at which the watermark sweep last found no object it may take
         #: (every namespace above its quota by less than one of its extents): it walks
         #: again only after usage, pins or the evictable objects changed
@@ -424,7 +425,8 @@ class Store:
             flags = self._pin_allowed(b, key, ext, flags)
             self.quotas.charge(b, key, ext, bool(flags & Flag.PINNED))
         stamp = time.monotonic_ns()
-        rec = Record(off, size, cid, stamp, csum, State.SEALED, Flag(flags), self.incarnation, replicas)
+        rec = Record(off, size, cid, stamp, csum, State.SEALED, Flag(flags), self.incarnation,
+                     replicas or self.default_replicas)
         txn.put(key, record.pack(rec), db=d.objects)
         if not rec.pinned:
             txn.put(pack64(stamp) + key, b"", db=d.lru)
