@@ -301,7 +301,7 @@ class EtcdMembership:
                 if not self.wait_for_etcd:
                     raise ClusterUnavailable(
                         f"etcd unreachable at {eps} ({e}): start etcd there, fix --cluster, "
-                        f"or pass --cluster-wait to wait for it") from None
+                        f"or pass --wait-for-cluster to wait for it") from None
                 if deadline is not None and time.monotonic() > deadline:
                     raise ClusterUnavailable(
                         f"etcd still unreachable at {eps} after waiting {self.wait_for_etcd} s "
