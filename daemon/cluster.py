@@ -94,6 +94,9 @@ class ClusterNode:
         self.transport_server = self.transport = self.membership = None
         self.pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="kvstore-fetch")
         self.control_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="kvstore-lookup")
+        # One holder's batch of a fetch: never on self.pool, whose FETCH workers wait for
+        # these (8 FETCHes of keys on two holders would fill it with waiters for good).
+        self.pull_pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="kvstore-pull")
         self._threads = []
         self.free = {}                       # member id -> free bytes it last reported
         self.free_here = -1
@@ -160,6 +163,7 @@ class ClusterNode:
             pass
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.control_pool.shutdown(wait=False, cancel_futures=True)
+        self.pull_pool.shutdown(wait=False, cancel_futures=True)
         with self.links_lock:
             for socks in self.links.values():
                 for s in socks:
@@ -735,7 +739,7 @@ class ClusterNode:
             if not by_holder:
                 break
             t = min(self.cfg.transfer_timeout, max(0.001, deadline - time.monotonic()))
-            futs = {self.pool.submit(self._pull_batch, holder, items, t): holder
+            futs = {self.pull_pool.submit(self._pull_batch, holder, items, t): holder
                     for holder, items in by_holder.items()} if len(by_holder) > 1 else None
             outcomes = ({h: f.result() for f, h in futs.items()} if futs else
                         {h: self._pull_batch(h, items, t) for h, items in by_holder.items()})
