@@ -52,6 +52,7 @@ class Reader:
     def __init__(self, conn, writer):
         self.conn, self.writer = conn, writer
         self.held = {}        # key -> [Held, ...] (2+ only if the key was replaced meanwhile)
+        self.remote = True    # False: a local miss stays a miss (the daemon's own client)
         conn.on_fresh_store.append(self._fresh_store)
 
     def _fresh_store(self, old_att):
@@ -126,7 +127,7 @@ class Reader:
         other hosts. Returns (indices now local, {index: the typed error of a key every
         holder failed for}); a key no host has is in neither (a plain miss). Several
         requests when the keys do not fit one message."""
-        if not idx or not self.conn.att.cluster:
+        if not idx or not self.conn.att.cluster or not self.remote:
             return [], {}
         timeout = max(0.1, self.conn.timeout - 0.5)     # answered before our socket gives up
         local, failed = [], {}

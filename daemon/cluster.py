@@ -206,7 +206,9 @@ class ClusterNode:
         with self._client_lock:
             if self._client is None:
                 from kvstore.client import Client
-                self._client = Client(self.socket_path, timeout=10.0, reconnect_timeout=5.0)
+                c = Client(self.socket_path, timeout=10.0, reconnect_timeout=5.0)
+                c._reader.remote = False    # serving a peer must never pull the key from a third
+                self._client = c
             return self._client
 
     def alive(self, mid):
