@@ -124,7 +124,15 @@ def main():
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--size", default="512MiB", help="segment size")
     ap.add_argument("--seed", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--cluster", action="store_true",
+                    help="across three hosts in network namespaces (scripts/soak_cluster.py; root)")
+    args, rest = ap.parse_known_args()
+    if args.cluster:
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "soak_cluster.py"),
+               "--seconds", str(args.seconds), "--seed", str(args.seed), *rest]
+        os.execv(sys.executable, cmd)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     rng = random.Random(args.seed)
     tmp = tempfile.mkdtemp(prefix="kvsoak-", dir="/dev/shm")
     sock, data_dir, logdir = os.path.join(tmp, "kv.sock"), os.path.join(tmp, "data"), os.path.join(tmp, "keys")
