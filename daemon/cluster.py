@@ -119,7 +119,8 @@ class ClusterNode:
         if self.cfg.cluster:
             self.membership = mm.EtcdMembership(self.cfg.cluster[len("etcd://"):].split(","), me,
                                                 ttl=self.cfg.member_ttl,
-                                                wait_for_etcd=self.cfg.wait_for_cluster)
+                                                wait_for_etcd=self.cfg.wait_for_cluster,
+                                                owns_name=True)     # we hold its peer port
         else:
             self.membership = mm.StaticMembership(self.cfg.peers, me)
         self._spawn(self._accept_loop, "kvstore-peer-accept")

@@ -256,10 +256,15 @@ def _token(r):
 
 class EtcdMembership:
     """Membership in etcd (see the module docstring). ``wait_for_etcd``: False (refuse
-    at once when etcd is unreachable), True (wait as long as it takes) or seconds."""
+    at once when etcd is unreachable), True (wait as long as it takes) or seconds.
+    ``owns_name``: the caller holds a listening socket on me's address and peer port, so
+    a key already registered under that name is a dead earlier run's: it is replaced at
+    once instead of waiting for its lease to expire (a restart after a SIGKILL rejoins
+    in milliseconds, not a TTL)."""
 
     def __init__(self, endpoints, me, ttl=DEFAULT_TTL, wait_for_etcd=False, prefix=PREFIX,
-                 timeout=None):
+                 timeout=None, owns_name=False):
+        self.owns_name = owns_name
         if not (isinstance(ttl, (int, float)) and 1 <= ttl <= 3600):
             raise ConfigError(f"membership TTL {ttl!r} must be 1-3600 seconds")
         self.endpoints = parse_endpoints(endpoints)
@@ -384,6 +389,14 @@ class EtcdMembership:
                     rec = {}
                 if rec.get("incarnation") == self.me["incarnation"]:
                     self._etcd.put(self.key, self._value, lease)      # ours, old lease
+                    break
+                if initial and self.owns_name:
+                    # the caller holds a listening socket on this very address and port
+                    # (a local address): no live daemon can be serving it, so the key is
+                    # a dead run's (a SIGKILL, then a restart): take it over at once
+                    self._etcd.put(self.key, self._value, lease)
+                    log.info("replaced the registration of an earlier run of %s (incarnation %s, "
+                             "pid %s), which is gone", self.name, rec.get("incarnation"), rec.get("pid"))
                     break
                 if not initial:
                     if self._conflict != rec.get("incarnation"):
