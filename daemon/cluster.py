@@ -34,13 +34,14 @@ import queue
 import socket
 import threading
 import time
+import weakref
 from collections import Counter
 
 from kvstore import checksum, protocol
 from kvstore.cluster import peerwire as pw
 from kvstore.cluster.auth import accept_handshake, dial_handshake, load_secret, recv_exact
 from kvstore.cluster.directory import LocationTable, homes, plan
-from kvstore.errors import (ChecksumMismatch, GetTimeout, KVStoreError, ObjectExists,
+from kvstore.errors import (ChecksumMismatch, ClientClosed, GetTimeout, KVStoreError, ObjectExists,
                             ObjectGoneOnPeer, PeerAuthFailed, PeerIncompatible, ProtocolError,
                             TransportError)
 from kvstore.netcheck import bind_peer_port, check_advertise
@@ -86,6 +87,7 @@ class ClusterNode:
         self.members_lock = threading.Lock()
         self.links = {}                      # id -> [authenticated control sockets]
         self.links_lock = threading.Lock()
+        self._ctl_socks = weakref.WeakSet()  # every control link dialed: close() wakes their waits
         self.inflight = {}                   # key -> Future of its transfer
         self.inflight_lock = threading.Lock()
         self.closing = False
@@ -170,12 +172,17 @@ class ClusterNode:
                 for s in socks:
                     s.close()
             self.links.clear()
-        c, self._client = self._client, None
-        if c is not None:
+            busy = list(self._ctl_socks)
+        for s in busy:                # requests in flight end now, not at their deadline
             try:
-                c.close()
-            except Exception:                          # noqa: BLE001
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
                 pass
+        c, self._client = self._client, None
+        if c is not None:       # not c.close(): its ABORTs would wait for the loop calling us
+            conn = c._conn
+            conn.closed_why = "the daemon is stopping"   # no reconnect, no "went away"
+            conn._reset(conn.sock)       # a cluster thread waiting for a reply gets an error now
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def count(self, what, n=1):
@@ -183,6 +190,8 @@ class ClusterNode:
             self.counts[what] += n
 
     def warn(self, peer, stage, message, *args):
+        if self.closing:            # a transfer cut short by our own stop is no peer's fault
+            return
         now = time.monotonic()
         k = (peer, stage)
         if now - self._warned.get(k, -WARN_EVERY) >= WARN_EVERY:
@@ -205,6 +214,8 @@ class ClusterNode:
         if c is not None:
             return c
         with self._client_lock:
+            if self.closing:             # never a fresh client to a daemon that is going away
+                raise ClientClosed("the daemon is stopping")
             if self._client is None:
                 from kvstore.client import Client
                 c = Client(self.socket_path, timeout=10.0, reconnect_timeout=5.0)
@@ -446,6 +457,11 @@ class ClusterNode:
         except OSError as e:
             self.count("connect_failures")
             raise TransportError(f"cannot reach {mid} ({e.strerror or e})", mid, "connect") from None
+        with self.links_lock:
+            if self.closing:
+                sock.close()
+                raise TransportError(f"not dialing {mid}: this daemon is stopping", mid, "connect")
+            self._ctl_socks.add(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             dial_handshake(sock, self.secret, max(0.001, deadline - time.monotonic()), mid)
@@ -587,7 +603,9 @@ class ClusterNode:
                     for k, locs in got.items():
                         found[k] = [tuple(loc) for loc in locs]
                     continue
-                t = max(0.001, deadline - time.monotonic())
+                # a home that does not answer (stopped, cut) costs transfer_timeout, not the
+                # whole deadline: its keys still get their next home in the next round
+                t = max(0.001, min(self.cfg.transfer_timeout, deadline - time.monotonic()))
                 futures[self.control_pool.submit(self.request, home, pw.lookup(group), pw.LOCATIONS, t)] = (home, group)
             if futures:
                 self.count("lookup_rounds")
@@ -679,7 +697,8 @@ class ClusterNode:
         try:
             results = self.fetch(keys, timeout)
         except Exception as e:                         # noqa: BLE001 (the caller must hear)
-            log.exception("cluster: fetch failed")
+            if not self.closing:
+                log.exception("cluster: fetch failed")
             results = [(protocol.FETCH_FAILED, getattr(e, "code", 1), f"{type(e).__name__}: {e}")] * len(keys)
         reply(results)
 

@@ -27,6 +27,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 
 from kvstore.cluster.auth import dial_handshake
 from kvstore.errors import (ClientClosed, ConfigError, InvalidKey, InvalidSize, ObjectGoneOnPeer,
@@ -77,6 +78,7 @@ class TcpTransport(Transport):
         self._lock = threading.Lock()
         self._executor = None
         self._closed = False
+        self._socks = weakref.WeakSet()   # every socket dialed: close() wakes reads blocked on them
 
     # -- connections
     def _checkout(self, peer):
@@ -119,6 +121,11 @@ class TcpTransport(Transport):
                                   f"is the host up and the port reachable?", peer) from None
         except OSError as e:
             raise PeerUnreachable(f"cannot connect to {peer} ({e.strerror or e})", peer) from None
+        with self._lock:
+            if self._closed:
+                sock.close()
+                raise PeerUnreachable(f"this transport was closed while connecting to {peer}", peer)
+            self._socks.add(sock)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             left = deadline - time.monotonic()
@@ -379,9 +386,15 @@ class TcpTransport(Transport):
             self._closed = True
             pool, self._pool = self._pool, {}
             executor, self._executor = self._executor, None
+            live = list(self._socks)
         for links in pool.values():
             for link in links:
                 link.sock.close()
+        for sock in live:             # reads in progress end now, not at their deadline
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         if executor is not None:
             executor.shutdown(wait=True)
 
