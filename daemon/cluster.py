@@ -878,8 +878,9 @@ class _SegmentResolver(Resolver):
             view = None
         if view is None:
             raise ObjectGoneOnPeer(f"{node.id} no longer holds {op.key[:64]!r}", node.id)
-        hs = r.held.get(op.key) or ()
-        if len(view) != op.size or not any(h.offset == op.offset for h in hs):
+        with c._lock:                   # the hold THIS get took, not any hold on the key
+            h = r.held_entry(op.key, view)
+        if len(view) != op.size or h is None or h.offset != op.offset:
             view.release()
             r.release_many([op.key], c._lock)
             raise ObjectGoneOnPeer(f"{node.id} holds {op.key[:64]!r} elsewhere now", node.id)
