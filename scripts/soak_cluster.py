@@ -8,7 +8,8 @@ pull from a (or from whoever holds a replica). At random moments: a daemon is SI
 and restarted on its data, a client is SIGKILLed and respawned, a host's link is cut
 for 1-3 s, etcd is restarted. During faults a reader may meet a miss or a typed
 transfer error (counted as "unavailable", never as a pass); it must never meet wrong
-bytes. At the end, with every fault healed and every daemon up, every logged key must
+bytes. Readers drop their host's replica of a third of what they verified, so pulls
+across hosts go on for the whole run, not only until every host has a copy. At the end, with every fault healed and every daemon up, every logged key must
 read back intact from hosts b and c (lost and corrupted must be 0), and each daemon,
 once the soak's clients are gone, must hold nothing for them and pass verify() (leaked
 must be 0). Exit status 1 otherwise.
@@ -55,6 +56,11 @@ def reader(slot, sock, logdir, ops, verified, unavailable, corrupted, stop_at):
                 unavailable[slot] += 1
             elif v == payload(k, size_of(k)):
                 verified[slot] += 1
+                if rng.random() < 0.3:         # drop this host's replica: the next read pulls again
+                    try:
+                        c.delete(k)
+                    except KVStoreError:
+                        pass
             else:
                 corrupted[slot] += 1
         ops[slot] += 1
@@ -193,7 +199,7 @@ def main():
                         break
                     time.sleep(0.1)
                 problems += [f"{h}: {p}" for p in c.verify()[:3]]
-        fetched = sum(d.cluster_stats().get("fetched", 0) for d in kv.d.values())
+        fetched = sum(d.cluster_stats().get("fetched", 0) for d in kv.d.values())   # since restarts
         failures = {}
         for d in kv.d.values():
             for k, v in d.cluster_stats().items():
