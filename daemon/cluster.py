@@ -581,10 +581,11 @@ class ClusterNode:
         raise ProtocolError(f"unexpected {pw.NAMES.get(mtype, mtype)} on a control link")
 
     # ---- finding and pulling -----------------------------------------------------------------
-    def lookup(self, keys, deadline):
+    def lookup(self, keys, deadline, unasked=None):
         """{key: [(holder, incarnation, offset, size, checksum)]} from the keys' homes,
         one request per home, sent together; a home that fails is replaced by the next
-        home of its keys (one more round, only then). Errors: (stage, peer, exc) list."""
+        home of its keys (one more round, only then). Errors: (stage, peer, exc) list.
+        ``unasked`` (a set) gets the keys no home of theirs answered for."""
         with self.members_lock:
             ids = list(self.members) + [self.id]
         alive = set(ids)
@@ -596,6 +597,8 @@ class ClusterNode:
             futures = {}
             for home, group in groups.items():
                 if home is None:
+                    if unasked is not None:
+                        unasked.update(group)
                     continue
                 if home == self.id:
                     with self.loc_lock:
@@ -623,14 +626,24 @@ class ClusterNode:
                     todo += group
             if not todo or time.monotonic() >= deadline:
                 break
+        if unasked is not None:
+            unasked.update(todo)
         return found, errors
 
     def locate_async(self, keys, timeout, post):
         """LOCATE: which keys are sealed on some member (one lookup round for the batch)."""
         def work():
             try:
-                found, errors = self.lookup(keys, time.monotonic() + timeout)
+                unasked = set()
+                found, errors = self.lookup(keys, time.monotonic() + timeout, unasked)
                 self.count("locates")
+                if unasked:                            # "nowhere" would be a silent failure
+                    peer = errors[-1][1] if errors else "*"
+                    post(protocol.error(TransportError(
+                        f"no home of {len(unasked)} key(s) answered the lookup (last: {peer}, "
+                        f"{errors[-1][2] if errors else 'no live home'}); check those daemons and "
+                        f"their links, then retry", peer, "lookup")))
+                    return
                 flags = [bool([loc for loc in found.get(k, ()) if self._current(loc)]) for k in keys]
                 post(protocol.located(flags))
             except Exception as e:                     # noqa: BLE001 (the caller must hear)
@@ -644,7 +657,8 @@ class ClusterNode:
         def work():
             try:
                 deadline = time.monotonic() + timeout
-                found, errors = self.lookup(keys, deadline)
+                unasked = set()
+                found, errors = self.lookup(keys, deadline, unasked)
                 by_holder = {}
                 for k in keys:
                     for loc in found.get(k, ()):
@@ -662,6 +676,9 @@ class ClusterNode:
                             deleted.update(ks)
                     except Exception as e:             # noqa: BLE001
                         failed.append((h, e))
+                if unasked and not failed:         # their holders are unknown: copies may remain
+                    peer = errors[-1][1] if errors else "*"
+                    failed.append((peer, f"no home of {len(unasked)} key(s) answered the lookup"))
                 if failed:
                     h, e = failed[0]
                     post(protocol.error(TransportError(f"delete on {h} failed ({e}); its copies may "
@@ -715,7 +732,9 @@ class ClusterNode:
                 shared[k] = f
         if mine:
             try:
+                _t = time.perf_counter()
                 found, lookup_errors = self.lookup(mine, deadline)
+                self.count("t_lookup_us", int((time.perf_counter() - _t) * 1e6))
                 results = self._pull_all(mine, found, lookup_errors, deadline)
                 for k in mine:
                     shared[k].set_result(results[k])
@@ -806,7 +825,9 @@ class ClusterNode:
         made, ops, bufs = [], [], []
         for k, (_, inc, off, size, csum) in items:
             try:
+                _t = time.perf_counter()
                 buf = c._locked(c._writer.create, k, size, False)
+                self.count("t_create_us", int((time.perf_counter() - _t) * 1e6))
             except ObjectExists:
                 out[k] = None                             # made local meanwhile
                 continue
@@ -818,7 +839,9 @@ class ClusterNode:
             bufs.append(buf)
         if ops:
             try:
+                _t = time.perf_counter()
                 results = self.transport.read(peer, ops, bufs, timeout)
+                self.count("t_read_us", int((time.perf_counter() - _t) * 1e6))
             except TransportError as e:
                 results = [e] * len(ops)
             sealed = False
@@ -830,7 +853,9 @@ class ClusterNode:
                     if checksum.checksum(buf) != csum:
                         raise ChecksumMismatch(f"the bytes of {k[:64]!r} from {holder} do not match "
                                                f"the checksum recorded at seal")
+                    _t = time.perf_counter()
                     c._locked(c._writer.seal, k, c._reader.lookup)
+                    self.count("t_seal_us", int((time.perf_counter() - _t) * 1e6))
                     ok = sealed = True
                     out[k] = None
                     self.count("fetched")
@@ -855,7 +880,9 @@ class ClusterNode:
                             pass
             del bufs
             if sealed:
+                _t = time.perf_counter()
                 c._reader.settle()     # applied before the FETCH is answered: the asker sees them
+                self.count("t_settle_us", int((time.perf_counter() - _t) * 1e6))
         return out
 
 
