@@ -350,6 +350,30 @@ class Writer:
             out[i] = True
             done[i] = off
 
+    # ---- reserved blocks (the daemon's own client: bytes that arrive from another host) --------
+    def reserve(self, n):
+        """An extent for n bytes from this client's arena (as a put takes one), to be
+        filled by someone else (a transport) and then sealed with ``seal_reserved`` or
+        given back with ``unreserve``. Invisible to everyone until sealed."""
+        return self._take(n)
+
+    def unreserve(self, off, n):
+        """Give back a reserved extent that will never be sealed (a failed transfer): the
+        last one returns to the arena at once; an earlier one is a gap the daemon frees
+        when a later seal of this arena, or its retirement, reaches past it."""
+        self._untake(off, n)
+
+    def seal_reserved(self, items):
+        """Seal reserved extents [(key, offset, size, checksum)] (in the order they were
+        reserved: the daemon frees the gaps an arena's seals skip). Returns the seal
+        number the daemon must have applied for all of them to be visible."""
+        for k, off, n, csum in items:
+            self.seq += 1
+            self._outbox.append(protocol.seal_item(self.seq, k, off, n, csum, 0, 1))   # a replica: 1
+            self.pending[k] = (off, n, csum, self.seq)
+        self.flush()
+        return self.seq
+
     # ---- create / seal / abort --------------------------------------------------------------
     def create(self, k, n, pin):
         body = self.conn.request(protocol.create(k, n, pin), protocol.CREATED)

@@ -41,7 +41,7 @@ from kvstore import checksum, protocol
 from kvstore.cluster import peerwire as pw
 from kvstore.cluster.auth import accept_handshake, dial_handshake, load_secret, recv_exact
 from kvstore.cluster.directory import LocationTable, homes, plan
-from kvstore.errors import (ChecksumMismatch, ClientClosed, GetTimeout, KVStoreError, ObjectExists,
+from kvstore.errors import (ChecksumMismatch, ClientClosed, GetTimeout, KVStoreError,
                             ObjectGoneOnPeer, PeerAuthFailed, PeerIncompatible, ProtocolError,
                             TransportError)
 from kvstore.netcheck import bind_peer_port, check_advertise
@@ -100,6 +100,9 @@ class ClusterNode:
         # these (8 FETCHes of keys on two holders would fill it with waiters for good).
         self.pull_pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="kvstore-pull")
         self._threads = []
+        self._tls = threading.local()
+        self._worker_clients = []
+        self.wake_loop = lambda: None         # set by the daemon: its loop looks at rings now
         self.free = {}                       # member id -> free bytes it last reported
         self.free_here = -1
         self.replicate_q = queue.SimpleQueue()
@@ -179,7 +182,10 @@ class ClusterNode:
             except OSError:
                 pass
         c, self._client = self._client, None
-        if c is not None:       # not c.close(): its ABORTs would wait for the loop calling us
+        with self._client_lock:
+            clients, self._worker_clients = self._worker_clients, []
+        for c in ([c] if c is not None else []) + clients:
+            # not c.close(): its requests would wait for the loop calling us
             conn = c._conn
             conn.closed_why = "the daemon is stopping"   # no reconnect, no "went away"
             conn._reset(conn.sock)       # a cluster thread waiting for a reply gets an error now
@@ -347,7 +353,7 @@ class ClusterNode:
 
     def _replicate_here(self, keys, found):
         try:
-            res = self._pull_all(keys, found, [], time.monotonic() + max(2.0, self.cfg.transfer_timeout))
+            res, _ = self._pull_all(keys, found, [], time.monotonic() + max(2.0, self.cfg.transfer_timeout))
             self.count("replicas_kept", sum(1 for r in res.values() if r[0] == protocol.FETCH_LOCAL))
         except Exception:                              # noqa: BLE001
             log.exception("cluster: keeping replicas failed")
@@ -595,6 +601,7 @@ class ClusterNode:
             groups = plan(todo, ids, alive=lambda m: m in alive)
             todo = []
             futures = {}
+            remote = sum(1 for h in groups if h is not None and h != self.id)
             for home, group in groups.items():
                 if home is None:
                     if unasked is not None:
@@ -609,7 +616,15 @@ class ClusterNode:
                 # a home that does not answer (stopped, cut) costs transfer_timeout, not the
                 # whole deadline: its keys still get their next home in the next round
                 t = max(0.001, min(self.cfg.transfer_timeout, deadline - time.monotonic()))
-                futures[self.control_pool.submit(self.request, home, pw.lookup(group), pw.LOCATIONS, t)] = (home, group)
+                if remote == 1:                # one home to ask: no thread hop
+                    fut = concurrent.futures.Future()
+                    try:
+                        fut.set_result(self.request(home, pw.lookup(group), pw.LOCATIONS, t))
+                    except Exception as e:             # noqa: BLE001 (handled below)
+                        fut.set_exception(e)
+                else:
+                    fut = self.control_pool.submit(self.request, home, pw.lookup(group), pw.LOCATIONS, t)
+                futures[fut] = (home, group)
             if futures:
                 self.count("lookup_rounds")
                 self.count("lookup_messages", len(futures))
@@ -707,19 +722,24 @@ class ClusterNode:
         return m is not None and m["incarnation"] == loc[1]
 
     def fetch_async(self, keys, timeout, reply):
-        """FETCH from the server loop: answer ``reply([(status, code, msg)])`` later."""
+        """FETCH from the server loop: answer ``reply(results, after)`` later, results
+        [(status, code, msg)] per key, after [(slot, seal number)] the loop must have
+        applied before the reply may go (so the asker finds the pulled blocks sealed)."""
         self.pool.submit(self._fetch_and_reply, keys, timeout, reply)
 
     def _fetch_and_reply(self, keys, timeout, reply):
         try:
-            results = self.fetch(keys, timeout)
+            results, after = self.fetch(keys, timeout)
         except Exception as e:                         # noqa: BLE001 (the caller must hear)
             if not self.closing:
                 log.exception("cluster: fetch failed")
             results = [(protocol.FETCH_FAILED, getattr(e, "code", 1), f"{type(e).__name__}: {e}")] * len(keys)
-        reply(results)
+            after = []
+        reply(results, after)
 
     def fetch(self, keys, timeout):
+        """Pull keys (local misses) from their holders. Returns ([(status, code, msg)],
+        [(slot, seal number)] of the seals that make the pulled blocks visible)."""
         deadline = time.monotonic() + timeout
         self.count("fetch_requests")
         mine, shared = [], {}
@@ -732,32 +752,39 @@ class ClusterNode:
                 shared[k] = f
         if mine:
             try:
-                _t = time.perf_counter()
+                t0 = time.perf_counter()
                 found, lookup_errors = self.lookup(mine, deadline)
-                self.count("t_lookup_us", int((time.perf_counter() - _t) * 1e6))
-                results = self._pull_all(mine, found, lookup_errors, deadline)
+                t1 = time.perf_counter()
+                results, afters = self._pull_all(mine, found, lookup_errors, deadline)
+                self.count("lookup_us", int((t1 - t0) * 1e6))      # time spent, for operators
+                self.count("pull_us", int((time.perf_counter() - t1) * 1e6))
                 for k in mine:
-                    shared[k].set_result(results[k])
+                    shared[k].set_result((*results[k], afters.get(k)))
             finally:
                 with self.inflight_lock:
                     for k in mine:
                         f = self.inflight.pop(k, None)
                         if f is not None and not f.done():
-                            f.set_result((protocol.FETCH_FAILED, 1, "the fetch was abandoned"))
-        out = []
+                            f.set_result((protocol.FETCH_FAILED, 1, "the fetch was abandoned", None))
+        out, after = [], set()
         for k in keys:
             try:
-                out.append(shared[k].result(timeout=max(0.0, deadline - time.monotonic()) + 0.5))
+                status, code, msg, a = shared[k].result(timeout=max(0.0, deadline - time.monotonic()) + 0.5)
             except concurrent.futures.TimeoutError:
                 out.append((protocol.FETCH_FAILED, 52, "another request's transfer of this key "
                                                        "did not finish in time"))
-        return out
+                continue
+            out.append((status, code, msg))
+            if a is not None:
+                after.add(a)
+        return out, sorted(after)
 
     def _pull_all(self, keys, found, lookup_errors, deadline):
         """Pull keys in rounds: each round reads, per holder, every key that holder is
         the next candidate for in one batched transport read; a holder that failed to
         connect or deliver is skipped for the rest of this fetch; a key whose holder
-        failed goes to its next holder in the next round. {key: (status, code, msg)}."""
+        failed goes to its next holder in the next round. Returns ({key: (status, code,
+        msg)}, {key: (slot, seal number) that makes it visible})."""
         cands = {}
         for k in keys:
             locs = []
@@ -767,7 +794,7 @@ class ClusterNode:
                     locs.append((holder, inc, off, size, csum))
             cands[k] = locs
         errors = {k: [] for k in keys}
-        done, bad_holders = {}, set()
+        done, afters, bad_holders = {}, {}, set()
         while time.monotonic() < deadline:
             by_holder = {}
             for k in keys:
@@ -784,10 +811,12 @@ class ClusterNode:
                     for holder, items in by_holder.items()} if len(by_holder) > 1 else None
             outcomes = ({h: f.result() for f, h in futs.items()} if futs else
                         {h: self._pull_batch(h, items, t) for h, items in by_holder.items()})
-            for holder, got in outcomes.items():
+            for holder, (got, after) in outcomes.items():
                 for k, e in got.items():
                     if e is None:
                         done[k] = (protocol.FETCH_LOCAL, 0, "")
+                        if after is not None:
+                            afters[k] = after
                         continue
                     stage = "verify" if isinstance(e, ChecksumMismatch) else getattr(e, "stage", "transfer")
                     errors[k].append((stage, holder, e))
@@ -811,79 +840,98 @@ class ClusterNode:
             else:
                 self.count("misses")
                 out[k] = (protocol.FETCH_MISS, 0, "")    # no holder, or every holder lost it
-        return out
+        return out, afters
+
+    def worker_client(self):
+        """This thread's own Client of the daemon: pulled blocks are reserved in its arena
+        and sealed through its seal ring (a put without the copy: no round trip per
+        block). One per thread, because an arena's seals must come in the order its
+        extents were reserved."""
+        c = getattr(self._tls, "client", None)
+        if c is None or c._conn.closed_why is not None:
+            if self.closing:
+                raise TransportError("the daemon is stopping", self.id, "transfer")
+            from kvstore.client import Client
+            c = Client(self.socket_path, timeout=10.0, reconnect_timeout=5.0)
+            c._reader.remote = False          # never pulls from other hosts itself
+            self._tls.client = c
+            with self._client_lock:
+                self._worker_clients.append(c)
+        return c
 
     def _pull_batch(self, holder, items, timeout):
         """Read items [(key, location)] from one holder in one transport read, straight
-        into blocks created for them; verify and seal each. {key: None or the error}."""
+        into extents reserved for them in this thread's client's arena; verify each, seal
+        the good ones (in reservation order) and give the rest back. Returns ({key: None
+        or the error}, (slot, seal number) of the last seal, or None)."""
         m = self.info(holder)
         out = {}
         if m is None:
-            return {k: TransportError(f"{holder} left the cluster", holder, "connect") for k, _ in items}
+            return {k: TransportError(f"{holder} left the cluster", holder, "connect") for k, _ in items}, None
         peer = PeerAddr(m["address"], m["tcp_port"])
-        c = self.client()
+        c = self.worker_client()
+        w = c._writer
+        att = c._conn.att
         made, ops, bufs = [], [], []
-        for k, (_, inc, off, size, csum) in items:
-            try:
-                _t = time.perf_counter()
-                buf = c._locked(c._writer.create, k, size, False)
-                self.count("t_create_us", int((time.perf_counter() - _t) * 1e6))
-            except ObjectExists:
-                out[k] = None                             # made local meanwhile
-                continue
-            except KVStoreError as e:
-                out[k] = e
-                continue
-            made.append((k, size, csum))
-            ops.append(ReadOp(k, off, size, inc))
-            bufs.append(buf)
-        if ops:
-            try:
-                _t = time.perf_counter()
-                results = self.transport.read(peer, ops, bufs, timeout)
-                self.count("t_read_us", int((time.perf_counter() - _t) * 1e6))
-            except TransportError as e:
-                results = [e] * len(ops)
-            sealed = False
-            for (k, size, csum), buf, res in zip(made, bufs, results):
-                ok = False
+        with c._lock:
+            for k, (_, inc, off, size, csum) in items:
                 try:
-                    if res is not None:
-                        raise res
-                    if checksum.checksum(buf) != csum:
-                        raise ChecksumMismatch(f"the bytes of {k[:64]!r} from {holder} do not match "
-                                               f"the checksum recorded at seal")
-                    _t = time.perf_counter()
-                    c._locked(c._writer.seal, k, c._reader.lookup)
-                    self.count("t_seal_us", int((time.perf_counter() - _t) * 1e6))
-                    ok = sealed = True
-                    out[k] = None
-                    self.count("fetched")
-                    self.count("fetched_bytes", size)
-                except (TransportError, ChecksumMismatch) as e:
-                    out[k] = e
-                    stage = "verify" if isinstance(e, ChecksumMismatch) else getattr(e, "stage", "transfer")
-                    if isinstance(e, ObjectGoneOnPeer):
-                        self.count("gone_on_holder")
-                    else:
-                        self.count(f"{stage}_failures")
-                        self.warn(holder, stage, "cluster: %s of %r from %s failed (%s); trying the next "
-                                  "holder. Check the link to %s and that its daemon runs", stage, k[:64],
-                                  holder, e, holder)
+                    at = w.reserve(size)
                 except KVStoreError as e:
                     out[k] = e
-                finally:
-                    if not ok:
-                        try:
-                            c._locked(c._writer.abort, k)
-                        except KVStoreError:
-                            pass
-            del bufs
-            if sealed:
-                _t = time.perf_counter()
-                c._reader.settle()     # applied before the FETCH is answered: the asker sees them
-                self.count("t_settle_us", int((time.perf_counter() - _t) * 1e6))
-        return out
+                    continue
+                made.append((k, at, size, csum))
+                ops.append(ReadOp(k, off, size, inc))
+                bufs.append(att.rw[at:at + size])
+        if not ops:
+            return out, None
+        t0 = time.perf_counter()
+        try:
+            results = self.transport.read(peer, ops, bufs, timeout)
+        except TransportError as e:
+            results = [e] * len(ops)
+        self.count("transfer_us", int((time.perf_counter() - t0) * 1e6))
+        good, bad = [], []
+        for (k, at, size, csum), buf, res in zip(made, bufs, results):
+            try:
+                if res is not None:
+                    raise res
+                if checksum.checksum(buf) != csum:
+                    raise ChecksumMismatch(f"the bytes of {k[:64]!r} from {holder} do not match "
+                                           f"the checksum recorded at seal")
+                good.append((k, at, size, csum))
+                out[k] = None
+            except (TransportError, ChecksumMismatch) as e:
+                bad.append((at, size))
+                out[k] = e
+                stage = "verify" if isinstance(e, ChecksumMismatch) else getattr(e, "stage", "transfer")
+                if isinstance(e, ObjectGoneOnPeer):
+                    self.count("gone_on_holder")
+                else:
+                    self.count(f"{stage}_failures")
+                    self.warn(holder, stage, "cluster: %s of %r from %s failed (%s); trying the next "
+                              "holder. Check the link to %s and that its daemon runs", stage, k[:64],
+                              holder, e, holder)
+        del bufs
+        after = None
+        with c._lock:
+            try:
+                if good:
+                    after = (att.slot_no, w.seal_reserved(good))
+                    self.count("fetched", len(good))
+                    self.count("fetched_bytes", sum(g[2] for g in good))
+            except KVStoreError as e:                 # the daemon went away: nothing sealed
+                for k, *_ in good:
+                    out[k] = e
+                after = None
+            for at, size in reversed(bad):
+                try:
+                    w.unreserve(at, size)
+                except KVStoreError:
+                    pass
+        if after is not None:
+            self.wake_loop()                          # apply the seals now, not at the next poll
+        return out, after
 
 
 class _SegmentResolver(Resolver):

@@ -156,28 +156,44 @@ class Daemon:
         sealed = np.flatnonzero(recs["state"] == 2) if len(recs) else []
         records = [(keys[i], int(recs["offset"][i]), int(recs["size"][i]), int(recs["checksum"][i]))
                    for i in sealed]
+        self.cluster.wake_loop = self._wake
         self.cluster.start(records)
         self.store.observer = self.cluster.observe
 
-    def _post(self, conn, frame):
-        """From a cluster thread: send frame to conn on the loop's next turn."""
-        self._posted.append((conn, frame))
+    def _wake(self):
+        """From a cluster thread: make the loop take a turn now (its seals, its replies)."""
         try:
             self._wake_w.send(b"w")
         except (BlockingIOError, OSError):
             pass                               # already woken (its buffer is full) or closing
 
-    def _deliver_posted(self):
+    def _post(self, conn, frame, after=()):
+        """From a cluster thread: send frame to conn once every (slot, seal number) in
+        after is applied (the blocks a FETCH pulled are then visible to the asker)."""
+        self._posted.append((conn, frame, tuple(after)))
+        self._wake()
+
+    def _drain_wake(self):
         try:
             while self._wake_r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+
+    def _deliver_posted(self):
+        """At the end of a turn: the posted replies whose seals are applied."""
+        applied = self.slots.applied
+        waiting = []
         while self._posted:
-            conn, frame = self._posted.popleft()
+            conn, frame, after = self._posted.popleft()
+            if any(int(applied[slot]) < seq for slot, seq in after):
+                waiting.append((conn, frame, after))
+                continue
             fd = conn.sock.fileno() if conn.sock is not None else -1
             if fd >= 0 and self.conns.get(fd) is conn:
                 self._send(conn, frame)
+        self._posted.extend(waiting)
+        return bool(waiting)
 
     def _held(self):
         return self.slots.held([s for s in self.slot_of.values() if s >= 0])
@@ -281,7 +297,7 @@ class Daemon:
                 if key.data is None:
                     self._accept()
                 elif key.data is _WAKE:
-                    self._deliver_posted()
+                    self._drain_wake()
                 else:
                     self._service(key.data, ev, batch, closing)
             backlog = self._take_requests(batch, closing)
@@ -296,6 +312,9 @@ class Daemon:
                 self._apply(batch)
             for slot, tail in tails.items():
                 slots.consumed(slot, tail)
+            if self.cluster is not None and self._posted and self._deliver_posted():
+                active_until = time.monotonic() + ACTIVE_FOR   # a reply waits for a seal: poll
+                poll = POLL_TICK
             for conn in closing:
                 self._close(conn, conn.closing)
             now = time.monotonic()
@@ -772,8 +791,8 @@ class Daemon:
                 if self.cluster is None:
                     self._send(conn, protocol.fetched([(protocol.FETCH_MISS, 0, "")] * len(keys)))
                 else:
-                    self.cluster.fetch_async(keys, timeout,
-                                             lambda results: self._post(conn, protocol.fetched(results)))
+                    self.cluster.fetch_async(keys, timeout, lambda results, after:
+                                             self._post(conn, protocol.fetched(results), after))
             elif mtype in (protocol.LOCATE, protocol.DELETE_ALL):
                 timeout, keys = protocol.read_key_list(body)
                 if self.cluster is None:
