@@ -364,7 +364,7 @@ class ClusterNode:
             if kind == "stop":
                 return
             full = False
-            withdraw, announce = [], []
+            latest = {}                     # key -> its last event: None (gone) or its record
             while True:                     # take everything queued: batches, not messages
                 if kind == "members":
                     full |= self._set_members(body)     # a changed membership moves homes
@@ -374,16 +374,20 @@ class ClusterNode:
                     hidden, ann = body
                     for k in hidden:
                         self.local.pop(k, None)
-                    withdraw += hidden
+                        latest[k] = None
                     for k, off, size, csum in ann:
                         self.local[k] = (off, size, csum)
-                    announce += ann
+                        latest[k] = (k, off, size, csum)
                 elif kind == "stop":
                     return
                 try:
                     kind, body = self.events.get_nowait()
                 except queue.Empty:
                     break
+            # only each key's last event counts: a put then a delete in one batch must end
+            # withdrawn (withdraws go first, so an announce sent for it would outlive it)
+            withdraw = [k for k, it in latest.items() if it is None]
+            announce = [it for it in latest.values() if it is not None]
             if full:
                 announce = [(k, *v) for k, v in self.local.items()]
             if withdraw:
