@@ -115,7 +115,7 @@ class ClusterNode:
         from kvstore.transport import open_server, open_transport
         self.transport_server = open_server("tcp", _SegmentResolver(self), host=self.address, port=0,
                                             secret=self.secret)
-        self.transport = open_transport("tcp", secret=self.secret, streams=4,
+        self.transport = open_transport("tcp", secret=self.secret,
                                         connect_timeout=min(1.0, self.cfg.transfer_timeout))
         me = {"address": self.cfg.advertise, "peer_port": self.peer_port, "segment_size": self.segment.size,
               "transports": ["tcp"], "tcp_port": self.transport_server.address.port,

@@ -111,7 +111,7 @@ def main():
     if why:
         sys.exit(f"bench --cluster: {why}")
     n_lat = 200 if args.quick else 1000
-    tmp = tempfile.mkdtemp(prefix="kvs-bench-cluster-")
+    tmp = tempfile.mkdtemp(prefix="kvs-bench-cluster-", dir="/dev/shm")   # data dirs on tmpfs, as advised
     cl = Cluster(2).up()
     kv = None
     try:
