@@ -277,11 +277,18 @@ class ClusterNode:
         """Every member's INFO (free bytes, for placement); for static peers also their
         liveness and incarnation (etcd tells those for the others)."""
         static = not self.cfg.cluster
+        regs = None
         while not self.closing:
             try:
                 self.free_here = self._free_bytes()
             except Exception:                          # noqa: BLE001 (next time)
                 pass
+            # registered again (cut off past our lease: the others dropped our records, and
+            # our own view may never have changed): announce everything again
+            now_regs = self.membership.status().get("registrations")
+            if regs is not None and now_regs != regs:
+                self.events.put(("reannounce", None))
+            regs = now_regs
             new = {}
             for mid in self.membership.members():
                 if mid == self.id:
