@@ -58,6 +58,10 @@ CONTROL_TIMEOUT = 2.0
 #: Seconds between INFO polls of static peers (their liveness and incarnation).
 STATIC_POLL = 1.0
 MAX_CONTROL_LINKS = 256
+#: Control links one address may have in their handshake at once: a host without the
+#: secret cannot take every slot by opening silent connections (a real peer dials at
+#: most a few at once: one per control-pool worker).
+MAX_HANDSHAKING_PER_HOST = 32
 
 INFO, INFO_REPLY = pw.INFO, pw.INFO_REPLY
 #: Seconds between INFO polls of every member (free space for placement; static peers'
@@ -107,6 +111,7 @@ class ClusterNode:
         self.free_here = -1
         self.replicate_q = queue.SimpleQueue()
         self._control_slots = threading.BoundedSemaphore(MAX_CONTROL_LINKS)
+        self._handshaking = Counter()        # address -> its control links not yet authenticated
 
     # ---- start / stop ------------------------------------------------------------------------
     def start(self, records):
@@ -518,24 +523,43 @@ class ClusterNode:
                     return
                 time.sleep(0.05)
                 continue
+            with self.links_lock:
+                crowd = self._handshaking[addr[0]] >= MAX_HANDSHAKING_PER_HOST
+                if not crowd:
+                    self._handshaking[addr[0]] += 1
+            if crowd:
+                sock.close()
+                self.warn(addr[0], "links", "cluster: %s has %d control links in their handshake; "
+                          "refusing more from it", addr[0], MAX_HANDSHAKING_PER_HOST)
+                continue
             if not self._control_slots.acquire(blocking=False):
+                self._handshook(addr[0])
                 sock.close()
                 self.warn("*", "links", "cluster: over %d peer control links; refusing more", MAX_CONTROL_LINKS)
                 continue
             threading.Thread(target=self._serve_link, args=(sock, f"{addr[0]}:{addr[1]}"),
                              name="kvstore-peer-link", daemon=True).start()
 
+    def _handshook(self, host):
+        with self.links_lock:
+            self._handshaking[host] -= 1
+            if self._handshaking[host] <= 0:
+                del self._handshaking[host]
+
     def _serve_link(self, sock, peer):
+        host = peer.rsplit(":", 1)[0]
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 accept_handshake(sock, self.secret, 2.0, peer)
             except (PeerAuthFailed, PeerIncompatible) as e:
                 self.count("auth_refused")
-                self.warn(peer.rsplit(":", 1)[0], "auth", "cluster: refused peer %s: %s", peer, e)
+                self.warn(host, "auth", "cluster: refused peer %s: %s", peer, e)
                 return
             except TransportError:
                 return
+            finally:
+                self._handshook(host)
             while not self.closing:
                 sock.settimeout(600)
                 try:

@@ -1,0 +1,66 @@
+"""Review of issue 10: connections that never authenticate must not lock real peers out
+of the control port. Every accepted connection took one of the 256 control-link slots
+for its 2 s handshake, so one host without the secret holding 256 silent connections
+(re-opened as they time out) made the daemon refuse every other peer: lookups,
+announcements and INFO polls to it all failed."""
+
+import time
+
+from clusterlib import make_cluster  # noqa: F401  (fixtures)
+from kvcluster import PEER_PORT, make_kv, kv  # noqa: F401
+
+FLOOD = r"""
+import resource, socket, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks = []
+end = time.monotonic() + 12
+first = True
+while time.monotonic() < end:          # n fresh silent connections every half second
+    for _ in range(n):
+        try:
+            socks.append(socket.create_connection((host, port), timeout=0.5))
+        except OSError:
+            pass
+    if first:
+        print("open", len(socks), flush=True)
+        first = False
+    time.sleep(0.5)
+    if len(socks) > 6000:
+        for s in socks[:3000]:
+            s.close()
+        del socks[:3000]
+"""
+
+DIAL = r"""
+import socket, sys, time
+from kvstore.cluster.auth import dial_handshake
+host, port, secret_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+secret = open(secret_file, "rb").read().rstrip(b"\r\n")
+ok = 0
+for _ in range(3):
+    s = socket.create_connection((host, port), timeout=2)
+    try:
+        dial_handshake(s, secret, 2.0, host)
+        ok += 1
+    except Exception as e:
+        print("failed", type(e).__name__, e, flush=True)
+    s.close()
+print("ok", ok, flush=True)
+"""
+
+
+def test_silent_connections_from_one_host_do_not_lock_out_peers(kv):
+    import subprocess
+    a = kv["a"]
+    flood = kv.cl.py("c", FLOOD, a.addr, str(PEER_PORT), "300")
+    try:
+        line = flood.stdout.readline()
+        assert line.startswith("open"), (line, flood.stderr.read() if flood.poll() is not None else "")
+        time.sleep(2.5)                             # the flood is steady
+        dial = kv.cl.py("b", DIAL, a.addr, str(PEER_PORT), kv.secret)
+        out, err = dial.communicate(timeout=20)
+    finally:
+        flood.kill()
+        flood.wait()
+    assert out.strip().endswith("ok 3"), (out, err[-2000:])
