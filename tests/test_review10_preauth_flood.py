@@ -32,6 +32,22 @@ while time.monotonic() < end:          # n fresh silent connections every half s
         del socks[:3000]
 """
 
+READ = r"""
+import sys, time
+from kvstore.transport.base import PeerAddr, ReadOp
+from kvstore.transport.tcp import TcpTransport
+host, port, secret_file = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+secret = open(secret_file, "rb").read().rstrip(b"\r\n")
+ok = 0
+for _ in range(3):
+    t = TcpTransport(secret, streams=1)
+    r = t.read(PeerAddr(host, port), [ReadOp(b"nothing-here", 0, 1, 1)], [bytearray(1)], 3.0)
+    print(type(r[0]).__name__, r[0], flush=True)
+    ok += type(r[0]).__name__ == "ObjectGoneOnPeer"    # authenticated and answered
+    t.close()
+print("ok", ok, flush=True)
+"""
+
 DIAL = r"""
 import socket, sys, time
 from kvstore.cluster.auth import dial_handshake
@@ -60,6 +76,24 @@ def test_silent_connections_from_one_host_do_not_lock_out_peers(kv):
         time.sleep(2.5)                             # the flood is steady
         dial = kv.cl.py("b", DIAL, a.addr, str(PEER_PORT), kv.secret)
         out, err = dial.communicate(timeout=20)
+    finally:
+        flood.kill()
+        flood.wait()
+    assert out.strip().endswith("ok 3"), (out, err[-2000:])
+
+
+def test_silent_connections_from_one_host_do_not_lock_out_transfers(kv):
+    import re
+    import subprocess
+    a = kv["a"]
+    port = int(re.findall(r"tcp transport port (\d+)", a.read_log())[-1])
+    flood = kv.cl.py("c", FLOOD, a.addr, str(port), "300")
+    try:
+        line = flood.stdout.readline()
+        assert line.startswith("open"), (line, flood.stderr.read() if flood.poll() is not None else "")
+        time.sleep(2.5)
+        reader = kv.cl.py("b", READ, a.addr, str(port), kv.secret)
+        out, err = reader.communicate(timeout=30)
     finally:
         flood.kill()
         flood.wait()

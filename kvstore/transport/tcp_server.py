@@ -45,6 +45,9 @@ SMALL_PART = 64 << 10
 _GATHER = 256 << 10
 #: Answers of at least this many bytes are sent corked (TCP_CORK): full segments.
 CORK_MIN = 4 << 20
+#: Connections one address may have in their handshake at once: a host without the
+#: secret cannot take every one of ``max_connections`` with silent connections.
+MAX_HANDSHAKING_PER_HOST = 32
 
 
 def _timeval(seconds):
@@ -83,6 +86,7 @@ class TcpServer(TransportServer):
                       "gone": 0, "refused": 0, "failed": 0, "send_failed": 0}
         self._lock = threading.Lock()
         self._conns = set()
+        self._handshaking = {}        # address -> its connections still in their handshake
         self._closed = False
         self._warned = {}
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -133,10 +137,17 @@ class TcpServer(TransportServer):
                 time.sleep(0.01)
                 continue
             with self._lock:
-                full = len(self._conns) >= self.max_connections or self._closed
+                crowd = self._handshaking.get(addr[0], 0) >= MAX_HANDSHAKING_PER_HOST
+                full = crowd or len(self._conns) >= self.max_connections or self._closed
                 if not full:
                     self._conns.add(sock)
+                    self._handshaking[addr[0]] = self._handshaking.get(addr[0], 0) + 1
                     self.stats["connections"] += 1
+            if crowd:
+                self._warn("crowd", f"peer server {self.address}: {addr[0]} has {MAX_HANDSHAKING_PER_HOST} "
+                                    f"connections in their handshake; refused one more from it")
+                sock.close()
+                continue
             if full:
                 self._warn("full", f"peer server {self.address}: {self.max_connections} connections "
                                    f"open; refused one from {addr[0]}:{addr[1]} (raise max_connections)")
@@ -145,10 +156,19 @@ class TcpServer(TransportServer):
             threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}"),
                              name="kvstore-peer-conn", daemon=True).start()
 
+    def _handshook(self, host):
+        with self._lock:
+            n = self._handshaking.get(host, 0) - 1
+            if n > 0:
+                self._handshaking[host] = n
+            else:
+                self._handshaking.pop(host, None)
+
     def _serve(self, sock, peer):
+        host = peer.rsplit(":", 1)[0]
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 accept_handshake(sock, self.secret, timeout=self.handshake_timeout, peer=peer)
             except (PeerAuthFailed, PeerIncompatible) as e:
                 self._count("refused_auth")
@@ -159,6 +179,8 @@ class TcpServer(TransportServer):
                 self._warn("auth", f"peer server {self.address}: handshake with {peer} did not finish "
                                    f"({e}); nothing is served to it (a peer with another secret looks like this)")
                 return
+            finally:
+                self._handshook(host)
             # blocking from here on, each wait bounded by the kernel (SO_RCVTIMEO/SO_SNDTIMEO):
             # no poll before every receive and send, and sendfile waits for room itself
             sock.settimeout(None)
