@@ -12,7 +12,9 @@ CORK_MIN bytes or more; from ``Served.buf`` when there is no file), and releases
 lease in a ``finally`` once its bytes left. After the handshake a link is blocking and
 every wait is bounded by the kernel (SO_RCVTIMEO = ``frame_timeout``, SO_SNDTIMEO =
 ``send_timeout``; an idle link closes after ``idle_timeout``), so a stalled reader cannot
-hold a lease or a thread for ever; ``max_connections`` bounds the threads. Garbage,
+hold a lease or a thread for ever; ``max_connections`` bounds the threads, and one
+address may have at most MAX_HANDSHAKING_PER_HOST of them in their handshake (silent
+connections from a host without the secret cannot take every slot). Garbage,
 truncated or oversized frames close that connection, logged at WARNING at most once per
 WARN_EVERY seconds per kind; a request over ``max_ops``/``max_bytes`` gets a REFUSED
 status for each part and the link stays up. Counters in ``stats``.
