@@ -255,7 +255,7 @@ def test_unreachable_etcd_at_start_fails_fast_with_the_fix(cluster):
         EtcdMembership([cluster.etcd_endpoint], me).start()
     assert time.monotonic() - t0 < 1.5
     msg = str(e.value)
-    assert msg.startswith(f"etcd unreachable at {cluster.etcd_endpoint}") and "--cluster-wait" in msg
+    assert msg.startswith(f"etcd unreachable at {cluster.etcd_endpoint}") and "--wait-for-cluster" in msg
     # an address where nobody answers at all (no host on the subnet): bounded by the timeout
     t0 = time.monotonic()
     with pytest.raises(ClusterUnavailable):
