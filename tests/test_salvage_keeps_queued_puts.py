@@ -16,6 +16,9 @@ WRITER = textwrap.dedent("""
     from kvstore.client import Client
     c = Client(sys.argv[1], reconnect_timeout=0.5)
     assert c.put("warm", b"w" * 100)          # its arena is granted now, with room to spare
+    other = Client(sys.argv[1])                # ...and applied: another client sees it
+    while not other.contains("warm"):          # (the writer itself reads its own puts at once)
+        pass
     print("ready", flush=True)
     sys.stdin.readline()
     for i in range(%d):
