@@ -311,6 +311,22 @@ class Reader:
             except KVStoreError:
                 pass
 
+    def release_held(self, k, h, lock):
+        """Drop one count of exactly the hold h of key k (the daemon's resolver: the hold
+        its own get took, while other reads of the same key may hold other extents).
+        An extent freed meanwhile is reclaimed by the daemon on its next turn."""
+        with lock:
+            hs = self.held.get(k) or []
+            if not any(x is h for x in hs):
+                raise ObjectNotFound(f"release of {user_key(k)!r}: this client does not hold that extent")
+            h.count -= 1
+            if h.count:
+                return
+            hs[:] = [x for x in hs if x is not h]
+            if not hs:
+                del self.held[k]
+            self.conn.att.slot.unhold(h.entry)
+
     def _release_views(self, ks, out):
         """Undo the holds a failed get_many took (the caller holds the lock)."""
         att = self.conn.att

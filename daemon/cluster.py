@@ -977,34 +977,71 @@ class _SegmentResolver(Resolver):
         self.node = node
 
     def resolve(self, op):
+        return self._check(op, *self._hold([op])[0])
+
+    def resolve_many(self, ops):
+        """Every op of one READ at once: one get for all their keys (64 small objects cost
+        one pass, not 64). [Served or the exception of that op]."""
+        out = []
+        for op, (view, h) in zip(ops, self._hold(ops)):
+            try:
+                out.append(self._check(op, view, h))
+            except ObjectGoneOnPeer as e:
+                out.append(e)
+        return out
+
+    def _hold(self, ops):
+        """[(view or None, its Held or None)] per op, from one get_many (one per op when
+        a key repeats or an object is being created)."""
         node = self.node
-        if op.incarnation != node.incarnation:
-            raise ObjectGoneOnPeer(f"{node.id} restarted since that location was announced", node.id)
         c = node.client()
         r = c._reader
-        try:
-            view = r.get_many([op.key], 0, c._lock)[0]
-        except (GetTimeout, KVStoreError):
-            view = None
+        keys = [op.key for op in ops]
+        views = None
+        if len(set(keys)) == len(keys):
+            try:
+                views = r.get_many(keys, 0, c._lock)
+            except (GetTimeout, KVStoreError):
+                views = None
+        if views is None:
+            views = []
+            for k in keys:
+                try:
+                    views.append(r.get_many([k], 0, c._lock)[0])
+                except (GetTimeout, KVStoreError):
+                    views.append(None)
+        out = []
+        with c._lock:                   # the hold THIS get took, not any hold on the key
+            for k, v in zip(keys, views):
+                out.append((v, r.held_entry(k, v) if v is not None else None))
+        return out
+
+    def _check(self, op, view, h):
+        node = self.node
+        c = node.client()
+        r = c._reader
         if view is None:
             raise ObjectGoneOnPeer(f"{node.id} no longer holds {op.key[:64]!r}", node.id)
-        with c._lock:                   # the hold THIS get took, not any hold on the key
-            h = r.held_entry(op.key, view)
-        if len(view) != op.size or h is None or h.offset != op.offset:
-            view.release()
-            r.release_many([op.key], c._lock)
+        if op.incarnation != node.incarnation or len(view) != op.size or h is None or h.offset != op.offset:
+            self._let_go(r, c, op.key, view, h)
+            if op.incarnation != node.incarnation:
+                raise ObjectGoneOnPeer(f"{node.id} restarted since that location was announced", node.id)
             raise ObjectGoneOnPeer(f"{node.id} holds {op.key[:64]!r} elsewhere now", node.id)
         node.count("served")
         node.count("served_bytes", op.size)
-
-        def release():
-            try:
-                view.release()
-            except Exception:                          # noqa: BLE001
-                pass
-            try:
-                r.release_many([op.key], c._lock)
-            except KVStoreError:
-                pass
         fd = node.segment.fd if node.segment.backing != "hugetlbfs" else -1
-        return Served(fd, op.offset, op.size, release, view)
+        return Served(fd, op.offset, op.size, lambda: self._let_go(r, c, op.key, view, h), view)
+
+    @staticmethod
+    def _let_go(r, c, key, view, h):
+        try:
+            view.release()
+        except Exception:                              # noqa: BLE001
+            pass
+        try:
+            if h is not None:
+                r.release_held(key, h, c._lock)       # exactly this read's hold
+            else:
+                r.release_many([key], c._lock)
+        except KVStoreError:
+            pass

@@ -401,3 +401,21 @@ def test_100k_objects_are_found_again_soon_after_their_holder_restarts(kv, capsy
         print(f"\n  100,000 objects: restart {ready - t0:.2f} s, found again from b "
               f"{found_at - ready:.2f} s after the restart")
     assert found_at - ready < 10        # the goal is 2 s; the figure is printed above
+
+
+def test_a_batch_is_leased_in_one_pass_and_every_lease_is_released(kv):
+    """The holder leases all parts of one READ with one get (resolve_many) and releases
+    exactly the holds its reads took: nothing stays held on the holder afterwards."""
+    a, b = kv["a"], kv["b"]
+    values = vals(64, "lease", lo=100, hi=8000)
+    put_all(a, values)
+    wait_located(b, list(values))
+    with b.client() as cb:
+        got = cb.read_many(list(values))
+    assert [bytes(x) for x in got] == list(values.values())
+    assert a.cluster_stats()["served"] >= 64
+    deadline = time.monotonic() + 5
+    with a.client() as ca:
+        while ca.stats()["held_extents"] != 0:
+            assert time.monotonic() < deadline, ca.stats()["held_extents"]
+            time.sleep(0.05)

@@ -71,6 +71,9 @@ class Resolver:
     def resolve(self, op):
         raise NotImplementedError
 
+    # Optional: ``resolve_many(ops)`` -> [Served or the exception of that op], one pass for
+    # every part of a request (the TCP server uses it when a READ has several parts).
+
 
 class Transport:
     """The reader's side. ``name`` is what membership announces ("tcp", "rdma")."""

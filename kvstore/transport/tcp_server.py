@@ -264,10 +264,24 @@ class TcpServer(TransportServer):
         served = [None] * n
         try:
             entries, reasons = [], []
+            many = None                       # a resolver may lease every part in one pass
+            if n > 1 and hasattr(self.resolver, "resolve_many"):
+                try:
+                    many = self.resolver.resolve_many([p.op for p in parts])
+                    if len(many) != n:
+                        raise ValueError(f"resolve_many answered {len(many)} of {n} parts")
+                except Exception as e:
+                    for x in (many or ()):
+                        if not isinstance(x, BaseException):
+                            self._release(x)
+                    many = None
+                    self._warn("resolve", f"peer server {self.address}: resolve_many failed: {e!r}")
             for i, p in enumerate(parts):
                 status, why = wire.OK, b""
                 try:
-                    s = self.resolver.resolve(p.op)
+                    s = many[i] if many is not None else self.resolver.resolve(p.op)
+                    if isinstance(s, BaseException):
+                        raise s
                     if s.size != p.op.size:
                         self._release(s)
                         raise ObjectGoneOnPeer(f"the object at that extent is {s.size} bytes, not {p.op.size}")
