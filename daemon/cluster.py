@@ -442,7 +442,6 @@ class ClusterNode:
     # ---- control links (the dialing side) ----------------------------------------------------
     def request(self, mid, frame, expect, timeout=CONTROL_TIMEOUT):
         """One request/reply with peer mid over a pooled authenticated link."""
-        info = self.info(mid)
         host, port = mid.rsplit(":", 1)
         deadline = time.monotonic() + timeout
         for attempt in (0, 1):
@@ -471,7 +470,6 @@ class ClusterNode:
             body = pw.decode(mtype, payload)
             self._checkin(mid, sock)
             return body
-        del info
 
     def _dial(self, host, port, mid, deadline):
         try:

@@ -37,6 +37,7 @@ from kvstore.config import check_group
 from kvstore.errors import (DaemonStartError, IndexFull, KVStoreError, ProtocolError, SegmentGone,
                             StoreFull, ValueTooLarge)
 from kvstore.keys import namespace_prefix
+from kvstore.record import State
 from kvstore.slots import fence
 from kvstore.store import maintenance
 from kvstore.store.objects import Contended, NoRoom, SealResult, Store
@@ -125,6 +126,7 @@ class Daemon:
                                       *(o.records or maintenance.load_records(o.env)))
                 log.info("namespace quotas: %s", ", ".join(
                     f"{n or '(default)'}={q}" for n, q in self.cfg.namespace_quotas.items()))
+            loaded = o.records if self.cfg.clustered else None   # the cluster announces them
             o.records = None                      # a million keys need not outlive start-up
             self.store.doomed_added = True        # reclaim what the last run left, if anything
             self._psize = o.env.env.stat()["psize"]
@@ -133,7 +135,8 @@ class Daemon:
             self._update_high()
             self._listen()
             if self.cfg.clustered:
-                self._start_cluster()
+                self._start_cluster(loaded)
+            loaded = None
         except BaseException:
             self._close_resources()
             raise
@@ -142,7 +145,7 @@ class Daemon:
                  self.cfg.socket, os.getpid(), self.segment.backing, self.segment.size,
                  self.cfg.data_dir, self.store.incarnation)
 
-    def _start_cluster(self):
+    def _start_cluster(self, loaded=None):
         """Join the cluster (daemon/cluster.py): its threads serve peers and pull local
         misses; this loop only hands them FETCHes and commits, and sends their replies."""
         from .cluster import ClusterNode
@@ -152,8 +155,8 @@ class Daemon:
         self._posted = collections.deque()
         self.selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         self.cluster = ClusterNode(self.cfg, self.cfg.socket, self.segment)
-        keys, recs = maintenance.load_records(self.store.env)
-        sealed = np.flatnonzero(recs["state"] == 2) if len(recs) else []
+        keys, recs = loaded or maintenance.load_records(self.store.env)   # recovery's, if it read them
+        sealed = np.flatnonzero(recs["state"] == State.SEALED) if len(recs) else []
         records = [(keys[i], int(recs["offset"][i]), int(recs["size"][i]), int(recs["checksum"][i]))
                    for i in sealed]
         self.cluster.wake_loop = self._wake
