@@ -34,6 +34,8 @@ return success for bytes it did not receive; block past the timeout.
 
 from typing import NamedTuple
 
+from kvstore.errors import InvalidSize
+
 
 class PeerAddr(NamedTuple):
     """Where a peer daemon serves its peer protocol."""
@@ -95,3 +97,21 @@ class TransportServer:
 
     def close(self):
         pass
+
+
+def buffer_views(ops, bufs):
+    """The callers' buffers as writable flat byte views, one per op and each exactly the
+    op's size; InvalidSize (before anything is sent) for any other shape. Every
+    transport's ``read`` starts here."""
+    if len(bufs) != len(ops):
+        raise InvalidSize(f"read got {len(ops)} ops but {len(bufs)} buffers")
+    views = []
+    for op, b in zip(ops, bufs):
+        v = memoryview(b)
+        if v.readonly:
+            raise InvalidSize(f"the buffer for {op.key!r} is read-only")
+        v = v.cast("B") if v.format != "B" or v.ndim != 1 else v
+        if v.nbytes != op.size:
+            raise InvalidSize(f"the buffer for {op.key!r} holds {v.nbytes} bytes, the op {op.size}")
+        views.append(v)
+    return views

@@ -20,10 +20,10 @@ import os
 import threading
 import time
 
-from kvstore.errors import (ClientClosed, InvalidSize, ObjectGoneOnPeer, PeerAuthFailed, PeerUnreachable,
+from kvstore.errors import (ClientClosed, ObjectGoneOnPeer, PeerAuthFailed, PeerUnreachable,
                             TransferTimeout, TransportError)
 
-from .base import PeerAddr, Transport, TransportServer
+from .base import PeerAddr, Transport, TransportServer, buffer_views
 
 _registry = {}
 _lock = threading.Lock()
@@ -76,17 +76,7 @@ class LoopbackTransport(Transport):
         deadline = time.monotonic() + timeout
         peer = PeerAddr(*peer)
         ops = list(ops)
-        if len(bufs) != len(ops):
-            raise InvalidSize(f"read got {len(ops)} ops but {len(bufs)} buffers")
-        views = []
-        for op, b in zip(ops, bufs):
-            v = memoryview(b)
-            if v.readonly:
-                raise InvalidSize(f"the buffer for {op.key!r} is read-only")
-            v = v.cast("B") if v.format != "B" or v.ndim != 1 else v
-            if v.nbytes != op.size:
-                raise InvalidSize(f"the buffer for {op.key!r} holds {v.nbytes} bytes, the op {op.size}")
-            views.append(v)
+        views = buffer_views(ops, bufs)
         with _lock:
             server = _registry.get(peer)
         if server is None:

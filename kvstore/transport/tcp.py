@@ -30,13 +30,13 @@ import time
 import weakref
 
 from kvstore.cluster.auth import dial_handshake
-from kvstore.errors import (ClientClosed, ConfigError, InvalidKey, InvalidSize, ObjectGoneOnPeer,
+from kvstore.errors import (ClientClosed, ConfigError, InvalidKey, ObjectGoneOnPeer,
                             PeerAuthFailed, PeerIncompatible, PeerUnreachable, ProtocolError,
                             TransferTimeout, TransportError)
 from kvstore.keys import MAX_KEY_BYTES
 
 from . import wire
-from .base import PeerAddr, Transport
+from .base import PeerAddr, Transport, buffer_views
 from .tcp_server import TcpServer, check_secret
 
 __all__ = ["TcpServer", "TcpTransport"]
@@ -341,19 +341,10 @@ class TcpTransport(Transport):
             peer = (host.strip("[]"), int(port))
         peer = PeerAddr(*peer)
         ops = list(ops)
-        if len(bufs) != len(ops):
-            raise InvalidSize(f"read got {len(ops)} ops but {len(bufs)} buffers")
-        views = []
-        for op, b in zip(ops, bufs):
-            v = memoryview(b)
-            if v.readonly:
-                raise InvalidSize(f"the buffer for {op.key!r} is read-only")
-            v = v.cast("B") if v.format != "B" or v.ndim != 1 else v
-            if v.nbytes != op.size:
-                raise InvalidSize(f"the buffer for {op.key!r} holds {v.nbytes} bytes, the op {op.size}")
+        views = buffer_views(ops, bufs)
+        for op in ops:
             if not isinstance(op.key, (bytes, bytearray)) or not 1 <= len(op.key) <= MAX_KEY_BYTES:
                 raise InvalidKey(f"a ReadOp key is 1 to {MAX_KEY_BYTES} bytes, not {op.key!r:.80}")
-            views.append(v)
         results = [None] * len(ops)
         if not ops:
             return results
