@@ -345,14 +345,10 @@ class Client:
 
     def _across(self, mtype, ks):
         timeout = max(0.1, self._conn.timeout - 0.5)
-        out, chunk, size = [], [], 0
-        for j, k in enumerate(ks):
-            chunk.append(k)
-            size += 2 + len(k)
-            if j == len(ks) - 1 or size + 2 + len(ks[j + 1]) > protocol.MAX_PAYLOAD - 64:
-                body = self._conn.request(protocol.key_list(mtype, chunk, timeout), protocol.LOCATED)
-                out += protocol.read_located(body, len(chunk))
-                chunk, size = [], 0
+        out = []
+        for a, b in protocol.key_batches(ks):
+            body = self._conn.request(protocol.key_list(mtype, ks[a:b], timeout), protocol.LOCATED)
+            out += protocol.read_located(body, b - a)
         return out
 
     def delete(self, key):

@@ -131,18 +131,14 @@ class Reader:
             return [], {}
         timeout = max(0.1, self.conn.timeout - 0.5)     # answered before our socket gives up
         local, failed = [], {}
-        chunk, size = [], 0
-        for j, i in enumerate(idx):
-            chunk.append(i)
-            size += 2 + len(ks[i])
-            if j == len(idx) - 1 or size + 2 + len(ks[idx[j + 1]]) > protocol.MAX_PAYLOAD - 64:
-                body = self.conn.request(protocol.fetch([ks[x] for x in chunk], timeout), protocol.FETCHED)
-                for x, (status, code, msg) in zip(chunk, protocol.read_fetched(body)):
-                    if status == protocol.FETCH_LOCAL:
-                        local.append(x)
-                    elif status == protocol.FETCH_FAILED:
-                        failed[x] = from_code(code, f"get of {user_key(ks[x])!r} from another host: {msg}")
-                chunk, size = [], 0
+        keys = [ks[i] for i in idx]
+        for a, b in protocol.key_batches(keys):
+            body = self.conn.request(protocol.fetch(keys[a:b], timeout), protocol.FETCHED)
+            for x, (status, code, msg) in zip(idx[a:b], protocol.read_fetched(body)):
+                if status == protocol.FETCH_LOCAL:
+                    local.append(x)
+                elif status == protocol.FETCH_FAILED:
+                    failed[x] = from_code(code, f"get of {user_key(ks[x])!r} from another host: {msg}")
         return local, failed
 
     # ---- get / release ---------------------------------------------------------------------

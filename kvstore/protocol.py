@@ -400,6 +400,17 @@ def read_fetched(payload):
     return out
 
 
+def key_batches(keys):
+    """(start, end) slices of keys, each small enough for one FETCH / LOCATE /
+    DELETE_ALL frame (the client sends several when a batch does not fit one)."""
+    start, size = 0, 0
+    for j, k in enumerate(keys):
+        size += 2 + len(k)
+        if j == len(keys) - 1 or size + 2 + len(keys[j + 1]) > MAX_PAYLOAD - 64:
+            yield start, j + 1
+            start, size = j + 1, 0
+
+
 def key_list(mtype, keys, timeout):
     """LOCATE / DELETE_ALL: a timeout and stored keys (FETCH's layout)."""
     return frame(mtype, fetch(keys, timeout)[HEADER_SIZE:])
