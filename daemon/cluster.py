@@ -621,35 +621,56 @@ class ClusterNode:
 
     # ---- finding and pulling -----------------------------------------------------------------
     def lookup(self, keys, deadline, unasked=None):
-        """{key: [(holder, incarnation, offset, size, checksum)]} from the keys' homes,
-        one request per home, sent together; a home that fails is replaced by the next
-        home of its keys (one more round, only then). Errors: (stage, peer, exc) list.
-        ``unasked`` (a set) gets the keys no home of theirs answered for."""
+        """{key: [(holder, incarnation, offset, size, checksum)]} from the keys' homes.
+        A key this daemon is a home of is looked up in its own table first (no round
+        trip: with two hosts, every key); one it has no record of here, and every other
+        key, goes to its first live remote home, one request per home, all sent together,
+        so a batch costs one round trip at most whatever the cluster size. A home that
+        fails is replaced by the next home of its keys (one more round, only then).
+        Errors: (stage, peer, exc) list. ``unasked`` (a set) gets the keys no home of
+        theirs answered for (this daemon's own "no record" counts as an answer only when
+        no remote home of the key could be asked)."""
         with self.members_lock:
             ids = list(self.members) + [self.id]
-        alive = set(ids)
+        dead = set()
         found, errors = {}, []
-        todo = list(keys)
+        keys = list(dict.fromkeys(keys))
+        cands, answered_here = {}, set()
+        mine = []
+        for k in keys:
+            hs = homes(k, ids)
+            if self.id in hs:
+                hs.remove(self.id)
+                mine.append(k)
+            cands[k] = hs
+        if mine:
+            with self.loc_lock:
+                got = self.locations.lookup(mine)
+            for k in mine:
+                locs = got.get(k)
+                if locs:
+                    found[k] = [tuple(loc) for loc in locs]
+                    cands[k] = []                  # answered: no remote round for it
+                else:
+                    answered_here.add(k)           # a miss here; its other home may know
+        todo = [k for k in keys if cands[k]]
         for _ in range(3):
-            groups = plan(todo, ids, alive=lambda m: m in alive)
+            groups = {}
+            for k in todo:
+                hs = cands[k]
+                while hs and hs[0] in dead:
+                    hs.pop(0)
+                if hs:
+                    groups.setdefault(hs.pop(0), []).append(k)
+                elif k not in answered_here and unasked is not None:
+                    unasked.add(k)
             todo = []
             futures = {}
-            remote = sum(1 for h in groups if h is not None and h != self.id)
             for home, group in groups.items():
-                if home is None:
-                    if unasked is not None:
-                        unasked.update(group)
-                    continue
-                if home == self.id:
-                    with self.loc_lock:
-                        got = self.locations.lookup(group)
-                    for k, locs in got.items():
-                        found[k] = [tuple(loc) for loc in locs]
-                    continue
                 # a home that does not answer (stopped, cut) costs transfer_timeout, not the
                 # whole deadline: its keys still get their next home in the next round
                 t = max(0.001, min(self.cfg.transfer_timeout, deadline - time.monotonic()))
-                if remote == 1:                # one home to ask: no thread hop
+                if len(groups) == 1:               # one home to ask: no thread hop
                     fut = concurrent.futures.Future()
                     try:
                         fut.set_result(self.request(home, pw.lookup(group), pw.LOCATIONS, t))
@@ -664,18 +685,19 @@ class ClusterNode:
             for fut, (home, group) in futures.items():
                 try:
                     got = fut.result()
-                    found.update(got)
+                    for k, locs in got.items():
+                        found[k] = found.get(k, []) + [tuple(loc) for loc in locs]
                 except Exception as e:                 # noqa: BLE001
                     self.count("lookup_failures")
                     errors.append(("lookup", home, e))
                     self.warn(home, "lookup", "cluster: lookup on home %s failed (%s); asking the "
                               "next home of its keys", home, e)
-                    alive.discard(home)
+                    dead.add(home)
                     todo += group
             if not todo or time.monotonic() >= deadline:
                 break
         if unasked is not None:
-            unasked.update(todo)
+            unasked.update(k for k in todo if k not in answered_here)
         return found, errors
 
     def locate_async(self, keys, timeout, post):
@@ -788,7 +810,9 @@ class ClusterNode:
                 t0 = time.perf_counter()
                 found, lookup_errors = self.lookup(mine, deadline)
                 t1 = time.perf_counter()
-                results, afters = self._pull_all(mine, found, lookup_errors, deadline)
+                # no wake per seal: the reply posted after this wakes the loop once, and
+                # the loop applies the seals before it delivers the reply
+                results, afters = self._pull_all(mine, found, lookup_errors, deadline, wake=False)
                 self.count("lookup_us", int((t1 - t0) * 1e6))      # time spent, for operators
                 self.count("pull_us", int((time.perf_counter() - t1) * 1e6))
                 for k in mine:
@@ -812,7 +836,7 @@ class ClusterNode:
                 after.add(a)
         return out, sorted(after)
 
-    def _pull_all(self, keys, found, lookup_errors, deadline):
+    def _pull_all(self, keys, found, lookup_errors, deadline, wake=True):
         """Pull keys in rounds: each round reads, per holder, every key that holder is
         the next candidate for in one batched transport read; a holder that failed to
         connect or deliver is skipped for the rest of this fetch; a key whose holder
@@ -840,10 +864,10 @@ class ClusterNode:
             if not by_holder:
                 break
             t = min(self.cfg.transfer_timeout, max(0.001, deadline - time.monotonic()))
-            futs = {self.pull_pool.submit(self._pull_batch, holder, items, t): holder
+            futs = {self.pull_pool.submit(self._pull_batch, holder, items, t, wake): holder
                     for holder, items in by_holder.items()} if len(by_holder) > 1 else None
             outcomes = ({h: f.result() for f, h in futs.items()} if futs else
-                        {h: self._pull_batch(h, items, t) for h, items in by_holder.items()})
+                        {h: self._pull_batch(h, items, t, wake) for h, items in by_holder.items()})
             for holder, (got, after) in outcomes.items():
                 for k, e in got.items():
                     if e is None:
@@ -892,7 +916,7 @@ class ClusterNode:
                 self._worker_clients.append(c)
         return c
 
-    def _pull_batch(self, holder, items, timeout):
+    def _pull_batch(self, holder, items, timeout, wake=True):
         """Read items [(key, location)] from one holder in one transport read, straight
         into extents reserved for them in this thread's client's arena; verify each, seal
         the good ones (in reservation order) and give the rest back. Returns ({key: None
@@ -962,7 +986,7 @@ class ClusterNode:
                     w.unreserve(at, size)
                 except KVStoreError:
                     pass
-        if after is not None:
+        if after is not None and wake:
             self.wake_loop()                          # apply the seals now, not at the next poll
         return out, after
 
