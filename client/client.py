@@ -16,12 +16,13 @@ reach the daemon, or be used after fork (a child must open its own Client).
 """
 
 import threading
+import time
 
 import numpy as np
 
 from kvstore import protocol
 from kvstore import defaults
-from kvstore.errors import InvalidSize
+from kvstore.errors import InvalidSize, ReplicasShort
 from kvstore.keys import encode_key, namespace_prefix, user_key
 from kvstore.table import Busy
 
@@ -166,31 +167,84 @@ class Client:
             self._conn.check_open()
             self._writer.abort(k)
 
-    def put(self, key, value, strict=False, pin=False, replicas=None):
+    def put(self, key, value, strict=False, pin=False, replicas=None, wait=False):
         """Store value under key. Returns True if written, False if the key already
         existed (keys are content hashes: a repeat is normal and is not an error);
         with strict=True an existing key raises ObjectExists instead. ``replicas``: in a
         cluster, copies on distinct hosts (placed in the background, off this call's
-        latency; None: the daemon's --replicas).
+        latency; None: the daemon's --replicas). ``wait``: True (up to this client's
+        timeout) or seconds: return only once that many hosts hold the object, else
+        raise ReplicasShort naming how many do (the copies made are kept).
 
         value: bytes-like, a numpy array, a torch tensor (CPU, or CUDA: copied straight
         into the pinned segment), a pyarrow Buffer, or a list/tuple of these, stored
         one after another as one object."""
         k = self._key(key)
         parts = self._writer.parts(value)
-        return self._locked(self._writer.put_many, [k], [parts], strict, pin, self._state_of, {},
-                            _replicas(replicas))[0]
+        n, wait = _replicas(replicas), self._wait_seconds(wait)
+        out = self._locked(self._writer.put_many, [k], [parts], strict, pin, self._state_of, {}, n)[0]
+        if wait:
+            self._wait_copies([k], n, wait)
+        return out
 
-    def put_many(self, keys, values, strict=False, pin=False, replicas=None):
+    def put_many(self, keys, values, strict=False, pin=False, replicas=None, wait=False):
         """put() each pair; returns a list of bools (True = written). The seals go out
-        in one message; copies from CUDA tensors are issued together and waited for once."""
+        in one message; copies from CUDA tensors are issued together and waited for once.
+        ``wait``: as for put, for every key."""
         if len(keys) != len(values):
             raise InvalidSize(f"put_many got {len(keys)} keys and {len(values)} values; give one value per key")
         ks = self._keys(keys)
         partss = [self._writer.parts(v) for v in values]
+        n, wait = _replicas(replicas), self._wait_seconds(wait)
         # ``done`` survives a retry: keys this call already wrote stay True, not "existing"
-        return self._locked(self._writer.put_many, ks, partss, strict, pin, self._state_of, {},
-                            _replicas(replicas))
+        out = self._locked(self._writer.put_many, ks, partss, strict, pin, self._state_of, {}, n)
+        if wait:
+            self._wait_copies(ks, n, wait)
+        return out
+
+    def copies(self, keys):
+        """[int] per key: how many hosts hold it sealed, this one included (0: nowhere).
+        One lookup round for the batch; outside a cluster, 1 or 0."""
+        ks = self._keys(keys)
+        if not self._conn.att.cluster:
+            return [1 if self.contains(k) else 0 for k in keys]
+        self._reader.settle()
+        return self._across(protocol.LOCATE, ks, counts=True)
+
+    def _wait_seconds(self, wait):
+        """put's ``wait`` as seconds (0: do not wait), checked before anything is written."""
+        if wait is False or wait is None:
+            return 0
+        if wait is True:
+            return self._conn.timeout
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 < wait < 1e6:
+            raise InvalidSize(f"wait={wait!r}: give True (this client's timeout) or the seconds to "
+                              f"wait for the copies")
+        return float(wait)
+
+    def _wait_copies(self, ks, n, wait):
+        """Until every key of ks is held by n hosts (0: the daemon's --replicas), polling
+        the lookup, for ``wait`` seconds."""
+        if n == 0:
+            n = int(self._conn.att.default_replicas or 1)
+        if n <= 1 or not self._conn.att.cluster:
+            return
+        deadline = time.monotonic() + wait
+        pause = 0.002
+        while True:
+            have = self._across(protocol.LOCATE, ks, counts=True)
+            short = [(k, c) for k, c in zip(ks, have) if c < n]
+            if not short:
+                return
+            if time.monotonic() + pause > deadline:
+                k, c = min(short, key=lambda x: x[1])
+                raise ReplicasShort(
+                    f"{len(short)} of {len(ks)} object(s) are on fewer than the {n} hosts asked for "
+                    f"after {wait:g} s (e.g. {user_key(k)!r:.80} on {c}); they are stored and the "
+                    f"copies made are kept. Other hosts may lack free space or be fewer than {n}: "
+                    f"see replicas_short in the daemon's stats", copies=c, wanted=n)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _locked(self, fn, *args):
         """fn(*args) under the client lock; if a lookup needs the daemon back, the lock
@@ -343,12 +397,13 @@ class Client:
         self._reader.settle()
         return self._across(protocol.DELETE_ALL, ks)
 
-    def _across(self, mtype, ks):
+    def _across(self, mtype, ks, counts=False):
         timeout = max(0.1, self._conn.timeout - 0.5)
+        read = protocol.read_copies if counts else protocol.read_located
         out = []
         for a, b in protocol.key_batches(ks):
             body = self._conn.request(protocol.key_list(mtype, ks[a:b], timeout), protocol.LOCATED)
-            out += protocol.read_located(body, b - a)
+            out += read(body, b - a)
         return out
 
     def delete(self, key):

@@ -88,6 +88,7 @@ class Attachment:
         self.size, self.backing = body["segment_size"], body["backing"]
         self.quotas = bool(body.get("quotas", False))   # pins go by PIN request (writer.put_many)
         self.cluster = bool(body.get("cluster", False))  # local misses are FETCHed from other hosts
+        self.default_replicas = int(body.get("replicas", 1) or 1)   # the daemon's --replicas
         _check_segment_file(seg_fd, self.size)
         seg = Segment(seg_fd, self.size, self.backing, "", reused=True)
         try:
@@ -327,6 +328,7 @@ class Connection:
                     att.new_table(fds[1])
                     att.quotas = bool(body.get("quotas", False))   # the restarted daemon's
                     att.cluster = bool(body.get("cluster", False))
+                    att.default_replicas = int(body.get("replicas", 1) or 1)
             if body["cid"] == att.cid and body["segment_id"] == att.segment_id:
                 for cb in self.on_resume:
                     cb()

@@ -701,7 +701,7 @@ class ClusterNode:
         return found, errors
 
     def locate_async(self, keys, timeout, post):
-        """LOCATE: which keys are sealed on some member (one lookup round for the batch)."""
+        """LOCATE: on how many members each key is sealed (one lookup round for the batch)."""
         def work():
             try:
                 unasked = set()
@@ -714,8 +714,13 @@ class ClusterNode:
                         f"{errors[-1][2] if errors else 'no live home'}); check those daemons and "
                         f"their links, then retry", peer, "lookup")))
                     return
-                flags = [bool([loc for loc in found.get(k, ()) if self._current(loc)]) for k in keys]
-                post(protocol.located(flags))
+                counts = []                        # hosts holding each key now
+                for k in keys:
+                    holders = {loc[0] for loc in found.get(k, ()) if self._current(loc)}
+                    if k in self.local:                # held here, maybe not announced yet
+                        holders.add(self.id)
+                    counts.append(len(holders))
+                post(protocol.located(counts))
             except Exception as e:                     # noqa: BLE001 (the caller must hear)
                 log.exception("cluster: locate failed")
                 post(protocol.error(e if isinstance(e, KVStoreError) else KVStoreError(str(e))))

@@ -545,7 +545,8 @@ class Daemon:
                                  slots=self.slots.describe(), incarnation=self.store.incarnation,
                                  table_generation=t.generation,
                                  quotas=self.store.quotas is not None,
-                                 cluster=self.cluster is not None)
+                                 cluster=self.cluster is not None,
+                                 replicas=self.cfg.replicas if self.cluster is not None else 1)
         socket.send_fds(conn.sock, [frame], [self.segment.fd, t.fd, self.slots.fd])
         log.debug("client %d (pid %d) connected", cid, conn.pid)
 

@@ -227,13 +227,27 @@ class ClusterUnavailable(KVStoreError):
     code = 62
 
 
+class ReplicasShort(KVStoreError):
+    """A put that asked to wait for its copies found fewer hosts holding the object than
+    it asked for when its wait ended. The object is stored (here, and on ``copies``
+    hosts in all); ``wanted`` were asked for. Other hosts may lack the free space, or be
+    fewer than asked: see ``replicas_short`` in the daemon's stats."""
+
+    code = 63
+
+    def __init__(self, message="", copies=0, wanted=0):
+        super().__init__(message)
+        self.copies = copies
+        self.wanted = wanted
+
+
 _BY_CODE = {cls.code: cls for cls in (
     KVStoreError, InvalidKey, InvalidKeyType, InvalidSize, ValueTooLarge, InvalidValue,
     ObjectExists, ObjectNotFound, AlreadySealed, NotCreator, NotSealed, StoreFull, IndexFull,
     GetTimeout, ReadOnlyView, ChecksumMismatch, TooManyHolds, ProtocolError, ClientClosed, StoreUnavailable, ConfigError,
     DaemonStartError, QuotaExceeded, MissingExtra, SegmentGone, IndexDamaged,
     TransportError, PeerUnreachable, TransferTimeout, ObjectGoneOnPeer, PeerAuthFailed,
-    PeerIncompatible, ClusterUnavailable)}
+    PeerIncompatible, ClusterUnavailable, ReplicasShort)}
 
 
 def from_code(code, message):

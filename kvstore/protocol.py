@@ -420,16 +420,22 @@ def read_key_list(payload):
     return read_fetch(payload)
 
 
-def located(flags):
-    """LOCATED: one byte per key of the LOCATE (1: sealed on some host), then u64 count of
-    hosts that could not be asked (their keys may exist there)."""
-    return frame(LOCATED, bytes(flags))
+def located(counts):
+    """LOCATED: one byte per key: for a LOCATE, how many hosts hold it sealed (0: none;
+    capped at 255); for a DELETE_ALL, 1 if it was deleted somewhere."""
+    return frame(LOCATED, bytes(min(255, int(c)) for c in counts))
 
 
 def read_located(payload, n):
+    """[bool] per key: found (LOCATE) or deleted (DELETE_ALL) somewhere."""
+    return [bool(c) for c in read_copies(payload, n)]
+
+
+def read_copies(payload, n):
+    """[int] per key of a LOCATE: how many hosts hold it sealed."""
     if len(payload) != n:
-        raise ProtocolError(f"LOCATED: {len(payload)} flags for {n} keys")
-    return [bool(b) for b in payload]
+        raise ProtocolError(f"LOCATED: {len(payload)} counts for {n} keys")
+    return list(payload)
 
 
 def recv_message(sock, with_fds=0):

@@ -12,7 +12,7 @@ import pytest
 
 from clusterlib import make_cluster  # noqa: F401  (fixtures)
 from kvcluster import make_kv, kv  # noqa: F401
-from kvstore.errors import TransportError
+from kvstore.errors import ReplicasShort, TransportError
 
 rnd = random.Random(10)
 
@@ -375,6 +375,34 @@ def test_put_with_replicas_places_copies_on_other_hosts(kv):
     with b.client() as cb:
         with pytest.raises(Exception, match="replicas"):
             cb.put(b"bad", b"x", replicas=0)
+
+
+def test_a_put_can_wait_for_its_copies_and_says_when_they_fall_short(kv):
+    """put(..., replicas=N, wait=...) returns once N hosts hold the object (copies() counts
+    them, one lookup round); asking for more hosts than the cluster has raises
+    ReplicasShort after the wait, and keeps the object and the copies made."""
+    a, b, c = kv["a"], kv["b"], kv["c"]
+    with a.client() as ca:
+        assert ca.copies([b"nowhere"]) == [0]
+        assert ca.put(b"w2", b"x" * 10_000, replicas=2, wait=5)
+        assert ca.copies([b"w2"]) == [2]                  # already: the put waited for it
+        with b.client() as cb, c.client() as cc:
+            assert sorted([cb.contains(b"w2"), cc.contains(b"w2")]) == [False, True]
+        ks = [f"wm-{i}".encode() for i in range(20)]
+        assert ca.put_many(ks, [b"y" * 1000] * 20, replicas=3, wait=5) == [True] * 20
+        assert ca.copies(ks) == [3] * 20
+        with pytest.raises(Exception, match="wait"):
+            ca.put(b"w-bad", b"x", replicas=2, wait=-1)
+        assert not ca.contains(b"w-bad")                  # refused before anything was written
+        t0 = time.monotonic()
+        with pytest.raises(ReplicasShort) as e:
+            ca.put(b"w5", b"z" * 1000, replicas=5, wait=1.0)
+        assert 0.9 < time.monotonic() - t0 < 4
+        assert (e.value.copies, e.value.wanted) == (3, 5)
+        assert "fewer than the 5 hosts" in str(e.value) and "replicas_short" in str(e.value)
+        assert bytes(ca.get(b"w5")) == b"z" * 1000       # stored; the copies made are kept
+        ca.release(b"w5")
+    assert a.cluster_stats().get("replicas_short", 0) >= 2
 
 
 def test_100k_objects_are_found_again_soon_after_their_holder_restarts(kv, capsys):
