@@ -15,9 +15,11 @@ requests and commit events and sends the replies it is given back):
   store after each commit) goes in batches to each key's homes (kvstore.cluster.directory);
   at start and whenever the membership changes, everything held is announced again, so
   locations rebuild themselves after any restart;
-- fetching: a local miss of a client (FETCH) is looked up on the keys' homes (one
-  request per home, all at once), then pulled from a holder straight into a block of this
-  segment created for it, verified against the checksum recorded at seal, and sealed as
+- fetching: a local miss of a client (FETCH) is looked up in this daemon's own table
+  when it is one of the key's homes, else on the keys' homes (one request per home, all
+  at once), then pulled from a holder straight into a block of this segment created for
+  it, verified against the checksum recorded at seal (each piece hashed by the
+  transport's receiving thread as it lands, so hashing overlaps the transfer), and sealed as
   an ordinary local replica; a failed holder (connect, transfer, verify) is counted by
   stage, logged once at WARNING, and the next holder is tried. Two FETCHes of one key
   share one transfer. A block is created and sealed through an internal Client of this
@@ -40,11 +42,12 @@ from collections import Counter
 from kvstore import checksum, protocol
 from kvstore.cluster import peerwire as pw
 from kvstore.cluster.auth import accept_handshake, dial_handshake, load_secret, recv_exact
-from kvstore.cluster.directory import LocationTable, homes, plan
+from kvstore.cluster.directory import LocationTable, homes
 from kvstore.errors import (ChecksumMismatch, ClientClosed, GetTimeout, KVStoreError,
                             ObjectGoneOnPeer, PeerAuthFailed, PeerIncompatible, ProtocolError,
                             TransportError)
 from kvstore.netcheck import bind_peer_port, check_advertise
+from kvstore.table import SEALED, Busy
 from kvstore.transport.base import PeerAddr, ReadOp, Resolver, Served
 
 log = logging.getLogger("kvstore.daemon.cluster")
@@ -217,6 +220,8 @@ class ClusterNode:
         with self.members_lock:
             out["members"] = sorted(self.members)
         out.update(id=self.id, incarnation=self.incarnation, held=len(self.local))
+        if self.transport_server is not None:
+            out["peer_server"] = dict(self.transport_server.stats)   # what this holder served
         return out
 
     def client(self):
@@ -947,18 +952,22 @@ class ClusterNode:
                 bufs.append(att.rw[at:at + size])
         if not ops:
             return out, None
+        digests = [{} for _ in ops]             # op -> {piece offset: digest}, filled as bytes land
+
+        def on_piece(i, off, view):             # in the receiving stream's thread
+            digests[i][off] = checksum.piece_digest(view, ops[i].size)
         t0 = time.perf_counter()
         try:
-            results = self.transport.read(peer, ops, bufs, timeout)
+            results = self.transport.read(peer, ops, bufs, timeout, on_piece=on_piece)
         except TransportError as e:
             results = [e] * len(ops)
         self.count("transfer_us", int((time.perf_counter() - t0) * 1e6))
         good, bad = [], []
-        for (k, at, size, csum), buf, res in zip(made, bufs, results):
+        for (k, at, size, csum), buf, res, dg in zip(made, bufs, results, digests):
             try:
                 if res is not None:
                     raise res
-                if checksum.checksum(buf) != csum:
+                if checksum.from_pieces(dg, size, buf) != csum:
                     raise ChecksumMismatch(f"the bytes of {k[:64]!r} from {holder} do not match "
                                            f"the checksum recorded at seal")
                 good.append((k, at, size, csum))
@@ -998,13 +1007,44 @@ class ClusterNode:
 
 class _SegmentResolver(Resolver):
     """Serve an object only if it is sealed at the extent asked for, in this run; hold it
-    (a client hold of the daemon's own Client) until released."""
+    (a client hold of the daemon's own Client) until released, or, for a small object
+    copied at once, check before and after the copy that it stayed listed (peek)."""
 
     def __init__(self, node):
         self.node = node
 
     def resolve(self, op):
         return self._check(op, *self._hold([op])[0])
+
+    def peek(self, op):
+        """A small object the server copies at once, without a hold: (segment fd, offset,
+        still), still() True only if the published table's bucket for it did not change
+        from this lookup until after the copy (the daemon unpublishes an object before
+        its extent can be freed or reused, so the copied bytes are the object's). None
+        (the server holds it instead) for hugetlbfs segments (no pread) or a table mid-update."""
+        node = self.node
+        if op.incarnation != node.incarnation:
+            raise ObjectGoneOnPeer(f"{node.id} restarted since that location was announced", node.id)
+        if node.segment.backing == "hugetlbfs":
+            return None
+        table = node.client()._conn.att.table
+        try:
+            e = table.lookup(op.key)
+        except Busy:
+            return None
+        if e is None or e.state != SEALED:
+            raise ObjectGoneOnPeer(f"{node.id} no longer holds {op.key[:64]!r}", node.id)
+        if e.offset != op.offset or e.size != op.size:
+            raise ObjectGoneOnPeer(f"{node.id} holds {op.key[:64]!r} elsewhere now", node.id)
+        table.mark(e.bucket)                       # a use, for the eviction sweep
+
+        def still():
+            if not table.unchanged(e):
+                return False
+            node.count("served")
+            node.count("served_bytes", op.size)
+            return True
+        return node.segment.fd, op.offset, still
 
     def resolve_many(self, ops):
         """Every op of one READ at once: one get for all their keys (64 small objects cost

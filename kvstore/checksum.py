@@ -41,6 +41,23 @@ def checksum(data):
     return _h64(b"".join(_d64(mv[o:o + CHUNK]) for o in range(0, n, CHUNK)))
 
 
+def piece_digest(view, size):
+    """What the checksum needs of one landed piece (CHUNK bytes at a multiple of CHUNK) of
+    an object of ``size`` bytes: the whole checksum when the object is one piece, else
+    the piece's digest (see from_pieces)."""
+    return _h64(view) if size <= CHUNK else _d64(view)
+
+
+def from_pieces(digests, size, data):
+    """The checksum of an object from {piece offset: piece_digest}, hashing ``data``
+    (the whole object) for any piece missing."""
+    if size <= CHUNK:
+        got = digests.get(0)
+        return got if got is not None else _h64(data)
+    mv = memoryview(data).cast("B") if not isinstance(data, memoryview) or data.format != "B" else data
+    return _h64(b"".join(digests.get(o) or _d64(mv[o:o + CHUNK]) for o in range(0, size, CHUNK)))
+
+
 # ---- a second thread for large copies ---------------------------------------------------------
 _pool = None
 _pool_pid = 0

@@ -12,6 +12,7 @@ import pytest
 
 from clusterlib import make_cluster  # noqa: F401  (fixtures)
 from kvcluster import make_kv, kv  # noqa: F401
+from kvstore.cluster.directory import homes
 from kvstore.errors import ReplicasShort, TransportError
 
 rnd = random.Random(10)
@@ -375,6 +376,26 @@ def test_put_with_replicas_places_copies_on_other_hosts(kv):
     with b.client() as cb:
         with pytest.raises(Exception, match="replicas"):
             cb.put(b"bad", b"x", replicas=0)
+
+
+def test_a_key_this_daemon_is_a_home_of_is_found_without_a_lookup_message(kv):
+    """B looks up the keys it is a home of in its own table (no round trip), and the
+    holder sends small objects from a copy checked against its index (no lease)."""
+    a, b, c = kv["a"], kv["b"], kv["c"]
+    ids = [a.id, b.id, c.id]
+    with b.client() as cb:
+        keys = [k for k in (f"lh{i}".encode() for i in range(300)) if b.id in homes(cb._key(k), ids)][:10]
+    assert len(keys) == 10
+    put_all(a, {k: b"s" * 3000 for k in keys})
+    wait_located(b, keys)
+    before, served_before = b.cluster_stats(), a.cluster_stats()["peer_server"]
+    with b.client() as cb:
+        assert [bytes(x) for x in cb.read_many(keys)] == [b"s" * 3000] * 10
+    after = b.cluster_stats()
+    assert after.get("lookup_messages", 0) == before.get("lookup_messages", 0)
+    assert after["fetched"] - before.get("fetched", 0) == 10
+    served = a.cluster_stats()["peer_server"]
+    assert served["copied_unleased"] - served_before["copied_unleased"] == 10
 
 
 def test_a_put_can_wait_for_its_copies_and_says_when_they_fall_short(kv):

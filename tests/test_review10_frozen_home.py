@@ -16,8 +16,8 @@ def test_a_frozen_first_home_costs_the_transfer_timeout_not_the_deadline(kv):
     a, b, c = kv["a"], kv["b"], kv["c"]
     ids = [a.id, b.id, c.id]
     with b.client() as cb:
-        key = next(k for k in (f"fh{i}".encode() for i in range(1000))
-                   if homes(cb._key(k), ids)[0] == a.id)     # a is its first home
+        key = next(k for k in (f"fh{i}".encode() for i in range(1000))   # a is its first home, and
+                   if homes(cb._key(k), ids) == [a.id, c.id])  # b is not one (it must ask a)
     value = b"z" * 20000
     with c.client() as cc:
         assert cc.put(key, value)

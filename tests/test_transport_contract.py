@@ -23,7 +23,8 @@ import pytest
 from kvstore.errors import (InvalidSize, ObjectGoneOnPeer, PeerAuthFailed, PeerUnreachable,
                             TransferTimeout, TransportError)
 from kvstore.transport import open_server, open_transport
-from kvstore.transport.base import PeerAddr, ReadOp, Resolver, Served
+from kvstore import checksum
+from kvstore.transport.base import PIECE, PeerAddr, ReadOp, Resolver, Served, pieces_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = b"contract-test-secret-0123456789ab"
@@ -122,7 +123,8 @@ class ShmResolver(Resolver):
         os.close(self.fd)
 
 
-LAYOUT = ([(b"tiny", 1), (b"page", 4096), (b"one", MiB), (b"big", 16 * MiB)]
+LAYOUT = ([(b"tiny", 1), (b"page", 4096), (b"one", MiB), (b"big", 16 * MiB), (b"plus1", MiB + 1),
+           (b"odd", 5 * MiB + 12345)]
           + [(b"mb/%d" % i, MiB) for i in range(64)] + [(b"kb/%d" % i, 4096) for i in range(64)])
 
 
@@ -230,6 +232,51 @@ def test_batch_of_mixed_sizes_is_byte_exact(peer):
     assert results == [None] * len(keys)
     for k, b in zip(keys, bufs):
         assert bytes(b) == peer.segment.expect(k), k
+
+
+def _read_with_pieces(peer, keys, fail_on=None):
+    seen, lock = [], threading.Lock()
+
+    def on_piece(i, off, view):
+        if keys[i] == fail_on:
+            raise RuntimeError("the caller's hash failed")
+        with lock:
+            seen.append((i, off, bytes(view), threading.get_ident()))
+    ops = [peer.segment.op(k) for k in keys]
+    bufs = [bytearray(op.size) for op in ops]
+    results = peer.transport.read(peer.address, ops, bufs, 5.0, on_piece=on_piece)
+    return results, bufs, seen
+
+
+def test_on_piece_reports_every_piece_once_as_it_lands(peer):
+    """read(..., on_piece=f): f sees each op's pieces (PIECE bytes at multiples of PIECE
+    within the object, one piece for a small object) once each, with the bytes that
+    landed, and the two-level checksum built from them equals the checksum of the object."""
+    keys = [b"big", b"tiny", b"odd", b"plus1", b"one"] + [b"kb/%d" % i for i in range(8)] + [b"mb/%d" % i for i in range(8)]
+    results, bufs, seen = _read_with_pieces(peer, keys)
+    assert results == [None] * len(keys)
+    for i, k in enumerate(keys):
+        want = peer.segment.expect(k)
+        assert bytes(bufs[i]) == want
+        got = sorted((off, data) for j, off, data, _ in seen if j == i)
+        assert [(off, len(d)) for off, d in got] == pieces_of(len(want)), k
+        assert b"".join(d for _, d in got) == want
+        if len(want) <= PIECE:
+            digest = checksum._h64(got[0][1])
+        else:
+            digest = checksum._h64(b"".join(checksum._d64(d) for _, d in got))
+        assert digest == checksum.checksum(want), k
+    assert peer.resolver.settled()
+
+
+def test_on_piece_failing_fails_only_its_op(peer):
+    keys = [b"page", b"one", b"big", b"kb/1"]
+    results, bufs, seen = _read_with_pieces(peer, keys, fail_on=b"one")
+    assert isinstance(results[1], TransportError) and "on_piece" in str(results[1])
+    assert [results[i] for i in (0, 2, 3)] == [None] * 3
+    assert bytes(bufs[2]) == peer.segment.expect(b"big")
+    assert peer.transport.read(peer.address, [peer.segment.op(b"page")], [bytearray(4096)], 5.0) == [None]
+    assert peer.resolver.settled()
 
 
 def test_reads_into_slices_of_one_mmap(peer):

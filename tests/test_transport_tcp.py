@@ -17,7 +17,8 @@ import time
 import pytest
 
 from kvstore.cluster import auth
-from kvstore.errors import (ConfigError, PeerIncompatible, PeerUnreachable, TransportError)
+from kvstore.errors import (ConfigError, ObjectGoneOnPeer, PeerIncompatible, PeerUnreachable,
+                            TransportError)
 from kvstore.transport import wire
 from kvstore.transport.base import ReadOp
 from kvstore.transport.tcp import TcpServer, TcpTransport
@@ -391,3 +392,49 @@ def test_wire_round_trip_and_refusals():
             wire.decode_result_head(wire.result_head(entries), parts)
     with pytest.raises(ProtocolError):                      # a RESULT of another length
         wire.decode_result_head(wire.result_head([(wire.OK, 50)]) + bytes(9), parts)
+
+
+# ---- small objects copied without a lease (Resolver.peek) ---------------------------------------
+class _PeekingResolver:
+    """ShmResolver plus peek(): ``verdict`` is what still() answers ("yes", "no"), or
+    "gone" to refuse at the peek; counts peeks."""
+
+    def __init__(self, base, verdict):
+        self.base, self.verdict, self.peeks = base, verdict, 0
+
+    def resolve(self, op):
+        return self.base.resolve(op)
+
+    def peek(self, op):
+        self.peeks += 1
+        if self.verdict == "gone" or self.base.objects.get(op.key) != (op.offset, op.size, op.incarnation):
+            from kvstore.errors import ObjectGoneOnPeer
+            raise ObjectGoneOnPeer("not listed")
+        return self.base.fd, op.offset, lambda: self.verdict == "yes"
+
+
+@pytest.mark.parametrize("verdict", ["yes", "no", "gone"])
+def test_small_objects_are_copied_without_a_lease_only_while_still_listed(segment, verdict):  # noqa: F811
+    """A small whole object the resolver peeks is sent from a copy with no lease; if the
+    index changed during the copy (still() False) the server falls back to a leased read,
+    so the bytes sent are always the object's; a peek that finds it gone answers GONE."""
+    p = Peer("tcp", segment)
+    p.server.resolver = resolver = _PeekingResolver(p.resolver, verdict)
+    try:
+        keys = [b"page", b"tiny", b"one"] + [b"kb/%d" % i for i in range(8)]
+        results, bufs = p.read(keys)
+        small = [k for k in keys if len(segment.expect(k)) <= 64 << 10]
+        assert resolver.peeks == len(small)
+        if verdict == "gone":
+            assert all(isinstance(r, ObjectGoneOnPeer) for k, r in zip(keys, results) if k in small)
+            assert results[keys.index(b"one")] is None        # 1 MiB: leased, not peeked
+        else:
+            assert results == [None] * len(keys)
+            for k, b in zip(keys, bufs):
+                assert bytes(b) == segment.expect(k), k
+        leased = p.resolver.acquired
+        assert leased == (len(keys) if verdict == "no" else len(keys) - len(small))
+        assert p.server.stats["copied_unleased"] == (len(small) if verdict == "yes" else 0)
+        assert p.resolver.settled()
+    finally:
+        p.close()

@@ -27,6 +27,14 @@ Contract (tests/test_transport_contract.py runs it against every implementation)
 - ``read`` may be called from several threads at once; each implementation says how it
   shares connections.
 - Nothing a peer sends can make ``read`` write outside the buffers it was given.
+- ``read(..., on_piece=f)``: the caller hashes while the bytes arrive. Each op's bytes
+  are cut into pieces of at most ``PIECE`` bytes starting at multiples of ``PIECE``
+  within the object (the unit of the two-level checksum, kvstore.checksum.CHUNK), and
+  ``f(i, off, view)`` is called once for each piece of op i after all of its bytes
+  landed (view: that piece of the caller's buffer), from whichever thread received it
+  (several at once), before ``read`` returns. Every piece of an op that succeeds is
+  reported exactly once; pieces of an op that fails may or may not be. An exception in
+  ``f`` fails that op (TransportError), never the others or the link.
 
 Must never: let a request name a raw address; write into a buffer past its size;
 return success for bytes it did not receive; block past the timeout.
@@ -34,7 +42,11 @@ return success for bytes it did not receive; block past the timeout.
 
 from typing import NamedTuple
 
+from kvstore.checksum import CHUNK as PIECE
 from kvstore.errors import InvalidSize
+
+__all__ = ["PIECE", "PeerAddr", "ReadOp", "Served", "Resolver", "Transport", "TransportServer",
+           "buffer_views", "pieces_of", "report_piece"]
 
 
 class PeerAddr(NamedTuple):
@@ -75,6 +87,13 @@ class Resolver:
 
     # Optional: ``resolve_many(ops)`` -> [Served or the exception of that op], one pass for
     # every part of a request (the TCP server uses it when a READ has several parts).
+    #
+    # Optional: ``peek(op)`` -> (fd, offset, still) or None, for a small object the server
+    # copies at once (pread) instead of holding it: no lease is taken; the server copies
+    # the bytes, then calls ``still()``, which is True only if the index listed the object
+    # unchanged from before the peek until after the copy (a seqlock re-check), so the
+    # copied bytes are that object's. False or None: the server falls back to resolve().
+    # Raises ObjectGoneOnPeer like resolve.
 
 
 class Transport:
@@ -82,7 +101,7 @@ class Transport:
 
     name = "base"
 
-    def read(self, peer, ops, bufs, timeout):
+    def read(self, peer, ops, bufs, timeout, on_piece=None):
         raise NotImplementedError
 
     def close(self):
@@ -97,6 +116,23 @@ class TransportServer:
 
     def close(self):
         pass
+
+
+def pieces_of(size):
+    """(offset, length) of an object's pieces for ``on_piece`` (one for an empty one)."""
+    if size <= PIECE:
+        return [(0, size)]
+    return [(at, min(PIECE, size - at)) for at in range(0, size, PIECE)]
+
+
+def report_piece(on_piece, i, off, view, results, err):
+    """Call on_piece for one landed piece; an exception in it fails op i (results[i]
+    gets ``err(exc)`` unless it already holds an error), never the link."""
+    try:
+        on_piece(i, off, view)
+    except Exception as e:                  # noqa: BLE001 (the caller's bug fails its op)
+        if results[i] is None:
+            results[i] = err(e)
 
 
 def buffer_views(ops, bufs):

@@ -23,7 +23,7 @@ import time
 from kvstore.errors import (ClientClosed, ObjectGoneOnPeer, PeerAuthFailed, PeerUnreachable,
                             TransferTimeout, TransportError)
 
-from .base import PeerAddr, Transport, TransportServer, buffer_views
+from .base import PeerAddr, Transport, TransportServer, buffer_views, pieces_of, report_piece
 
 _registry = {}
 _lock = threading.Lock()
@@ -70,7 +70,7 @@ class LoopbackTransport(Transport):
         self.secret = None if secret is None else bytes(secret)
         self._closed = False
 
-    def read(self, peer, ops, bufs, timeout):
+    def read(self, peer, ops, bufs, timeout, on_piece=None):
         if self._closed:
             raise ClientClosed("this LoopbackTransport was closed")
         deadline = time.monotonic() + timeout
@@ -119,6 +119,11 @@ class LoopbackTransport(Transport):
                 results.append(e)
             finally:
                 served.release()
+            if on_piece is not None and results[-1] is None:
+                i = len(results) - 1
+                for off, n in pieces_of(op.size):
+                    report_piece(on_piece, i, off, view[off:off + n], results,
+                                 lambda e: TransportError(f"on_piece failed: {e!r}", peer))
         return results
 
     def close(self):

@@ -36,7 +36,7 @@ from kvstore.errors import (ClientClosed, ConfigError, InvalidKey, ObjectGoneOnP
 from kvstore.keys import MAX_KEY_BYTES
 
 from . import wire
-from .base import PeerAddr, Transport, buffer_views
+from .base import PIECE, PeerAddr, Transport, buffer_views, report_piece
 from .tcp_server import TcpServer, check_secret
 
 __all__ = ["TcpServer", "TcpTransport"]
@@ -162,9 +162,10 @@ class TcpTransport(Transport):
         self._recv_views(link, [memoryview(buf)], deadline)
         return buf
 
-    def _recv_views(self, link, views, deadline):
+    def _recv_views(self, link, views, deadline, done=None):
         """Fill views in order; returns None, or raises _Short(index of the first view not
-        completely filled, the cause, whether any byte arrived)."""
+        completely filled, the cause, whether any byte arrived). ``done(j)`` is called as
+        soon as views[j] is full (the caller hashes it while the next bytes arrive)."""
         i, off, got_any = 0, 0, False
         nv = len(views)
         sock = link.sock
@@ -189,16 +190,20 @@ class TcpTransport(Transport):
                 off += k
                 continue
             k -= rest
+            if done is not None:
+                done(i)
             i, off = i + 1, 0
             while k:
                 if k >= views[i].nbytes:
                     k -= views[i].nbytes
+                    if done is not None:
+                        done(i)
                     i += 1
                 else:
                     off = k
                     k = 0
 
-    def _exchange(self, link, peer, chunk, views, results, deadline, timeout):
+    def _exchange(self, link, peer, chunk, views, results, deadline, timeout, on_piece=None):
         """One READ of chunk [(op index, Part)] on link; fills results. Raises _LinkFailed
         when the connection can no longer be used: the chunk's unfinished parts are failed
         already when any byte of the answer had arrived, else left for a retry."""
@@ -225,13 +230,22 @@ class TcpTransport(Transport):
             for i, _ in chunk:
                 _fail(results, i, err)
             raise _LinkFailed(err, True) from None
-        targets, where = [], []
+        targets, where, parts_at = [], [], []
         for (i, p), (status, _) in zip(chunk, entries):
             if status == wire.OK and p.part_len:
                 targets.append(views[i][p.part_off:p.part_off + p.part_len])
                 where.append(i)
+                parts_at.append(p.part_off)
+            elif status == wire.OK and on_piece is not None:     # an empty object: nothing to wait for
+                report_piece(on_piece, i, 0, views[i][0:0], results,
+                             lambda e: TransportError(f"on_piece failed: {e!r}", peer))
+        done = None
+        if on_piece is not None:       # each part is one piece (_plan cut them so)
+            def done(j):
+                report_piece(on_piece, where[j], parts_at[j], targets[j], results,
+                             lambda e: TransportError(f"on_piece failed: {e!r}", peer))
         try:
-            self._recv_views(link, targets, deadline)
+            self._recv_views(link, targets, deadline, done)
             nreason = sum(n for status, n in entries if status != wire.OK)
             text = bytes(self._recv_exact(link, nreason, deadline)) if nreason else b""
         except _Short as e:
@@ -257,7 +271,7 @@ class TcpTransport(Transport):
             return TransportError(f"{peer} refused the request: {why}", peer)
         return TransportError(f"{peer} failed to serve it: {why}", peer)
 
-    def _run_group(self, peer, group, views, results, deadline, timeout):
+    def _run_group(self, peer, group, views, results, deadline, timeout, on_piece=None):
         """Read a group of parts on one connection, request by request."""
         chunks, chunk, nbytes = [], [], 0
         for item in group:
@@ -275,7 +289,7 @@ class TcpTransport(Transport):
                 link = self._dial(peer, deadline)
             for c, chunk in enumerate(chunks):
                 try:
-                    self._exchange(link, peer, chunk, views, results, deadline, timeout)
+                    self._exchange(link, peer, chunk, views, results, deadline, timeout, on_piece)
                 except _LinkFailed as e:
                     link.sock.close()
                     link = None
@@ -283,7 +297,7 @@ class TcpTransport(Transport):
                         reused = False            # a stale pooled link: redial once, same deadline
                         link = self._dial(peer, deadline)
                         try:
-                            self._exchange(link, peer, chunk, views, results, deadline, timeout)
+                            self._exchange(link, peer, chunk, views, results, deadline, timeout, on_piece)
                             continue
                         except _LinkFailed as e2:
                             link.sock.close()
@@ -302,12 +316,32 @@ class TcpTransport(Transport):
                 self._checkin(peer, link)
 
     # -- planning
-    def _plan(self, ops):
-        """Groups of (op index, Part): one per stream used."""
+    def _plan(self, ops, piece=None):
+        """Groups of (op index, Part): one per stream used. With ``piece``, every part is
+        one piece of its object (at most piece bytes, starting at a multiple of it) and
+        the groups are runs of whole pieces of about equal bytes."""
         total = sum(op.size for op in ops)
         k = 1
         if self.streams > 1 and total >= self.split_min:
             k = max(1, min(self.streams, total // self.part_min))
+        if piece is not None:
+            units = []
+            for i, op in enumerate(ops):
+                if op.size <= piece:
+                    units.append((i, wire.Part(op)))
+                else:
+                    units += [(i, wire.Part(op, at, min(piece, op.size - at))) for at in range(0, op.size, piece)]
+            share = -(-total // k)
+            groups, group, nbytes = [], [], 0
+            for u in units:
+                group.append(u)
+                nbytes += u[1].part_len
+                if nbytes >= share and len(groups) < k - 1:
+                    groups.append(group)
+                    group, nbytes = [], 0
+            if group:
+                groups.append(group)
+            return groups
         if k == 1:
             return [[(i, wire.Part(op)) for i, op in enumerate(ops)]]
         share = -(-total // k)
@@ -329,10 +363,11 @@ class TcpTransport(Transport):
             groups.append(group)
         return groups
 
-    def read(self, peer, ops, bufs, timeout):
+    def read(self, peer, ops, bufs, timeout, on_piece=None):
         """Fill bufs[i] with ops[i]'s bytes from peer; one entry per op: None or its error
         (a TransportError, or PeerAuthFailed/PeerIncompatible from the handshake, each
-        with ``peer`` and ``stage``). See kvstore.transport.base for the contract."""
+        with ``peer`` and ``stage``). ``on_piece``: see kvstore.transport.base (each
+        piece is reported by the stream that received it, as soon as it is in)."""
         if self._closed:
             raise ClientClosed("this TcpTransport was closed")
         deadline = time.monotonic() + timeout
@@ -348,18 +383,19 @@ class TcpTransport(Transport):
         results = [None] * len(ops)
         if not ops:
             return results
-        groups = self._plan(ops)
+        groups = self._plan(ops, PIECE if on_piece is not None else None)
         if len(groups) == 1:
-            self._run_group(peer, groups[0], views, results, deadline, timeout)
+            self._run_group(peer, groups[0], views, results, deadline, timeout, on_piece)
             return results
         with self._lock:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(
                     max_workers=max(2, 2 * self.streams), thread_name_prefix="kvstore-tcp-stream")
             executor = self._executor
-        futures = [(g, executor.submit(self._run_group, peer, g, views, results, deadline, timeout))
+        futures = [(g, executor.submit(self._run_group, peer, g, views, results, deadline, timeout,
+                                       on_piece))
                    for g in groups[1:]]
-        self._run_group(peer, groups[0], views, results, deadline, timeout)
+        self._run_group(peer, groups[0], views, results, deadline, timeout, on_piece)
         for g, f in futures:
             try:
                 f.result(timeout=max(0.0, deadline - time.monotonic()))
