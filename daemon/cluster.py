@@ -61,6 +61,10 @@ CONTROL_TIMEOUT = 2.0
 #: Seconds between INFO polls of static peers (their liveness and incarnation).
 STATIC_POLL = 1.0
 MAX_CONTROL_LINKS = 256
+#: Seconds an authenticated control link may stay silent before this side closes it (a
+#: dialer's pooled link is redialled on its next request; the member poll every
+#: POLL_EVERY keeps a live peer's links busy), so a stalled peer holds a slot that long.
+CONTROL_IDLE = 60.0
 #: Control links one address may have in their handshake at once: a host without the
 #: secret cannot take every slot by opening silent connections (a real peer dials at
 #: most a few at once: one per control-pool worker).
@@ -564,13 +568,14 @@ class ClusterNode:
             finally:
                 self._handshook(host)
             while not self.closing:
-                sock.settimeout(600)
+                sock.settimeout(CONTROL_IDLE)
                 try:
                     head = sock.recv(pw.HEADER.size, socket.MSG_WAITALL)
                 except OSError:
                     return
                 if len(head) < pw.HEADER.size:
                     return
+                mtype = None
                 try:
                     n, mtype = pw.read_header(head)
                     payload = recv_exact(sock, n, time.monotonic() + 10.0, peer) if n else b""
@@ -583,6 +588,12 @@ class ClusterNode:
                     except OSError:
                         pass
                     return
+                except OSError:
+                    return
+                except Exception as e:         # noqa: BLE001 (our bug: the peer still hears)
+                    self.count("control_failures")
+                    log.exception("cluster: handling %s from %s failed", pw.NAMES.get(mtype, mtype), peer)
+                    reply = pw.error(getattr(e, "code", 1), f"{type(e).__name__}: {e}"[:400])
                 sock.sendall(reply)
         except OSError:
             return
