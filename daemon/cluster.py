@@ -42,7 +42,7 @@ from collections import Counter
 from kvstore import checksum, protocol
 from kvstore.cluster import peerwire as pw
 from kvstore.cluster.auth import accept_handshake, dial_handshake, load_secret, recv_exact
-from kvstore.cluster.directory import LocationTable, homes
+from kvstore.cluster.directory import LocationTable, homes, homes_many
 from kvstore.errors import (ChecksumMismatch, ClientClosed, GetTimeout, KVStoreError,
                             ObjectGoneOnPeer, PeerAuthFailed, PeerIncompatible, ProtocolError,
                             TransportError)
@@ -431,8 +431,8 @@ class ClusterNode:
         with self.members_lock:
             ids = list(self.members) + [self.id]
         by_home = {}
-        for it in items:
-            for h in homes(key(it), ids):
+        for it, hs in zip(items, homes_many([key(it) for it in items], ids)):
+            for h in hs:
                 by_home.setdefault(h, []).append(it)
         for h, group in by_home.items():
             for i in range(0, len(group), ANNOUNCE_BATCH):
@@ -653,8 +653,7 @@ class ClusterNode:
         keys = list(dict.fromkeys(keys))
         cands, answered_here = {}, set()
         mine = []
-        for k in keys:
-            hs = homes(k, ids)
+        for k, hs in zip(keys, homes_many(keys, ids)):
             if self.id in hs:
                 hs.remove(self.id)
                 mine.append(k)

@@ -4,7 +4,10 @@
 import random
 from collections import Counter
 
-from kvstore.cluster.directory import HOME_COPIES, LocationTable, homes, plan
+import pytest
+
+from kvstore.cluster import directory
+from kvstore.cluster.directory import HOME_COPIES, LocationTable, homes, homes_many, plan
 
 MEMBERS = [f"10.250.0.{i}:7700" for i in range(1, 9)]
 
@@ -36,6 +39,41 @@ def test_a_member_leaving_moves_only_its_own_keys():
     assert all(gone in before[k] for k in moved)                  # nothing else moves
     for k in moved:                                               # the other home stays
         assert [m for m in before[k] if m != gone][0] in after[k]
+
+
+MANY = [f"10.{i // 250}.{i % 250}.7:7700" for i in range(1000)]
+
+
+def _reference_homes(key, members, k=HOME_COPIES):
+    """The definition, spelled out slowly: highest fmix64(xxh3(key) ^ xxh3(id)) first."""
+    import xxhash
+    h = xxhash.xxh3_64_intdigest(key)
+    return sorted(members, key=lambda m: (directory._fmix(h ^ xxhash.xxh3_64_intdigest(m.encode())), m),
+                  reverse=True)[:k]
+
+
+@pytest.mark.parametrize("n", [1, 3, 24, 25, 200, 1000])
+def test_the_fast_paths_give_the_defined_homes(n):
+    """Small memberships are scored in Python, large ones with numpy, keys in blocks:
+    every path must name exactly the homes the definition gives (daemons must agree)."""
+    members = MANY[:n]
+    ks = keys(300, seed=n)
+    got = homes_many(ks, members)
+    assert got == [_reference_homes(k, members) for k in ks]
+    assert [homes(k, list(reversed(members))) for k in ks[:50]] == got[:50]
+    full = homes(ks[0], members, n)                    # placement asks for every member
+    assert full == _reference_homes(ks[0], members, n) and sorted(full) == sorted(members)
+
+
+def test_homes_among_1000_members_spread_and_move_like_rendezvous():
+    ks = keys(20000, seed=7)
+    first = Counter(h[0] for h in homes_many(ks, MANY))
+    assert len(first) > 950 and max(first.values()) < 60      # 20 per member on average
+    gone = MANY[17]
+    before = homes_many(ks, MANY)
+    after = homes_many(ks, [m for m in MANY if m != gone])
+    moved = [i for i in range(len(ks)) if before[i] != after[i]]
+    assert moved and all(gone in before[i] for i in moved)
 
 
 def test_plan_sends_one_request_per_home_and_skips_dead_homes():

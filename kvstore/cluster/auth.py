@@ -31,7 +31,9 @@ from kvstore.errors import ConfigError, PeerAuthFailed, PeerIncompatible, Transp
 
 MAGIC = b"KVSPEER\x00"
 #: The peer-protocol version this daemon speaks (the handshake refuses any other).
-VERSION = 1
+#: 2: homes scored by fmix64(xxh3(key) ^ xxh3(member)) (kvstore.cluster.directory); a
+#: daemon of version 1 would look keys up on other homes.
+VERSION = 2
 #: Shortest secret accepted: 16 bytes (128 bits) of whatever the file holds.
 MIN_SECRET = 16
 _NONCE = 32
