@@ -13,7 +13,7 @@ import pytest
 from clusterlib import make_cluster  # noqa: F401  (fixtures)
 from kvcluster import make_kv, kv  # noqa: F401
 from kvstore.cluster.directory import homes
-from kvstore.errors import ReplicasShort, TransportError
+from kvstore.errors import KVStoreError, ReplicasShort, TransportError
 
 rnd = random.Random(10)
 
@@ -346,6 +346,54 @@ def test_a_batched_lookup_is_one_round_whatever_the_number_of_hosts(make_kv):
         got = ch.read_many(keys)
     assert all(bytes(x) == b"v" * 100 for x in got)
     assert h.cluster_stats()["lookup_rounds"] - after["lookup_rounds"] == 1
+
+
+def _corrupt_on(d, keys):
+    """Flip bytes of the sealed objects keys in d's segment, behind its back (a block
+    changed under a remote read, as a bug or bad memory would)."""
+    with d.client() as cd:
+        for k in keys:
+            e = cd._reader.lookup(cd._key(k))
+            view = cd._conn.att.rw[e.offset:e.offset + e.size]
+            view[:8] = bytes(b ^ 0xFF for b in view[:8])
+            del view
+
+
+def test_bytes_changed_on_a_holder_are_caught_and_the_next_holder_serves(kv):
+    """Every key held by a (first announced) and c; a's copies are corrupted: b's
+    checksum catches each one a sends, counts and logs it (naming a), and c serves;
+    with every copy corrupted the get is a typed error, never wrong bytes."""
+    a, b, c = kv["a"], kv["b"], kv["c"]
+    values = vals(8, "cor", lo=2000, hi=200_000)
+    with a.client() as ca:
+        for k, v in values.items():
+            assert ca.put(k, v, replicas=2, wait=5)
+    with c.client() as cc:                               # the copies went to c (of two others)...
+        on_c = [k for k in values if cc.contains(k)]
+    with b.client() as cb:
+        for k in values:                                  # ...or to b: take those off b
+            if k not in on_c and cb.contains(k):
+                cb.delete(k)
+    keys = on_c
+    assert keys
+    wait_located(b, keys)
+    _corrupt_on(a, keys)
+    with b.client() as cb:
+        got = cb.read_many(keys)
+    assert [bytes(x) for x in got] == [values[k] for k in keys]
+    st = b.cluster_stats()
+    assert st.get("verify_failures", 0) >= 1, st
+    assert f"verify of" in b.read_log() and a.id in b.read_log()
+    with b.client() as cb:                                # the good copies are local on b now
+        for k in keys:
+            assert cb.delete(k)
+    _corrupt_on(c, keys)                                  # now every copy is bad
+    before = b.cluster_stats().get("verify_failures", 0)
+    with b.client() as cb:
+        with pytest.raises(KVStoreError, match="checksum"):
+            cb.get(keys[0])
+        assert not cb.contains(keys[0])                   # nothing bad was sealed here
+    assert b.cluster_stats()["verify_failures"] - before == 2
 
 
 def test_put_with_replicas_places_copies_on_other_hosts(kv):
