@@ -174,7 +174,10 @@ class Client:
         cluster, copies on distinct hosts (placed in the background, off this call's
         latency; None: the daemon's --replicas). ``wait``: True (up to this client's
         timeout) or seconds: return only once that many hosts hold the object, else
-        raise ReplicasShort naming how many do (the copies made are kept).
+        raise ReplicasShort naming how many do (the copies made are kept); a repeat put
+        of an existing key then asks for its missing copies too (without ``wait`` a
+        repeat places none). Outside a cluster, waiting for more than one copy raises
+        ReplicasShort at once.
 
         value: bytes-like, a numpy array, a torch tensor (CPU, or CUDA: copied straight
         into the pinned segment), a pyarrow Buffer, or a list/tuple of these, stored
@@ -184,7 +187,7 @@ class Client:
         n, wait = _replicas(replicas), self._wait_seconds(wait)
         out = self._locked(self._writer.put_many, [k], [parts], strict, pin, self._state_of, {}, n)[0]
         if wait:
-            self._wait_copies([k], n, wait)
+            self._wait_copies([k], n, wait, [] if out else [k])
         return out
 
     def put_many(self, keys, values, strict=False, pin=False, replicas=None, wait=False):
@@ -199,7 +202,7 @@ class Client:
         # ``done`` survives a retry: keys this call already wrote stay True, not "existing"
         out = self._locked(self._writer.put_many, ks, partss, strict, pin, self._state_of, {}, n)
         if wait:
-            self._wait_copies(ks, n, wait)
+            self._wait_copies(ks, n, wait, [k for k, wrote in zip(ks, out) if not wrote])
         return out
 
     def copies(self, keys):
@@ -222,13 +225,23 @@ class Client:
                               f"wait for the copies")
         return float(wait)
 
-    def _wait_copies(self, ks, n, wait):
+    def _wait_copies(self, ks, n, wait, repeats):
         """Until every key of ks is held by n hosts (0: the daemon's --replicas), polling
-        the lookup, for ``wait`` seconds."""
+        the lookup, for ``wait`` seconds. ``repeats``: keys the put found existing (it
+        sealed nothing, so nothing asked for their copies): their missing copies are
+        asked for now. Outside a cluster more than one copy is ReplicasShort at once."""
         if n == 0:
             n = int(self._conn.att.default_replicas or 1)
-        if n <= 1 or not self._conn.att.cluster:
+        if n <= 1:
             return
+        if not self._conn.att.cluster:
+            raise ReplicasShort(f"{len(ks)} object(s) are stored on this host only: {n} copies on "
+                                f"distinct hosts need a cluster (start the daemon with --cluster or "
+                                f"--peers)", copies=1, wanted=n)
+        if repeats:
+            self._reader.settle()
+            for a, b in protocol.key_batches(repeats):
+                self._conn.request(protocol.replicate_keys(repeats[a:b], n), protocol.LOCATED)
         deadline = time.monotonic() + wait
         pause = 0.002
         while True:

@@ -33,6 +33,7 @@ match; turn a failed transfer into a silent miss (the caller gets the error).
 import concurrent.futures
 import logging
 import queue
+import select
 import socket
 import threading
 import time
@@ -116,6 +117,8 @@ class ClusterNode:
         self.wake_loop = lambda: None         # set by the daemon: its loop looks at rings now
         self.free = {}                       # member id -> free bytes it last reported
         self.free_here = -1
+        self._announced_view = None          # {member: incarnation} of the last re-announce
+        self._announce_owed = False          # a home missed records since: re-announce all
         self.replicate_q = queue.SimpleQueue()
         self._control_slots = threading.BoundedSemaphore(MAX_CONTROL_LINKS)
         self._handshaking = Counter()        # address -> its control links not yet authenticated
@@ -226,6 +229,8 @@ class ClusterNode:
         out.update(id=self.id, incarnation=self.incarnation, held=len(self.local))
         if self.transport_server is not None:
             out["peer_server"] = dict(self.transport_server.stats)   # what this holder served
+            out["served"] = out["peer_server"].get("objects_sent", 0)
+            out["served_bytes"] = out["peer_server"].get("bytes_sent", 0)
         return out
 
     def client(self):
@@ -340,6 +345,24 @@ class ClusterNode:
                 break
         return out
 
+    def replicate_keys(self, keys, copies):
+        """From the server loop (no I/O): queue copies of keys sealed here for placement
+        on other hosts, as a put asking for ``copies`` does (a repeat put that waits for
+        its copies). [bool] per key: sealed here and queued."""
+        table = self.client()._conn.att.table
+        out = []
+        for k in keys:
+            try:
+                e = table.lookup(k)
+            except Busy:
+                e = None
+            if e is None or e.state != SEALED:
+                out.append(False)
+                continue
+            self.replicate_q.put((k, e.offset, e.size, e.checksum, copies))
+            out.append(True)
+        return out
+
     def _replicator(self):
         while not self.closing:
             item = self.replicate_q.get()
@@ -384,11 +407,11 @@ class ClusterNode:
             kind, body = self.events.get()
             if kind == "stop":
                 return
-            full = False
+            full = moved = False
             latest = {}                     # key -> its last event: None (gone) or its record
             while True:                     # take everything queued: batches, not messages
                 if kind == "members":
-                    full |= self._set_members(body)     # a changed membership moves homes
+                    moved |= self._set_members(body)    # a changed membership moves homes
                 elif kind == "reannounce":
                     full = True
                 elif kind == "local":
@@ -409,15 +432,52 @@ class ClusterNode:
             # withdrawn (withdraws go first, so an announce sent for it would outlive it)
             withdraw = [k for k, it in latest.items() if it is None]
             announce = [it for it in latest.values() if it is not None]
-            if full:
-                announce = [(k, *v) for k, v in self.local.items()]
+            view = self._view()
+            old = self._announced_view
+            if moved and (old is None or self._announce_owed):
+                full = True                 # never announced, or a home missed some records
+            encode = lambda items: pw.announce(self.id, self.incarnation, items)   # noqa: E731
+            local = lambda items: self._announce_local(self.id, self.incarnation, items)   # noqa: E731
             if withdraw:
                 self._send_by_home(withdraw, lambda ks: pw.withdraw(self.id, self.incarnation, ks),
                                    lambda ks: self._withdraw_local(ks), key=lambda k: k)
+            if full:
+                self._announce_owed = False
+                self._announced_view = view
+                self.count("reannounced_all")
+                self._send_by_home([(k, *v) for k, v in self.local.items()], encode, local, key=lambda it: it[0])
+                continue
             if announce:
-                self._send_by_home(announce, lambda items: pw.announce(self.id, self.incarnation, items),
-                                   lambda items: self._announce_local(self.id, self.incarnation, items),
-                                   key=lambda it: it[0])
+                self._send_by_home(announce, encode, local, key=lambda it: it[0])
+            if moved:
+                self._announced_view = view
+                self._announce_moved(old, view, encode, local)
+
+    def _view(self):
+        """{member id: incarnation}, this daemon included: what the homes are computed from."""
+        with self.members_lock:
+            view = {mid: m["incarnation"] for mid, m in self.members.items()}
+        view[self.id] = self.incarnation
+        return view
+
+    def _announce_moved(self, old, new, encode, local):
+        """After a membership change, send each held record only to the homes that lack
+        it: members that became one of its homes, and homes that are new runs (their
+        table started empty). About HOME_COPIES/N of the records, not all of them."""
+        fresh = {mid for mid, inc in new.items() if old.get(mid) != inc}
+        items = [(k, *v) for k, v in self.local.items()]
+        if not items:
+            return
+        keys = [it[0] for it in items]
+        before = homes_many(keys, list(old)) if old else [[] for _ in keys]
+        after = homes_many(keys, list(new))
+        by_home = {}
+        for it, was, now in zip(items, before, after):
+            for h in now:
+                if h in fresh or h not in was:
+                    by_home.setdefault(h, []).append(it)
+        self.count("reannounced_moved", sum(len(g) for g in by_home.values()))
+        self._send_groups(by_home, encode, local)
 
     def _announce_local(self, holder, inc, items):
         with self.loc_lock:
@@ -434,6 +494,9 @@ class ClusterNode:
         for it, hs in zip(items, homes_many([key(it) for it in items], ids)):
             for h in hs:
                 by_home.setdefault(h, []).append(it)
+        self._send_groups(by_home, encode, local)
+
+    def _send_groups(self, by_home, encode, local):
         for h, group in by_home.items():
             for i in range(0, len(group), ANNOUNCE_BATCH):
                 part = group[i:i + ANNOUNCE_BATCH]
@@ -445,6 +508,7 @@ class ClusterNode:
                     self.count("announced", len(part))
                 except KVStoreError as e:
                     self.count("announce_failures")
+                    self._announce_owed = True      # the next membership change sends everything
                     self.warn(h, "announce", "cluster: could not send %d location records to home %s "
                               "(%s); they are sent again when the membership changes", len(part), h, e)
 
@@ -454,7 +518,7 @@ class ClusterNode:
         host, port = mid.rsplit(":", 1)
         deadline = time.monotonic() + timeout
         for attempt in (0, 1):
-            sock = self._checkout(mid)
+            sock = self._checkout(mid) if attempt == 0 else None    # a retry dials afresh
             fresh = sock is None
             if fresh:
                 sock = self._dial(host, int(port), mid, deadline)
@@ -505,9 +569,23 @@ class ClusterNode:
         return sock
 
     def _checkout(self, mid):
-        with self.links_lock:
-            socks = self.links.get(mid)
-            return socks.pop() if socks else None
+        """A pooled link to mid that is still open: one readable while idle (the peer
+        closed it: it restarted, or CONTROL_IDLE passed; or stray bytes) is dropped."""
+        while True:
+            with self.links_lock:
+                socks = self.links.get(mid)
+                sock = socks.pop() if socks else None
+            if sock is None:
+                return None
+            try:          # poll, not select: a daemon may hold more than FD_SETSIZE fds
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                stale = bool(poller.poll(0))
+            except (OSError, ValueError):
+                stale = True
+            if not stale:
+                return sock
+            sock.close()
 
     def _checkin(self, mid, sock):
         with self.links_lock:
@@ -628,15 +706,17 @@ class ClusterNode:
             if m is None or m["incarnation"] != inc:
                 return pw.ok(0)
             self.count("replicas_requested", len(items))
+            items = [it for it, here in zip(items, self._sealed_here([it[0] for it in items])) if not here]
             found = {k: [(holder, inc, off, size, csum)] for k, off, size, csum in items}
-            self.pool.submit(self._replicate_here, [k for k, _, _, _ in items], found)
+            if items:
+                self.pool.submit(self._replicate_here, [k for k, _, _, _ in items], found)
             return pw.ok(len(items))
         if mtype == pw.DELETE:
             return pw.ok(sum(self._delete_local(pw.read_delete(payload))))
         raise ProtocolError(f"unexpected {pw.NAMES.get(mtype, mtype)} on a control link")
 
     # ---- finding and pulling -----------------------------------------------------------------
-    def lookup(self, keys, deadline, unasked=None):
+    def lookup(self, keys, deadline, unasked=None, every_home=False):
         """{key: [(holder, incarnation, offset, size, checksum)]} from the keys' homes.
         A key this daemon is a home of is looked up in its own table first (no round
         trip: with two hosts, every key); one it has no record of here, and every other
@@ -645,7 +725,9 @@ class ClusterNode:
         fails is replaced by the next home of its keys (one more round, only then).
         Errors: (stage, peer, exc) list. ``unasked`` (a set) gets the keys no home of
         theirs answered for (this daemon's own "no record" counts as an answer only when
-        no remote home of the key could be asked)."""
+        no remote home of the key could be asked). ``every_home``: ask every live home of
+        each key in the one round and merge their holders (a delete must find every copy,
+        even one a home missed the announcement of)."""
         with self.members_lock:
             ids = list(self.members) + [self.id]
         dead = set()
@@ -665,9 +747,14 @@ class ClusterNode:
                 locs = got.get(k)
                 if locs:
                     found[k] = [tuple(loc) for loc in locs]
-                    cands[k] = []                  # answered: no remote round for it
-                else:
-                    answered_here.add(k)           # a miss here; its other home may know
+                    if not every_home:
+                        cands[k] = []              # answered: no remote round for it
+                answered_here.add(k)               # a miss here; its other home may know
+        if every_home:
+            self._ask_every_home(keys, cands, deadline, found, errors)
+            if unasked is not None:
+                unasked.update(k for k in keys if k not in answered_here and cands[k] is None)
+            return found, errors
         todo = [k for k in keys if cands[k]]
         for _ in range(3):
             groups = {}
@@ -715,6 +802,34 @@ class ClusterNode:
             unasked.update(k for k in todo if k not in answered_here)
         return found, errors
 
+    def _ask_every_home(self, keys, cands, deadline, found, errors):
+        """One round: every remote home of every key, all at once; holders merged into
+        found. A key none of whose remote homes answered gets cands[k] = None."""
+        groups = {}
+        for k in keys:
+            for h in cands[k]:
+                groups.setdefault(h, []).append(k)
+        t = max(0.001, min(self.cfg.transfer_timeout, deadline - time.monotonic()))
+        futures = {self.control_pool.submit(self.request, h, pw.lookup(g), pw.LOCATIONS, t): (h, g)
+                   for h, g in groups.items()}
+        if futures:
+            self.count("lookup_rounds")
+            self.count("lookup_messages", len(futures))
+        answered = set()
+        for fut, (home, group) in futures.items():
+            try:
+                for k, locs in fut.result().items():
+                    have = set(found.get(k, ()))
+                    found[k] = list(have | {tuple(loc) for loc in locs})
+                answered.update(group)
+            except Exception as e:                     # noqa: BLE001
+                self.count("lookup_failures")
+                errors.append(("lookup", home, e))
+                self.warn(home, "lookup", "cluster: lookup on home %s failed (%s)", home, e)
+        for k in keys:
+            if cands[k] and k not in answered:
+                cands[k] = None
+
     def locate_async(self, keys, timeout, post):
         """LOCATE: on how many members each key is sealed (one lookup round for the batch)."""
         def work():
@@ -729,10 +844,11 @@ class ClusterNode:
                         f"{errors[-1][2] if errors else 'no live home'}); check those daemons and "
                         f"their links, then retry", peer, "lookup")))
                     return
+                here = self._sealed_here(keys)     # held here, maybe not announced yet
                 counts = []                        # hosts holding each key now
-                for k in keys:
+                for k, mine in zip(keys, here):
                     holders = {loc[0] for loc in found.get(k, ()) if self._current(loc)}
-                    if k in self.local:                # held here, maybe not announced yet
+                    if mine:
                         holders.add(self.id)
                     counts.append(len(holders))
                 post(protocol.located(counts))
@@ -748,7 +864,7 @@ class ClusterNode:
             try:
                 deadline = time.monotonic() + timeout
                 unasked = set()
-                found, errors = self.lookup(keys, deadline, unasked)
+                found, errors = self.lookup(keys, deadline, unasked, every_home=True)
                 by_holder = {}
                 for k in keys:
                     for loc in found.get(k, ()):
@@ -780,6 +896,19 @@ class ClusterNode:
                 post(protocol.error(e if isinstance(e, KVStoreError) else KVStoreError(str(e))))
         self.pool.submit(work)
 
+    def _sealed_here(self, keys):
+        """[bool] per key: sealed in this daemon's store now (its published table, which
+        the loop updates at commit; the announcer's view may lag behind)."""
+        table = self.client()._conn.att.table
+        out = []
+        for k in keys:
+            try:
+                e = table.lookup(k)
+                out.append(e is not None and e.state == SEALED)
+            except Busy:
+                out.append(k in self.local)
+        return out
+
     def _delete_local(self, keys):
         c = self.client()
         out = []
@@ -797,27 +926,34 @@ class ClusterNode:
         return m is not None and m["incarnation"] == loc[1]
 
     def fetch_async(self, keys, timeout, reply):
-        """FETCH from the server loop: answer ``reply(results, after)`` later, results
-        [(status, code, msg)] per key, after [(slot, seal number)] the loop must have
-        applied before the reply may go (so the asker finds the pulled blocks sealed)."""
+        """FETCH from the server loop: answer ``reply(results, after, done)`` later,
+        results [(status, code, msg)] per key, after [(slot, seal number)] the loop must
+        have applied before the reply may go (so the asker finds the pulled blocks
+        sealed), done (or None) to call once it went: until then a FETCH of the same keys
+        shares this one's outcome instead of pulling them again."""
         self.pool.submit(self._fetch_and_reply, keys, timeout, reply)
 
     def _fetch_and_reply(self, keys, timeout, reply):
+        done = None
         try:
-            results, after = self.fetch(keys, timeout)
+            results, after, done = self.fetch(keys, timeout)
         except Exception as e:                         # noqa: BLE001 (the caller must hear)
             if not self.closing:
                 log.exception("cluster: fetch failed")
             results = [(protocol.FETCH_FAILED, getattr(e, "code", 1), f"{type(e).__name__}: {e}")] * len(keys)
             after = []
-        reply(results, after)
+        reply(results, after, done)
 
     def fetch(self, keys, timeout):
         """Pull keys (local misses) from their holders. Returns ([(status, code, msg)],
-        [(slot, seal number)] of the seals that make the pulled blocks visible)."""
+        [(slot, seal number)] of the seals that make the pulled blocks visible, a
+        callable (or None) that ends the sharing of the pulled keys' outcome: a key
+        pulled and sealed stays "in flight" until its reply went, i.e. until the loop
+        applied its seal, so a FETCH arriving in between waits for that seal instead of
+        pulling the key a second time)."""
         deadline = time.monotonic() + timeout
         self.count("fetch_requests")
-        mine, shared = [], {}
+        mine, shared, settle = [], {}, []
         with self.inflight_lock:
             for k in keys:
                 f = self.inflight.get(k)
@@ -840,9 +976,15 @@ class ClusterNode:
             finally:
                 with self.inflight_lock:
                     for k in mine:
-                        f = self.inflight.pop(k, None)
-                        if f is not None and not f.done():
+                        f = self.inflight.get(k)
+                        if f is None:
+                            continue
+                        if not f.done():
                             f.set_result((protocol.FETCH_FAILED, 1, "the fetch was abandoned", None))
+                        if f.result()[3] is not None:  # sealed: shared until the seal is applied
+                            settle.append((k, f))
+                        else:
+                            del self.inflight[k]
         out, after = [], set()
         for k in keys:
             try:
@@ -854,7 +996,13 @@ class ClusterNode:
             out.append((status, code, msg))
             if a is not None:
                 after.add(a)
-        return out, sorted(after)
+
+        def done():
+            with self.inflight_lock:
+                for k, f in settle:
+                    if self.inflight.get(k) is f:
+                        del self.inflight[k]
+        return out, sorted(after), (done if settle else None)
 
     def _pull_all(self, keys, found, lookup_errors, deadline, wake=True):
         """Pull keys in rounds: each round reads, per holder, every key that holder is
@@ -1048,13 +1196,7 @@ class _SegmentResolver(Resolver):
             raise ObjectGoneOnPeer(f"{node.id} holds {op.key[:64]!r} elsewhere now", node.id)
         table.mark(e.bucket)                       # a use, for the eviction sweep
 
-        def still():
-            if not table.unchanged(e):
-                return False
-            node.count("served")
-            node.count("served_bytes", op.size)
-            return True
-        return node.segment.fd, op.offset, still
+        return node.segment.fd, op.offset, lambda: table.unchanged(e)
 
     def resolve_many(self, ops):
         """Every op of one READ at once: one get for all their keys (64 small objects cost
@@ -1104,8 +1246,6 @@ class _SegmentResolver(Resolver):
             if op.incarnation != node.incarnation:
                 raise ObjectGoneOnPeer(f"{node.id} restarted since that location was announced", node.id)
             raise ObjectGoneOnPeer(f"{node.id} holds {op.key[:64]!r} elsewhere now", node.id)
-        node.count("served")
-        node.count("served_bytes", op.size)
         fd = node.segment.fd if node.segment.backing != "hugetlbfs" else -1
         return Served(fd, op.offset, op.size, lambda: self._let_go(r, c, op.key, view, h), view)
 

@@ -35,7 +35,7 @@ import numpy as np
 from kvstore import access, protocol, segment, table as table_mod
 from kvstore.config import check_group
 from kvstore.errors import (DaemonStartError, IndexFull, KVStoreError, ProtocolError, SegmentGone,
-                            StoreFull, ValueTooLarge)
+                            StoreFull, TransportError, ValueTooLarge)
 from kvstore.keys import namespace_prefix
 from kvstore.record import State
 from kvstore.slots import fence
@@ -49,6 +49,8 @@ log = logging.getLogger("kvstore.daemon")
 
 HANDSHAKE_TIMEOUT = 10.0      # seconds a connection may stay without a complete HELLO
 MAX_OUTBOX = 1 << 20          # bytes of unread replies before a client is dropped
+#: Seconds a FETCH reply may wait for the seals of its pulled blocks before it fails.
+POSTED_WAIT = 30.0
 IDLE_TICK = 0.05              # seconds between duty checks when nothing is pending
 POLL_TICK = 0.0002            # seconds between looks at the seal rings while clients put
 POLL_MAX = 0.002              # ... doubling up to this while the looks find nothing
@@ -170,10 +172,12 @@ class Daemon:
         except (BlockingIOError, OSError):
             pass                               # already woken (its buffer is full) or closing
 
-    def _post(self, conn, frame, after=()):
+    def _post(self, conn, frame, after=(), done=None):
         """From a cluster thread: send frame to conn once every (slot, seal number) in
-        after is applied (the blocks a FETCH pulled are then visible to the asker)."""
-        self._posted.append((conn, frame, tuple(after)))
+        after is applied (the blocks a FETCH pulled are then visible to the asker), then
+        call done() (in this loop's thread). A reply whose seals are not applied within
+        POSTED_WAIT seconds (the pulling client's seals were lost) becomes an error."""
+        self._posted.append((conn, frame, tuple(after), done, time.monotonic() + POSTED_WAIT))
         self._wake()
 
     def _drain_wake(self):
@@ -187,14 +191,23 @@ class Daemon:
         """At the end of a turn: the posted replies whose seals are applied."""
         applied = self.slots.applied
         waiting = []
+        now = time.monotonic()
         while self._posted:
-            conn, frame, after = self._posted.popleft()
+            item = self._posted.popleft()
+            conn, frame, after, done, give_up = item
             if any(int(applied[slot]) < seq for slot, seq in after):
-                waiting.append((conn, frame, after))
-                continue
+                if now < give_up:
+                    waiting.append(item)
+                    continue
+                log.warning("a pulled block was not sealed within %g s; the FETCH fails", POSTED_WAIT)
+                frame = protocol.error(TransportError(
+                    "the block pulled from another host was not sealed here in time (the daemon's "
+                    "internal client lost its seals); retry the get", None, "transfer"))
             fd = conn.sock.fileno() if conn.sock is not None else -1
             if fd >= 0 and self.conns.get(fd) is conn:
                 self._send(conn, frame)
+            if done is not None:
+                done()
         self._posted.extend(waiting)
         return bool(waiting)
 
@@ -795,8 +808,14 @@ class Daemon:
                 if self.cluster is None:
                     self._send(conn, protocol.fetched([(protocol.FETCH_MISS, 0, "")] * len(keys)))
                 else:
-                    self.cluster.fetch_async(keys, timeout, lambda results, after:
-                                             self._post(conn, protocol.fetched(results), after))
+                    self.cluster.fetch_async(keys, timeout, lambda results, after, done=None:
+                                             self._post(conn, protocol.fetched(results), after, done))
+            elif mtype == protocol.REPLICATE_KEYS:
+                copies, keys = protocol.read_replicate_keys(body)
+                if self.cluster is None:
+                    self._send(conn, protocol.located([False] * len(keys)))
+                else:
+                    self._send(conn, protocol.located(self.cluster.replicate_keys(keys, copies)))
             elif mtype in (protocol.LOCATE, protocol.DELETE_ALL):
                 timeout, keys = protocol.read_key_list(body)
                 if self.cluster is None:

@@ -42,6 +42,7 @@ DELETE, PIN, DROP, KEYS, KEYS_REPLY, CHECK, CHECK_REPLY, TABLE, TABLE_REPLY = 18
 RECLAIM, DOORBELL, BYE = 27, 28, 29
 FETCH, FETCHED = 30, 31          # cluster: pull local misses from other hosts
 LOCATE, LOCATED, DELETE_ALL = 32, 33, 34   # cluster: which keys exist anywhere; delete everywhere
+REPLICATE_KEYS = 35              # cluster: place copies of these keys (held here) on other hosts
 
 NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
          STATS_REPLY: "STATS_REPLY", PING: "PING", PONG: "PONG", SEAL: "SEAL", GRANT: "GRANT",
@@ -50,13 +51,14 @@ NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", ERROR: "ERROR", STATS: "STATS",
          KEYS_REPLY: "KEYS_REPLY", CHECK: "CHECK", CHECK_REPLY: "CHECK_REPLY", TABLE: "TABLE",
          TABLE_REPLY: "TABLE_REPLY", RECLAIM: "RECLAIM",
          DOORBELL: "DOORBELL", BYE: "BYE", FETCH: "FETCH", FETCHED: "FETCHED",
-         LOCATE: "LOCATE", LOCATED: "LOCATED", DELETE_ALL: "DELETE_ALL"}
+         LOCATE: "LOCATE", LOCATED: "LOCATED", DELETE_ALL: "DELETE_ALL",
+         REPLICATE_KEYS: "REPLICATE_KEYS"}
 JSON_TYPES = frozenset((HELLO, WELCOME, ERROR, STATS, STATS_REPLY, PING, PONG, CHECK, CHECK_REPLY,
                         TABLE, TABLE_REPLY))
 #: Messages a client may send (the daemon refuses the others from a client).
 CLIENT_TYPES = frozenset((HELLO, STATS, PING, SEAL, GRANT, RETURN, CREATE, ABORT, DELETE, PIN,
                           DROP, KEYS, CHECK, TABLE, RECLAIM, DOORBELL, BYE, FETCH, LOCATE,
-                          DELETE_ALL))
+                          DELETE_ALL, REPLICATE_KEYS))
 
 _SEAL_ITEM = struct.Struct("<QQQQBBHH")   # seq, offset, size, checksum, flags, _, replicas, key length
 _U64 = struct.Struct("<Q")
@@ -418,6 +420,19 @@ def key_list(mtype, keys, timeout):
 
 def read_key_list(payload):
     return read_fetch(payload)
+
+
+def replicate_keys(keys, copies):
+    """REPLICATE_KEYS: FETCH's layout, its first field the number of copies wanted (2-64)."""
+    return frame(REPLICATE_KEYS, fetch(keys, float(copies))[HEADER_SIZE:])
+
+
+def read_replicate_keys(payload):
+    """(copies, keys)."""
+    copies, keys = read_fetch(payload)
+    if copies != int(copies) or not 2 <= copies <= 64:
+        raise ProtocolError(f"REPLICATE_KEYS: {copies} copies is not 2 to 64")
+    return int(copies), keys
 
 
 def located(counts):

@@ -474,6 +474,33 @@ def test_a_put_can_wait_for_its_copies_and_says_when_they_fall_short(kv):
     assert a.cluster_stats().get("replicas_short", 0) >= 2
 
 
+def test_a_membership_change_resends_only_the_records_whose_homes_changed(kv):
+    """When a home restarts (a new run, its table empty), a holder sends it the records
+    it is a home of (and, if it saw it leave first, the replacement homes theirs), not
+    every record to every home; then every key is found again from that host."""
+    a, b, c = kv["a"], kv["b"], kv["c"]
+    values = {f"mv{i}".encode(): b"m" * 200 for i in range(300)}
+    put_all(a, values)
+    wait_located(b, list(values))
+    ids = [a.id, b.id, c.id]
+    with a.client() as ca:
+        homed_at_c = sum(1 for k in values if c.id in homes(ca._key(k), ids))
+    before = a.cluster_stats()
+    c.kill()
+    c.start()
+    deadline = time.monotonic() + 20
+    while c.cluster_stats().get("location_records", 0) < homed_at_c:   # its own table again
+        assert time.monotonic() < deadline, "the restarted home did not get its records back"
+        time.sleep(0.1)
+    time.sleep(0.5)                                       # anything more would come now
+    with c.client() as cc:
+        assert all(cc.contains_anywhere(list(values)))
+    after = a.cluster_stats()
+    sent = after.get("reannounced_moved", 0) - before.get("reannounced_moved", 0)
+    assert homed_at_c <= sent <= 2 * homed_at_c < 2 * len(values), (sent, homed_at_c)
+    assert after.get("reannounced_all", 0) == before.get("reannounced_all", 0)
+
+
 def test_100k_objects_are_found_again_soon_after_their_holder_restarts(kv, capsys):
     a, b = kv["a"], kv["b"]
     n = 100_000

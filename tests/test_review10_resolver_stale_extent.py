@@ -62,7 +62,7 @@ def test_a_read_naming_an_old_extent_is_gone_while_another_read_holds_it(make_kv
     try:
         assert proc.stdout.readline().strip() == "stalled", proc.stderr.read()
         deadline = time.monotonic() + 5
-        while a.cluster_stats().get("served", 0) < 1:
+        while a.cluster_stats()["peer_server"]["leased"] < 1:     # held, being sent
             assert time.monotonic() < deadline, "the stalled read was not served"
             time.sleep(0.02)
         with a.client() as ca:                        # the key is replaced (same size)

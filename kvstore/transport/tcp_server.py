@@ -5,7 +5,8 @@ re-exports TcpServer).
 Owns: the listening socket, one accept thread and one thread per connection, the cluster
 handshake (kvstore.cluster.auth.accept_handshake, bounded by ``handshake_timeout``) before
 any request is read, and the answers to READs (frames in kvstore.transport.wire): it
-resolves every part through its Resolver (a read lease each), sends the status block,
+copies the small whole objects its Resolver can ``peek`` (no lease), resolves every other
+object once (a read lease; the pieces of one object share it), sends the status block,
 then each part's bytes (parts up to SMALL_PART copied with pread and gathered into one
 send; larger ones by os.sendfile from ``Served.fd``, under TCP_CORK for answers of
 CORK_MIN bytes or more; from ``Served.buf`` when there is no file), and releases each
@@ -86,7 +87,8 @@ class TcpServer(TransportServer):
         self.max_bytes = min(max_bytes, wire.MAX_BYTES)
         self.stats = {"connections": 0, "refused_auth": 0, "garbage": 0, "parts": 0, "bytes": 0,
                       "gone": 0, "refused": 0, "failed": 0, "send_failed": 0,
-                      "copied_unleased": 0}
+                      "copied_unleased": 0, "leased": 0, "objects_sent": 0,
+                      "bytes_sent": 0}
         self._lock = threading.Lock()
         self._conns = set()
         self._handshaking = {}        # address -> its connections still in their handshake
@@ -266,35 +268,15 @@ class TcpServer(TransportServer):
         try:
             entries, reasons = [], []
             copied = self._copy_small(parts)   # i -> the bytes, or the exception (no lease)
-            rest = [i for i in range(n) if i not in copied]
-            many = None                       # a resolver may lease every part in one pass
-            if len(rest) > 1 and hasattr(self.resolver, "resolve_many"):
-                try:
-                    got = self.resolver.resolve_many([parts[i].op for i in rest])
-                    if len(got) != len(rest):
-                        raise ValueError(f"resolve_many answered {len(got)} of {len(rest)} parts")
-                    many = dict(zip(rest, got))
-                except Exception as e:
-                    for x in (many or {}).values():
-                        if not isinstance(x, BaseException):
-                            self._release(x)
-                    many = None
-                    self._warn("resolve", f"peer server {self.address}: resolve_many failed: {e!r}")
+            granted = self._lease([i for i in range(n) if i not in copied], parts)
             for i, p in enumerate(parts):
                 status, why = wire.OK, b""
                 try:
-                    if i in copied:
-                        if isinstance(copied[i], BaseException):
-                            raise copied[i]
-                        entries.append((status, p.part_len))
-                        continue
-                    s = many[i] if many is not None else self.resolver.resolve(p.op)
-                    if isinstance(s, BaseException):
-                        raise s
-                    if s.size != p.op.size:
-                        self._release(s)
-                        raise ObjectGoneOnPeer(f"the object at that extent is {s.size} bytes, not {p.op.size}")
-                    served[i] = s
+                    x = copied[i] if i in copied else granted[i]
+                    if isinstance(x, BaseException):
+                        raise x
+                    if i not in copied:
+                        served[i] = x
                 except ObjectGoneOnPeer as e:
                     status, why = wire.GONE, wire.reason(e)
                     self._count("gone")
@@ -358,6 +340,9 @@ class TcpServer(TransportServer):
             self._release_all(served, pending_idx)
             self._count("parts", n)
             self._count("bytes", total)
+            ok = [p for p, (status, _) in zip(parts, entries) if status == wire.OK]
+            self._count("objects_sent", sum(1 for p in ok if p.part_off == 0))
+            self._count("bytes_sent", sum(p.part_len for p in ok))
         except (OSError, TransportError):
             self._count("send_failed")
             raise
@@ -365,6 +350,52 @@ class TcpServer(TransportServer):
             for s in served:
                 if s is not None:
                     self._release(s)
+
+    def _lease(self, idx, parts):
+        """{part index: Served or the exception} for the parts idx: each object resolved
+        once (in one resolve_many pass when the resolver has it), its pieces sharing the
+        one lease, which ends with the last piece's release."""
+        objs = {}
+        for i in idx:
+            objs.setdefault(parts[i].op, []).append(i)
+        ops = list(objs)
+        leases = None
+        if len(ops) > 1 and hasattr(self.resolver, "resolve_many"):
+            got = None
+            try:
+                got = self.resolver.resolve_many(ops)
+                if len(got) != len(ops):
+                    raise ValueError(f"resolve_many answered {len(got)} of {len(ops)} objects")
+                leases = dict(zip(ops, got))
+            except Exception as e:
+                for x in (got or ()):
+                    if x is not None and not isinstance(x, BaseException):
+                        self._release(x)
+                self._warn("resolve", f"peer server {self.address}: resolve_many failed: {e!r}")
+        out = {}
+        for op, at in objs.items():
+            try:
+                s = leases[op] if leases is not None else self.resolver.resolve(op)
+            except Exception as e:                 # noqa: BLE001 (that op's status)
+                s = e
+            if not isinstance(s, BaseException) and s.size != op.size:
+                self._release(s)
+                s = ObjectGoneOnPeer(f"the object at that extent is {s.size} bytes, not {op.size}")
+            if not isinstance(s, BaseException):
+                self._count("leased")
+            if isinstance(s, BaseException) or len(at) == 1:
+                out.update((i, s) for i in at)
+                continue
+            left, lock = [len(at)], threading.Lock()
+
+            def release(s=s, left=left, lock=lock):
+                with lock:
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last:
+                    s.release()
+            out.update((i, s._replace(release=release)) for i in at)
+        return out
 
     def _copy_small(self, parts):
         """{part index: its bytes, or ObjectGoneOnPeer} for the whole small objects the
