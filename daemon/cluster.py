@@ -713,6 +713,8 @@ class ClusterNode:
             return pw.ok(len(items))
         if mtype == pw.DELETE:
             return pw.ok(sum(self._delete_local(pw.read_delete(payload))))
+        if mtype == pw.VERIFY:
+            return pw.ok(self._verify_local(pw.read_verify(payload)))
         raise ProtocolError(f"unexpected {pw.NAMES.get(mtype, mtype)} on a control link")
 
     # ---- finding and pulling -----------------------------------------------------------------
@@ -908,6 +910,28 @@ class ClusterNode:
             except Busy:
                 out.append(k in self.local)
         return out
+
+    def _verify_local(self, keys):
+        """A peer found these keys' bytes corrupt: read each here, verified (the reader
+        drops an object whose bytes fail its checksum, and the drop withdraws its
+        location records); returns how many were dropped. A peer cannot make us drop a
+        good object: we check ourselves."""
+        c = self.client()
+        r = c._reader
+        dropped = 0
+        for k in keys:
+            try:
+                res = r._read_held([k], [k], [None], 0, c._lock)
+            except KVStoreError:
+                continue
+            if res and isinstance(res[0], ChecksumMismatch):
+                dropped += 1
+        self.count("verify_requests", len(keys))
+        if dropped:
+            self.count("dropped_corrupt", dropped)
+            log.warning("cluster: %d object(s) here failed their checksum when a peer read them; "
+                        "dropped (check this host's memory)", dropped)
+        return dropped
 
     def _delete_local(self, keys):
         c = self.client()
@@ -1142,6 +1166,9 @@ class ClusterNode:
                               "holder. Check the link to %s and that its daemon runs", stage, k[:64],
                               holder, e, holder)
         del bufs
+        corrupt = [k for k, e in out.items() if isinstance(e, ChecksumMismatch)]
+        if corrupt:                                   # the holder checks them and drops bad ones
+            self.control_pool.submit(self._ask_verify, holder, corrupt)
         after = None
         with c._lock:
             try:
@@ -1161,6 +1188,13 @@ class ClusterNode:
         if after is not None and wake:
             self.wake_loop()                          # apply the seals now, not at the next poll
         return out, after
+
+    def _ask_verify(self, holder, keys):
+        try:
+            self.request(holder, pw.verify(keys), pw.OK, timeout=max(CONTROL_TIMEOUT, 10.0))
+        except KVStoreError as e:
+            self.warn(holder, "verify", "cluster: could not ask %s to check %d object(s) that "
+                      "failed their checksum (%s)", holder, len(keys), e)
 
 
 class _SegmentResolver(Resolver):

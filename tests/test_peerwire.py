@@ -50,7 +50,7 @@ def test_fuzz_every_decoder():
     rnd = random.Random(10)
     samples = [w.lookup([b"k1", b"k2"]), w.announce("h:1", 1, [(b"k", 1, 2, 3)]),
                w.withdraw("h:1", 1, [b"k"]), w.locations({b"k": [Location("h:1", 1, 2, 3, 4)]}),
-               w.ok(1), w.error(1, "x"), w.delete([b"k"])]
+               w.ok(1), w.error(1, "x"), w.delete([b"k"]), w.verify([b"k", b"k2"])]
     for _ in range(20000):
         mtype = rnd.choice(list(w.DECODERS))
         kind = rnd.random()

@@ -6,7 +6,9 @@ type.
 Owns: the messages LOOKUP (keys) -> LOCATIONS (per key, its holders' records), ANNOUNCE
 (a holder's batch of records under its incarnation) and WITHDRAW (keys it no longer
 holds) -> OK (a count), DELETE (keys to drop from the receiving daemon's store) -> OK,
-REPLICATE (objects of the sender to pull and keep) -> OK, INFO -> INFO_REPLY (the
+REPLICATE (objects of the sender to pull and keep) -> OK, VERIFY (keys whose bytes the
+sender found corrupt: check them against their checksums and drop the bad ones) -> OK
+(how many were dropped), INFO -> INFO_REPLY (the
 receiver's incarnation, transport port and free bytes), and ERROR (a code from
 kvstore.errors and a message); the limits that bound them.
 The bytes of objects do not travel here: kvstore.transport moves them.
@@ -21,10 +23,10 @@ from kvstore.errors import ProtocolError
 from kvstore.keys import MAX_KEY_BYTES
 
 LOOKUP, LOCATIONS, ANNOUNCE, WITHDRAW, OK, ERROR, DELETE = 1, 2, 3, 4, 5, 6, 7
-INFO, INFO_REPLY, REPLICATE = 8, 9, 10
+INFO, INFO_REPLY, REPLICATE, VERIFY = 8, 9, 10, 11
 NAMES = {LOOKUP: "LOOKUP", LOCATIONS: "LOCATIONS", ANNOUNCE: "ANNOUNCE", WITHDRAW: "WITHDRAW",
          OK: "OK", ERROR: "ERROR", DELETE: "DELETE", INFO: "INFO", INFO_REPLY: "INFO_REPLY",
-         REPLICATE: "REPLICATE"}
+         REPLICATE: "REPLICATE", VERIFY: "VERIFY"}
 #: Largest payload of one frame; an announcement of more records is split.
 MAX_PAYLOAD = 8 << 20
 #: Most keys one LOOKUP, WITHDRAW or DELETE may carry, and records one ANNOUNCE.
@@ -192,6 +194,14 @@ def read_delete(payload):
     return _read_keys(payload, "DELETE")
 
 
+def verify(keys):
+    return frame(VERIFY, _keys(keys))
+
+
+def read_verify(payload):
+    return _read_keys(payload, "VERIFY")
+
+
 def ok(count=0):
     return frame(OK, _U64.pack(count))
 
@@ -253,7 +263,8 @@ def read_replicate(payload):
 
 DECODERS = {INFO: read_info, INFO_REPLY: read_info_reply, REPLICATE: read_replicate,
             LOOKUP: read_lookup, LOCATIONS: read_locations, ANNOUNCE: read_announce,
-            WITHDRAW: read_withdraw, OK: read_ok, ERROR: read_error, DELETE: read_delete}
+            WITHDRAW: read_withdraw, OK: read_ok, ERROR: read_error, DELETE: read_delete,
+            VERIFY: read_verify}
 
 
 def decode(mtype, payload):
