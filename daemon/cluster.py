@@ -13,8 +13,9 @@ requests and commit events and sends the replies it is given back):
   bytes are sent;
 - the announcer: what this daemon seals, evicts or deletes (``observe``, called by the
   store after each commit) goes in batches to each key's homes (kvstore.cluster.directory);
-  at start and whenever the membership changes, everything held is announced again, so
-  locations rebuild themselves after any restart;
+  at start (and after registering again) everything held is announced, and when the
+  membership changes each record goes to the homes that lack it (new homes, restarted
+  ones), so locations rebuild themselves after any restart;
 - fetching: a local miss of a client (FETCH) is looked up in this daemon's own table
   when it is one of the key's homes, else on the keys' homes (one request per home, all
   at once), then pulled from a holder straight into a block of this segment created for
