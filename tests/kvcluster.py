@@ -9,6 +9,7 @@ Must never: leave a daemon, a socket or a segment behind (teardown destroys each
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,12 @@ class HostDaemon:
         from kvstore.client import Client
         kw.setdefault("timeout", 10.0)
         return Client(self.socket, **kw)
+
+    def tcp_port(self):
+        """The port of this daemon's peer transport server, as its last start logged it."""
+        m = re.findall(r"tcp transport port (\d+)", self.read_log())
+        assert m, f"the daemon on {self.host} did not log its transport port"
+        return int(m[-1])
 
     def cluster_stats(self):
         with self.client() as c:

@@ -6,7 +6,6 @@ key was still being sent (holding the old extent), a second read naming the old 
 read's hold and was served the old bytes as the key; the hold it had taken itself (on
 the new version) was what it released."""
 
-import re
 import subprocess
 import time
 
@@ -39,10 +38,6 @@ stall.close()
 """
 
 
-def _tcp_port(d):
-    return int(re.findall(r"tcp transport port (\d+)", d.read_log())[-1])
-
-
 def test_a_read_naming_an_old_extent_is_gone_while_another_read_holds_it(make_kv):
     kv = make_kv(2, size="96MiB")
     a = kv["a"]
@@ -52,7 +47,7 @@ def test_a_read_naming_an_old_extent_is_gone_while_another_read_holds_it(make_kv
         ks = ca._key(key)
         old = ca._reader.lookup(ks).offset
     inc = a.cluster_stats()["incarnation"]
-    port = _tcp_port(a)
+    port = a.tcp_port()
     # On host b (reads from the root namespace stall on large answers; see the report):
     # a peer reads the old version and stops reading, so the holder keeps its hold on the
     # old extent while it waits to send (up to its send timeout); meanwhile the test
