@@ -294,19 +294,26 @@ class TcpServer(TransportServer):
             pending, pending_bytes, pending_idx = [wire.result_head(entries)], 0, []
             for i, p in enumerate(parts):
                 s = served[i]
-                if s is None:
+                if s is None:                  # copied without a lease, or failed
                     data = copied.get(i)
-                    if data is not None and not isinstance(data, BaseException):
-                        pending.append(data)
-                        pending_bytes += len(data)
-                        if pending_bytes >= _GATHER:
+                    if data is None or isinstance(data, BaseException):
+                        continue
+                else:
+                    start = s.offset + p.part_off
+                    fd = -1 if s.fd is None else s.fd
+                    if p.part_len > SMALL_PART:
+                        if pending:
                             self._sendall(sock, pending, deadline)
                             pending, pending_bytes = [], 0
                             self._release_all(served, pending_idx)
-                    continue
-                start = s.offset + p.part_off
-                fd = -1 if s.fd is None else s.fd
-                if p.part_len <= SMALL_PART:
+                        if fd >= 0:
+                            self._sendfile(sock, fd, start, p.part_len, deadline)
+                        else:
+                            self._sendall(sock, [memoryview(s.buf).cast("B")[start:start + p.part_len]],
+                                          deadline)
+                        self._release(s)
+                        served[i] = None
+                        continue
                     if fd >= 0:
                         data = os.pread(fd, p.part_len, start)
                         if len(data) != p.part_len:
@@ -316,23 +323,12 @@ class TcpServer(TransportServer):
                     else:
                         data = memoryview(s.buf).cast("B")[start:start + p.part_len]
                         pending_idx.append(i)
-                    pending.append(data)
-                    pending_bytes += p.part_len
-                    if pending_bytes >= _GATHER:
-                        self._sendall(sock, pending, deadline)
-                        pending, pending_bytes = [], 0
-                        self._release_all(served, pending_idx)
-                    continue
-                if pending:
+                pending.append(data)           # small parts: gathered into one send
+                pending_bytes += p.part_len
+                if pending_bytes >= _GATHER:
                     self._sendall(sock, pending, deadline)
                     pending, pending_bytes = [], 0
                     self._release_all(served, pending_idx)
-                if fd >= 0:
-                    self._sendfile(sock, fd, start, p.part_len, deadline)
-                else:
-                    self._sendall(sock, [memoryview(s.buf).cast("B")[start:start + p.part_len]], deadline)
-                self._release(s)
-                served[i] = None
             pending.extend(reasons)
             self._sendall(sock, pending, deadline)
             if corked:
