@@ -365,17 +365,15 @@ def test_bytes_changed_on_a_holder_are_caught_and_the_next_holder_serves(kv):
     with every copy corrupted the get is a typed error, never wrong bytes."""
     a, b, c = kv["a"], kv["b"], kv["c"]
     values = vals(8, "cor", lo=2000, hi=200_000)
-    with a.client() as ca:
-        for k, v in values.items():
-            assert ca.put(k, v, replicas=2, wait=5)
-    with c.client() as cc:                               # the copies went to c (of two others)...
-        on_c = [k for k in values if cc.contains(k)]
-    with b.client() as cb:
-        for k in values:                                  # ...or to b: take those off b
-            if k not in on_c and cb.contains(k):
-                cb.delete(k)
-    keys = on_c
-    assert keys
+    put_all(a, values)
+    keys = list(values)
+    wait_located(c, keys)
+    with c.client() as cc:                                # c pulls its copies: a replica each
+        assert [bytes(x) for x in cc.read_many(keys)] == [values[k] for k in keys]
+        deadline = time.monotonic() + 10
+        while cc.copies(keys) != [2] * len(keys):         # both holders recorded
+            assert time.monotonic() < deadline, cc.copies(keys)
+            time.sleep(0.05)
     wait_located(b, keys)
     _corrupt_on(a, keys)
     with b.client() as cb:
